@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Find a Python with the requested Ray, or build a venv with it (on the
+# login host, never on a compute node: those often have no internet).
+# Prints RAY_PYTHON=..., RAY_BIN=... and RAY_ENV_SOURCE=reused|created.
+# usage: setup_ray.sh RAY_VERSION WORK_DIR [CANDIDATE_PYTHON...]
+#   env: AR_REQUIREMENTS (a requirements file on this host), AR_REQ_HASH
+set -euo pipefail
+version="$1" work_dir="$2"
+shift 2
+req="${AR_REQUIREMENTS:-}"
+venv="$work_dir/venvs/ray-$version${AR_REQ_HASH:+-$AR_REQ_HASH}"
+
+has_ray() {  # cheap: package metadata, no `import ray`
+    [ -x "$1" ] && [ -x "$(dirname "$1")/ray" ] &&
+        "$1" -c 'import sys, importlib.metadata as m; sys.exit(m.version("ray") != sys.argv[1])' "$version" 2>/dev/null
+}
+
+for candidate in "$@" "$venv/bin/python"; do
+    [ -n "$candidate" ] || continue
+    [ -d "$candidate" ] && candidate="$candidate/bin/python"
+    if has_ray "$candidate" && { [ -z "$req" ] || [ -e "$(dirname "$candidate")/../.ar-req-$AR_REQ_HASH" ]; }; then
+        printf 'RAY_PYTHON=%s\nRAY_BIN=%s\nRAY_ENV_SOURCE=reused\n' "$candidate" "$(dirname "$candidate")/ray"
+        exit 0
+    fi
+done
+
+base="$(command -v python3.11 || command -v python3)"
+echo "creating $venv with ray[default]==$version using $base" >&2
+rm -rf "$venv.partial"
+"$base" -m venv "$venv.partial"
+"$venv.partial/bin/pip" install --quiet --disable-pip-version-check "ray[default]==$version" ${req:+-r "$req"} >&2
+[ -z "$req" ] || touch "$venv.partial/.ar-req-$AR_REQ_HASH"
+rm -rf "$venv"
+mv "$venv.partial" "$venv"
+# a venv's scripts name their interpreter by path: fix the moved ones
+sed -i "1s|$venv.partial|$venv|" "$venv"/bin/* 2>/dev/null || true
+sed -i "s|$venv.partial|$venv|g" "$venv/bin/activate" "$venv/pyvenv.cfg" 2>/dev/null || true
+printf 'RAY_PYTHON=%s\nRAY_BIN=%s\nRAY_ENV_SOURCE=created\n' "$venv/bin/python" "$venv/bin/ray"

@@ -1,0 +1,177 @@
+"""Plan, start and tear down one Ray cluster on a target."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from pydantic import SecretStr
+
+from flows.settings import RayClusterSettings, Scheduler as SchedulerName
+from tasks.schedulers import JobPhase, Scheduler
+from tasks.transport import LocalTransport, Transport
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh")
+GIB = 1024**3
+
+
+@dataclass
+class RayEnvironment:
+    python: str
+    ray: str
+    source: str  # reused | created
+
+
+@dataclass
+class ClusterPlan:
+    """What one cluster is, before and after it starts. Holds no secret in repr."""
+
+    cluster_id: str
+    cluster_dir: str  # absolute, on the target (shared with every node)
+    settings: RayClusterSettings
+    token: SecretStr = field(repr=False)
+    environment: RayEnvironment | None = None
+    job_id: str = ""
+
+    @classmethod
+    def new(cls, settings: RayClusterSettings, work_dir: str) -> "ClusterPlan":
+        cluster_id = "ar-" + secrets.token_hex(4)
+        return cls(cluster_id, f"{work_dir}/clusters/{cluster_id}", settings, SecretStr(secrets.token_hex(32)))
+
+    @property
+    def token_path(self) -> str:
+        return f"{self.cluster_dir}/token"
+
+    @property
+    def node_tmp_prefix(self) -> str:
+        return f"{self.settings.node_tmp}/{self.cluster_id}-"
+
+    def env_file(self) -> str:
+        s, env = self.settings, self.environment
+        values = {
+            "AR_CLUSTER_ID": self.cluster_id,
+            "AR_CLUSTER_DIR": self.cluster_dir,
+            "AR_NODE_TMP": s.node_tmp,
+            "AR_PYTHON": env.python if env else "python3",
+            "AR_RAY": env.ray if env else "ray",
+            "AR_NUM_CPUS": s.num_cpus_per_node,
+            "AR_NUM_GPUS": s.num_gpus_per_node,
+            "AR_MEMORY": int(s.ray_memory_gb * GIB),
+            "AR_OBJECT_STORE": int(s.object_store_memory_gb * GIB),
+            "AR_DASHBOARD_HOST": s.dashboard_host,
+            "AR_DASHBOARD_PORT": s.dashboard_port,
+            "AR_HEARTBEAT_TIMEOUT": s.heartbeat_timeout,
+            "AR_DIRECT_WORKERS": s.direct_workers,
+            # Explicit on every node: a stray token file must not switch it on
+            # for the head only (workers would then fail to join).
+            "RAY_AUTH_MODE": "token" if s.token_auth else "disabled",
+        }
+        if s.token_auth:
+            values["RAY_AUTH_TOKEN_PATH"] = self.token_path
+        return "".join(f"export {key}={shlex.quote(str(value))}\n" for key, value in values.items())
+
+
+async def target_work_dir(target: Transport, settings: RayClusterSettings) -> str:
+    work_dir = settings.work_dir
+    if work_dir == "~" or work_dir.startswith("~/"):
+        work_dir = (await target.home()) + work_dir[1:]
+    return work_dir.rstrip("/")
+
+
+def _requirements_hash(settings: RayClusterSettings) -> str:
+    if not settings.requirements:
+        return ""
+    return hashlib.sha256(Path(settings.requirements).expanduser().read_bytes()).hexdigest()[:12]
+
+
+@task(name="prepare-ray-environment", cache_policy=NO_CACHE)
+async def prepare_environment(target: Transport, settings: RayClusterSettings, work_dir: str) -> RayEnvironment:
+    """Reuse a Python that has the requested Ray (no pip call), else build a venv once."""
+    logger = get_run_logger()
+    candidates = [settings.python] if settings.python else []
+    if isinstance(target, LocalTransport):
+        candidates.append(sys.executable)
+    req_hash = _requirements_hash(settings)
+    env_prefix = ""
+    if settings.requirements:
+        remote_req = f"{work_dir}/requirements-{req_hash}.txt"
+        await target.put_file(Path(settings.requirements).expanduser(), remote_req)
+        env_prefix = f"AR_REQUIREMENTS={shlex.quote(remote_req)} AR_REQ_HASH={req_hash} "
+    await target.put_file(SCRIPTS_DIR / "setup_ray.sh", f"{work_dir}/bin/setup_ray.sh", 0o755)
+    command = env_prefix + shlex.join(
+        ["bash", f"{work_dir}/bin/setup_ray.sh", settings.ray_version, work_dir, *candidates]
+    )
+    result = await target.run(command, timeout=1800)
+    values = dict(re.findall(r"^(RAY_\w+)=(.*)$", result.stdout, re.M))
+    environment = RayEnvironment(values["RAY_PYTHON"], values["RAY_BIN"], values["RAY_ENV_SOURCE"])
+    logger.info("Ray %s on %s: %s (%s)", settings.ray_version, target.label, environment.python, environment.source)
+    return environment
+
+
+@task(name="start-ray-cluster", cache_policy=NO_CACHE)
+async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> str:
+    """Upload the cluster's scripts, env and token, then submit the job. Returns the job id."""
+    logger = get_run_logger()
+    bin_dir = f"{plan.cluster_dir}/bin"
+    await target.run(shlex.join(["mkdir", "-p", bin_dir, f"{plan.cluster_dir}/logs", f"{plan.cluster_dir}/nodes"]))
+    await target.run(f"chmod 700 {shlex.quote(plan.cluster_dir)}")
+    await asyncio.gather(*(target.put_file(SCRIPTS_DIR / name, f"{bin_dir}/{name}", 0o755) for name in CLUSTER_SCRIPTS))
+    await target.write_text(f"{plan.cluster_dir}/cluster.env", plan.env_file(), 0o600)
+    if plan.settings.token_auth:
+        await target.write_text(plan.token_path, plan.token.get_secret_value(), 0o600)
+    await target.write_text(f"{bin_dir}/job.sh", scheduler.render(plan.cluster_id, plan.cluster_dir), 0o755)
+    await target.run(f"touch {shlex.quote(plan.cluster_dir + '/heartbeat')}")
+    plan.job_id = await scheduler.submit(target, plan.cluster_dir)
+    logger.info("cluster %s submitted to %s: job %s", plan.cluster_id, scheduler.name, plan.job_id)
+    return plan.job_id
+
+
+@task(name="teardown-ray-cluster", cache_policy=NO_CACHE)
+async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> None:
+    """Idempotent: cancel the job, confirm it is gone, stop what remains of this cluster, remove its files."""
+    logger = get_run_logger()
+    if plan.job_id:
+        await scheduler.cancel(target, plan.job_id)
+        delay = 0.2
+        for _ in range(60):
+            state = await scheduler.state(target, plan.job_id)
+            if state.phase is JobPhase.ended:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 2)
+        else:
+            logger.warning("job %s still %s after cancel", plan.job_id, state)
+    result = await target.run(
+        f"if [ -e {shlex.quote(plan.cluster_dir + '/bin/shutdown_ray.sh')} ]; then "
+        f"bash {shlex.quote(plan.cluster_dir + '/bin/shutdown_ray.sh')} {shlex.quote(plan.cluster_dir)}; "
+        f"else rm -rf {shlex.quote(plan.cluster_dir)}; fi",
+        check=False,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        logger.warning("shutdown script: %s", result.stderr.strip()[-500:])
+    leftover = await target.run(f"pgrep -f -- {shlex.quote(plan.node_tmp_prefix)}", check=False)
+    if leftover.stdout.strip():
+        logger.warning("Ray processes of %s still running: %s", plan.cluster_id, leftover.stdout.split())
+    logger.info("cluster %s torn down (job %s)", plan.cluster_id, plan.job_id or "never submitted")
+
+
+async def beat(target: Transport, plan: ClusterPlan, every: float) -> None:
+    """Keep the dead-man switch from firing while the flow is alive."""
+    path = shlex.quote(plan.cluster_dir + "/heartbeat")
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await target.run(f"[ ! -d {shlex.quote(plan.cluster_dir)} ] || touch {path}", check=False, timeout=30)
+        except Exception as exc:  # a blip must not kill the flow; the switch has slack
+            get_run_logger().warning("heartbeat failed: %s", exc)

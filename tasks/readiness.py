@@ -1,0 +1,238 @@
+"""Wait until the head answers and every node is alive; tell the user how to connect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from flows.settings import RayClusterSettings
+from tasks.cluster import ClusterPlan
+from tasks.schedulers import JobPhase, Scheduler
+from tasks.transport import LocalTransport, SshTransport, Transport
+
+
+class ClusterFailed(RuntimeError):
+    """The cluster did not come up: job rejected, ended early, or readiness timed out."""
+
+
+@dataclass
+class HeadInfo:
+    node: str
+    ip: str
+    gcs_port: int
+    dashboard_port: int
+    client_port: int
+
+
+@dataclass
+class ConnectionInfo:
+    cluster_id: str
+    scheduler: str
+    job_id: str
+    head_node: str
+    head_ip: str
+    ray_address: str
+    dashboard_url: str  # through the flow's own tunnel, while the flow runs
+    dashboard_port_on_head: int
+    tunnel_command: str
+    job_submit_example: str
+    token_file: str
+    nodes: list[dict] = field(default_factory=list)
+
+    def as_text(self) -> str:
+        return "\n".join(
+            [
+                f"Ray cluster {self.cluster_id} is ready ({len(self.nodes)} nodes, scheduler {self.scheduler}"
+                + (f", job {self.job_id})" if self.scheduler != "none" else ")"),
+                f"  head node      : {self.head_node} ({self.head_ip})",
+                f"  Ray address    : {self.ray_address}",
+                f"  dashboard      : {self.dashboard_url}",
+                f"  tunnel         : {self.tunnel_command}",
+                "  then open        http://127.0.0.1:8265",
+                f"  submit a job   : {self.job_submit_example}",
+            ]
+        )
+
+
+def parse_head_env(text: str) -> HeadInfo:
+    values = dict(re.findall(r"^(RAY_\w+)=(.*)$", text, re.M))
+    return HeadInfo(
+        values["RAY_HEAD_NODE"], values["RAY_HEAD_IP"], int(values["RAY_GCS_PORT"]),
+        int(values["RAY_DASHBOARD_PORT"]), int(values["RAY_CLIENT_PORT"]),
+    )
+
+
+def auth_headers(plan: ClusterPlan) -> dict[str, str]:
+    if not plan.settings.token_auth:
+        return {}
+    return {"Authorization": f"Bearer {plan.token.get_secret_value()}"}
+
+
+async def alive_nodes(client: httpx.AsyncClient) -> list[dict]:
+    response = await client.get("/api/v0/nodes", params={"limit": 10000})
+    response.raise_for_status()
+    rows = response.json()["data"]["result"]["result"]
+    return [row for row in rows if row.get("state") == "ALIVE"]
+
+
+def _tunnel_command(settings: RayClusterSettings, target: Transport, head: HeadInfo, head_is_target: bool) -> str:
+    forward = f"-L 8265:127.0.0.1:{head.dashboard_port}"
+    if isinstance(target, SshTransport):
+        p = target.params
+        login = (f"{p.username}@" if p.username else "") + p.host
+        port = f" -p {p.port}" if p.port else ""
+        if head_is_target:
+            return f"ssh -N {forward}{port} {login}"
+        jump = login + (f":{p.port}" if p.port else "")
+        return f"ssh -N {forward} -J {jump} {head.ip}"
+    if head_is_target:
+        return f"(this machine) ssh -N {forward} {shlex.quote(_this_host())}"
+    return f"ssh -N {forward} {head.ip}"
+
+
+def _this_host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+@task(name="wait-for-ray-cluster", cache_policy=NO_CACHE)
+async def wait_until_ready(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan
+) -> tuple[HeadInfo, int, list[dict]]:
+    """Poll job state, then the head's dashboard, with short backoff, until every node is ALIVE.
+
+    Returns the head, the local port that reaches its dashboard, and the nodes."""
+    logger = get_run_logger()
+    settings = plan.settings
+    expected = settings.nodes
+    deadline = time.monotonic() + settings.readiness_timeout
+    delay, last_said, head, client, local_port = 0.1, "", None, None, 0
+    try:
+        while True:
+            if head is None:
+                state = await scheduler.state(target, plan.job_id)
+                said = f"job {plan.job_id}: {state}"
+                if said != last_said:
+                    logger.info(said)
+                    last_said = said
+                failure = await target.read_text(f"{plan.cluster_dir}/status")
+                if failure and "RAY_FAILED=" in failure:
+                    raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {failure.strip()}")
+                if state.phase is JobPhase.ended:
+                    log_tail = await target.run(
+                        f"tail -n 20 {shlex.quote(plan.cluster_dir)}/logs/*.out {shlex.quote(plan.cluster_dir)}/logs/supervisor.log 2>/dev/null",
+                        check=False,
+                    )
+                    raise ClusterFailed(
+                        f"job {plan.job_id} ended before the cluster was ready ({state}).\n{log_tail.stdout[-1500:]}"
+                    )
+                if state.phase is JobPhase.running:
+                    text = await target.read_text(f"{plan.cluster_dir}/head.env")
+                    if text and "RAY_CLIENT_PORT=" in text:
+                        head = parse_head_env(text)
+                        logger.info("head is %s (%s), waiting for %d node(s)", head.node, head.ip, expected)
+            if head is not None:
+                if client is None:
+                    head_host = "127.0.0.1" if settings.scheduler.value == "none" else head.ip
+                    local_port = await target.forward_to(head_host, head.dashboard_port)
+                    client = httpx.AsyncClient(
+                        base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan), timeout=5
+                    )
+                try:
+                    nodes = await alive_nodes(client)
+                except (httpx.HTTPError, KeyError, ValueError):
+                    nodes = None  # dashboard not up yet
+                if nodes is not None:
+                    said = f"{len(nodes)} of {expected} nodes alive"
+                    if said != last_said:
+                        logger.info(said)
+                        last_said = said
+                    if len(nodes) >= expected:
+                        return head, local_port, nodes
+                state = await scheduler.state(target, plan.job_id)
+                if state.phase is JobPhase.ended:
+                    raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})")
+            if time.monotonic() > deadline:
+                raise ClusterFailed(
+                    f"cluster {plan.cluster_id} not ready after {settings.readiness_timeout}s: {last_said or 'no answer'}"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+    finally:
+        if client is not None:
+            await client.aclose()
+
+
+@task(name="publish-connection-info", cache_policy=NO_CACHE)
+async def publish_connection_info(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, head: HeadInfo, local_port: int, nodes: list[dict],
+    info_file: str = "",
+) -> ConnectionInfo:
+    """Print, save (JSON) and publish (Prefect artifact) how to reach the cluster. No secret in any of them."""
+    logger = get_run_logger()
+    settings = plan.settings
+    head_is_target = settings.scheduler.value == "none"
+    info = ConnectionInfo(
+        cluster_id=plan.cluster_id,
+        scheduler=scheduler.name,
+        job_id=plan.job_id,
+        head_node=head.node,
+        head_ip=head.ip,
+        ray_address=f"{head.ip}:{head.gcs_port}",
+        dashboard_url=f"http://127.0.0.1:{local_port}",
+        dashboard_port_on_head=head.dashboard_port,
+        tunnel_command=_tunnel_command(settings, target, head, head_is_target),
+        job_submit_example=(
+            (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={plan.token_path} " if settings.token_auth else "")
+            + "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python my_script.py"
+        ),
+        token_file=plan.token_path if settings.token_auth else "",
+        nodes=[
+            {
+                "node": n.get("node_name") or n.get("node_ip"),
+                "ip": n.get("node_ip"),
+                "head": bool(n.get("is_head_node")),
+                "CPU": n.get("resources_total", {}).get("CPU", 0),
+                "GPU": n.get("resources_total", {}).get("GPU", 0),
+                "memory_gb": round(n.get("resources_total", {}).get("memory", 0) / 1024**3, 2),
+            }
+            for n in nodes
+        ],
+    )
+    logger.info("\n%s", info.as_text())
+    if info_file:
+        Path(info_file).expanduser().write_text(json.dumps(asdict(info), indent=2) + "\n")
+    await create_markdown_artifact(
+        key=f"ray-cluster-{plan.cluster_id}",
+        description="How to connect to the Ray cluster",
+        markdown="\n".join(
+            [
+                f"# Ray cluster `{info.cluster_id}`",
+                "| | |",
+                "|---|---|",
+                f"| scheduler | {info.scheduler} |",
+                f"| job id | {info.job_id} |",
+                f"| head node | {info.head_node} ({info.head_ip}) |",
+                f"| Ray address | `{info.ray_address}` |",
+                f"| dashboard (flow's tunnel) | [{info.dashboard_url}]({info.dashboard_url}) |",
+                f"| tunnel | `{info.tunnel_command}` |",
+                f"| submit | `{info.job_submit_example}` |",
+            ]
+        ),
+    )
+    await create_table_artifact(
+        key=f"ray-nodes-{plan.cluster_id}", table=info.nodes, description="Nodes of the Ray cluster once ready"
+    )
+    return info

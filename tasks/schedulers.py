@@ -1,0 +1,348 @@
+"""One Scheduler shape, three small implementations (after dask-jobqueue).
+
+The base class holds the lifecycle every cluster shares: render the job
+script (directives + the cluster env + how workers are launched + the common
+body in scripts/cluster_main.sh), submit it, read its state, cancel it. Each
+scheduler only states its directives, its parallel worker launch and its
+submit/status/cancel commands.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar
+
+from flows.settings import RayClusterSettings, Scheduler as SchedulerName
+
+if TYPE_CHECKING:
+    from tasks.transport import Transport
+
+
+class JobPhase(str, Enum):
+    pending = "pending"
+    running = "running"
+    ended = "ended"
+
+
+@dataclass
+class JobState:
+    phase: JobPhase
+    detail: str = ""  # scheduler's own words: PENDING (Resources), job_state = R, ...
+
+    def __str__(self) -> str:
+        return f"{self.phase.value}{f' ({self.detail})' if self.detail else ''}"
+
+
+class Scheduler(ABC):
+    name: ClassVar[str]
+    directive_prefix: ClassVar[str] = ""
+
+    def __init__(self, settings: RayClusterSettings):
+        self.settings = settings
+
+    # --- what each scheduler states
+    def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
+        return []
+
+    @abstractmethod
+    def launch_workers(self) -> str:
+        """Body of the shell function ar_launch_workers: start every worker at once."""
+
+    @abstractmethod
+    def submit_command(self, cluster_dir: str) -> str:
+        """The command line that submits <cluster_dir>/bin/job.sh."""
+
+    @abstractmethod
+    async def submit(self, target: "Transport", cluster_dir: str) -> str: ...
+
+    @abstractmethod
+    async def state(self, target: "Transport", job_id: str) -> JobState: ...
+
+    @abstractmethod
+    async def cancel(self, target: "Transport", job_id: str) -> None: ...
+
+    @property
+    def walltime_seconds(self) -> int | None:
+        return None
+
+    # --- shared lifecycle
+    def render(self, cluster_id: str, cluster_dir: str) -> str:
+        lines = ["#!/usr/bin/env bash"]
+        lines += [f"{self.directive_prefix} {d}" for d in self.directives(cluster_id, cluster_dir)]
+        lines += [
+            f"# activate-ray cluster {cluster_id} ({self.name})",
+            "set -euo pipefail",
+            f"export AR_CLUSTER_DIR={shlex.quote(cluster_dir)}",
+            '. "$AR_CLUSTER_DIR/cluster.env"',
+            "ar_launch_workers() {",
+            *("    " + line for line in self.launch_workers().strip().splitlines()),
+            "}",
+            '. "$AR_CLUSTER_DIR/bin/cluster_main.sh"',
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class DirectScheduler(Scheduler):
+    """No batch system: the whole cluster runs on the host under one supervisor."""
+
+    name = "none"
+
+    def launch_workers(self) -> str:
+        return (
+            'for i in $(seq 1 "$AR_DIRECT_WORKERS"); do\n'
+            '    ar_run_node worker "worker$i" &\n'
+            "done\n"
+            ":"
+        )
+
+    def submit_command(self, cluster_dir: str) -> str:
+        return shlex.join(["bash", f"{cluster_dir}/bin/start_ray_ssh.sh", cluster_dir])
+
+    async def submit(self, target: "Transport", cluster_dir: str) -> str:
+        out = (await target.run(self.submit_command(cluster_dir))).stdout
+        match = re.search(r"^RAY_SUPERVISOR_PID=(\d+)$", out, re.M)
+        if not match:
+            raise RuntimeError(f"the cluster supervisor did not start: {out[-500:]}")
+        return match.group(1)
+
+    async def state(self, target: "Transport", job_id: str) -> JobState:
+        alive = await target.run(f"kill -0 {int(job_id)}", check=False)
+        return JobState(JobPhase.running if alive.returncode == 0 else JobPhase.ended)
+
+    async def cancel(self, target: "Transport", job_id: str) -> None:
+        # The supervisor's trap stops every node; shutdown_ray.sh then sweeps.
+        await target.run(f"kill -TERM -- -{int(job_id)} 2>/dev/null || true", check=False)
+
+
+def _mem_mb(settings: RayClusterSettings) -> int:
+    """Memory to ask the scheduler for: Ray's heap + object store + 512 MB for Ray itself."""
+    return math.ceil((settings.ray_memory_gb + settings.object_store_memory_gb) * 1024) + 512
+
+
+def _hms(walltime: str) -> int:
+    days, _, clock = walltime.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        return int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
+    return sum(value * 60**index for index, value in enumerate(reversed(parts)))
+
+
+class SlurmScheduler(Scheduler):
+    name = "slurm"
+    directive_prefix = "#SBATCH"
+
+    def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
+        s, slurm = self.settings, self.settings.slurm
+        lines = [
+            f"--job-name={cluster_id}",
+            f"--nodes={slurm.nodes}",
+            "--ntasks-per-node=1",
+            f"--cpus-per-task={s.num_cpus_per_node}",
+            f"--mem={_mem_mb(s)}M",
+            f"--time={slurm.walltime}",
+            f"--output={cluster_dir}/logs/job-%j.out",
+            # Ask for SIGUSR1 to the batch shell 60 s before the limit: Ray is stopped cleanly.
+            "--signal=B:USR1@60",
+        ]
+        if s.num_gpus_per_node:
+            lines.append(f"--gpus-per-node={s.num_gpus_per_node}")
+        for option in ("account", "partition", "qos"):
+            if value := getattr(slurm, option):
+                lines.append(f"--{option}={value}")
+        lines += [line.split(" ", 1)[1] for line in slurm.extra_directives.splitlines() if line]
+        return lines
+
+    def launch_workers(self) -> str:
+        return (
+            'local count=$(( SLURM_JOB_NUM_NODES - 1 ))\n'
+            '[ "$count" -gt 0 ] || return 0\n'
+            "# one step for all workers: they start in parallel\n"
+            'srun --nodes="$count" --ntasks="$count" --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" \\\n'
+            '    --kill-on-bad-exit=0 --cpus-per-task="$AR_NUM_CPUS" \\\n'
+            '    bash "$AR_CLUSTER_DIR/bin/ray_worker.sh" >"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &'
+        )
+
+    @property
+    def walltime_seconds(self) -> int | None:
+        return _hms(self.settings.slurm.walltime)
+
+    def submit_command(self, cluster_dir: str) -> str:
+        return shlex.join(["sbatch", "--parsable", f"{cluster_dir}/bin/job.sh"])
+
+    async def submit(self, target: "Transport", cluster_dir: str) -> str:
+        result = await target.run(self.submit_command(cluster_dir), check=False)
+        if result.returncode != 0:
+            raise SchedulerRejected(f"sbatch refused the job: {(result.stderr or result.stdout).strip()}")
+        return result.stdout.strip().split(";")[0]
+
+    async def state(self, target: "Transport", job_id: str) -> JobState:
+        quoted = shlex.quote(job_id)
+        result = await target.run(f"squeue -h -j {quoted} -o '%T|%r' 2>/dev/null", check=False)
+        line = result.stdout.strip()
+        if result.returncode == 0 and line:
+            return parse_squeue(line)
+        shown = await target.run(f"scontrol show job {quoted} 2>/dev/null", check=False)
+        return parse_scontrol(shown.stdout) if shown.returncode == 0 else JobState(JobPhase.ended, "not in queue")
+
+    async def cancel(self, target: "Transport", job_id: str) -> None:
+        await target.run(f"scancel {shlex.quote(job_id)}", check=False)
+
+
+SLURM_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
+SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
+
+
+def _slurm_phase(state: str) -> JobPhase:
+    if state in SLURM_PENDING:
+        return JobPhase.pending
+    if state in SLURM_RUNNING:
+        return JobPhase.running
+    return JobPhase.ended
+
+
+def parse_squeue(line: str) -> JobState:
+    state, _, reason = line.partition("|")
+    return JobState(_slurm_phase(state), f"{state}, {reason}" if reason and reason != "None" else state)
+
+
+def parse_scontrol(text: str) -> JobState:
+    fields = dict(re.findall(r"(\w+)=(\S*)", text))
+    state = fields.get("JobState", "UNKNOWN")
+    reason = fields.get("Reason", "None")
+    phase = _slurm_phase(state)
+    if state == "COMPLETING":  # the job already ended; Slurm is cleaning up
+        phase = JobPhase.ended
+    return JobState(phase, f"{state}, {reason}" if reason != "None" else state)
+
+
+class SchedulerRejected(RuntimeError):
+    """The scheduler refused the job (bad partition, too many nodes, ...)."""
+
+
+class PbsScheduler(Scheduler):
+    name = "pbs"
+    directive_prefix = "#PBS"
+
+    def select(self) -> str:
+        s, pbs = self.settings, self.settings.pbs
+        if pbs.select:
+            return pbs.select
+        chunk = f"{pbs.nodes}:ncpus={s.num_cpus_per_node}:mem={_mem_mb(s)}mb"
+        return chunk + (f":ngpus={s.num_gpus_per_node}" if s.num_gpus_per_node else "")
+
+    def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
+        pbs = self.settings.pbs
+        lines = [f"-N {cluster_id}"]
+        if pbs.account:
+            lines.append(f"-A {pbs.account}")
+        if pbs.queue:
+            lines.append(f"-q {pbs.queue}")
+        lines += [
+            f"-l walltime={pbs.walltime}",
+            f"-l select={self.select()}",
+            "-l place=scatter",
+            "-j oe",
+            f"-o {cluster_dir}/logs/job.out",
+        ]
+        lines += [line.split(" ", 1)[1] for line in pbs.extra_directives.splitlines() if line]
+        return lines
+
+    def launch_workers(self) -> str:
+        return (
+            "local nodes node\n"
+            '# PBS writes one line per mpiproc: keep each node once, in order\n'
+            'mapfile -t nodes < <(awk \'!seen[$0]++\' "$PBS_NODEFILE")\n'
+            '[ "${#nodes[@]}" -gt 1 ] || return 0\n'
+            "if command -v pbsdsh >/dev/null; then\n"
+            '    # one task per node, all at once; the head skips itself\n'
+            '    pbsdsh -u -- bash -c \'[ "$(hostname -s)" = "$1" ] || exec bash "$2"\' _ "$(hostname -s)" \\\n'
+            '        "$AR_CLUSTER_DIR/bin/ray_worker.sh" >"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &\n'
+            "    return 0\n"
+            "fi\n"
+            'local attach=""\n'
+            'command -v pbs_attach >/dev/null && attach="pbs_attach -j $PBS_JOBID"\n'
+            'for node in "${nodes[@]:1}"; do\n'
+            '    ssh -o BatchMode=yes ${AR_NODE_SSH_OPTS:-} "$node" \\\n'
+            '        "AR_CLUSTER_DIR=$(printf %q "$AR_CLUSTER_DIR") $attach bash $(printf %q "$AR_CLUSTER_DIR/bin/ray_worker.sh")" \\\n'
+            '        >>"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &\n'
+            "done"
+        )
+
+    @property
+    def walltime_seconds(self) -> int | None:
+        return _hms(self.settings.pbs.walltime)
+
+    def submit_command(self, cluster_dir: str) -> str:
+        return shlex.join(["qsub", f"{cluster_dir}/bin/job.sh"])
+
+    async def submit(self, target: "Transport", cluster_dir: str) -> str:
+        result = await target.run(self.submit_command(cluster_dir), check=False)
+        job_id = result.stdout.strip()
+        if result.returncode != 0 or not PBS_JOB_ID_RE.match(job_id):
+            raise SchedulerRejected(f"qsub refused the job: {(result.stderr or result.stdout).strip()}")
+        return job_id
+
+    async def state(self, target: "Transport", job_id: str) -> JobState:
+        quoted = shlex.quote(job_id)
+        result = await target.run(f"qstat -f -F json -x {quoted} 2>/dev/null", check=False)
+        if result.returncode == 0 and result.stdout.lstrip().startswith("{"):
+            return parse_qstat_json(result.stdout, job_id)
+        result = await target.run(f"qstat -f {quoted} 2>&1", check=False)
+        return parse_qstat_text(result.stdout)
+
+    async def cancel(self, target: "Transport", job_id: str) -> None:
+        await target.run(f"qdel {shlex.quote(job_id)}", check=False)
+
+
+PBS_JOB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.\-]+)?$")
+# OpenPBS/Torque job_state letters.
+PBS_PHASES = {
+    "Q": JobPhase.pending, "H": JobPhase.pending, "W": JobPhase.pending, "T": JobPhase.pending,
+    "S": JobPhase.pending, "U": JobPhase.pending, "B": JobPhase.running, "R": JobPhase.running,
+    "E": JobPhase.running, "C": JobPhase.ended, "F": JobPhase.ended, "X": JobPhase.ended, "M": JobPhase.ended,
+}
+
+
+def parse_qstat_json(text: str, job_id: str) -> JobState:
+    jobs = json.loads(text).get("Jobs", {})
+    job = jobs.get(job_id) or next((v for k, v in jobs.items() if k.split(".")[0] == job_id.split(".")[0]), None)
+    if job is None:
+        return JobState(JobPhase.ended, "unknown job")
+    letter = job.get("job_state", "?")
+    phase = PBS_PHASES.get(letter, JobPhase.ended)
+    detail = f"job_state = {letter}"
+    if "comment" in job:
+        detail += f", {job['comment']}"
+    if "Exit_status" in job:
+        detail += f", exit {job['Exit_status']}"
+    return JobState(phase, detail)
+
+
+def parse_qstat_text(text: str) -> JobState:
+    match = re.search(r"^\s*job_state\s*=\s*(\w)", text, re.M)
+    if not match:
+        # "Unknown Job Id" (Torque, OpenPBS without -x) once the job is gone.
+        return JobState(JobPhase.ended, "unknown job")
+    letter = match.group(1)
+    detail = f"job_state = {letter}"
+    if comment := re.search(r"^\s*comment\s*=\s*(.+)$", text, re.M):
+        detail += f", {comment.group(1).strip()}"
+    return JobState(PBS_PHASES.get(letter, JobPhase.ended), detail)
+
+
+SCHEDULERS: dict[SchedulerName, type[Scheduler]] = {
+    SchedulerName.none: DirectScheduler,
+    SchedulerName.slurm: SlurmScheduler,
+    SchedulerName.pbs: PbsScheduler,
+}
+
+
+def scheduler_for(settings: RayClusterSettings) -> Scheduler:
+    return SCHEDULERS[settings.scheduler](settings)

@@ -1,0 +1,91 @@
+"""Run the user's script as a Ray job, or keep the cluster up until it idles out."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from tasks.cluster import ClusterPlan
+from tasks.readiness import auth_headers
+from tasks.transport import Transport
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class UserJobFailed(RuntimeError):
+    """The user's Ray job ended in FAILED or STOPPED."""
+
+
+def _client(plan: ClusterPlan, local_port: int):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(f"http://127.0.0.1:{local_port}", headers=auth_headers(plan))
+
+
+@task(name="run-user-job", cache_policy=NO_CACHE)
+async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int) -> str:
+    """Upload the script, submit it with JobSubmissionClient, stream its logs, fail when it fails."""
+    logger = get_run_logger()
+    script = Path(plan.settings.user_script).expanduser()
+    remote = f"{plan.cluster_dir}/job/{script.name}"
+    await target.put_file(script, remote)
+    client = await asyncio.to_thread(_client, plan, local_port)
+    entrypoint = shlex.join([plan.environment.python, remote])
+    job_id = await asyncio.to_thread(
+        client.submit_job, entrypoint=entrypoint, submission_id=f"{plan.cluster_id}-{script.stem}"[:60]
+    )
+    logger.info("submitted Ray job %s: %s", job_id, script.name)
+    try:
+        async for chunk in client.tail_job_logs(job_id):
+            for line in chunk.splitlines():
+                logger.info("[%s] %s", script.name, line)
+    except Exception as exc:  # the log stream can drop; the status below is what counts
+        logger.warning("log stream ended early: %s", exc)
+    delay = 0.2
+    while (status := str(await asyncio.to_thread(client.get_job_status, job_id)).split(".")[-1]) not in TERMINAL:
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 2)
+    info = await asyncio.to_thread(client.get_job_info, job_id)
+    await create_markdown_artifact(
+        key=f"ray-job-{plan.cluster_id}",
+        markdown=f"# Ray job `{job_id}`\n\nscript `{script.name}`: **{status}**\n\n{info.message or ''}",
+        description="The user job's final status",
+    )
+    if status != "SUCCEEDED":
+        raise UserJobFailed(f"Ray job {job_id} ({script.name}) {status}: {info.message}")
+    logger.info("Ray job %s SUCCEEDED", job_id)
+    return job_id
+
+
+@task(name="keep-cluster-alive", cache_policy=NO_CACHE)
+async def keep_alive(plan: ClusterPlan, local_port: int, walltime_s: int | None) -> str:
+    """Hold the cluster until cancelled, idle for cluster_idle_timeout, or near the walltime."""
+    logger = get_run_logger()
+    client = await asyncio.to_thread(_client, plan, local_port)
+    idle_limit = plan.settings.cluster_idle_timeout * 60
+    started = idle_since = time.monotonic()
+    next_report = started
+    while True:
+        jobs = await asyncio.to_thread(client.list_jobs)
+        if any(str(job.status).split(".")[-1] in ("PENDING", "RUNNING") for job in jobs):
+            idle_since = time.monotonic()
+        now = time.monotonic()
+        if now - idle_since >= idle_limit:
+            logger.info("no Ray job for %d min: stopping the cluster", plan.settings.cluster_idle_timeout)
+            return "idle"
+        if walltime_s and now - started >= walltime_s - 60:
+            logger.info("walltime almost over: stopping the cluster")
+            return "walltime"
+        if now >= next_report:
+            left = idle_limit - (now - idle_since)
+            wall = f", walltime left {int(walltime_s - (now - started))}s" if walltime_s else ""
+            logger.info("cluster up; idle shutdown in %ds%s", left, wall)
+            next_report = now + 300
+        await asyncio.sleep(min(10, max(1, idle_limit / 10)))

@@ -1,0 +1,187 @@
+"""Smoke test of the real HPC test bed (tests/bed): Slurm, PBS wrappers, ssh.
+
+Runs only as root with the Debian packages installed; otherwise it skips, or
+fails when ACTIVATE_RAY_REQUIRE_BED=1 (CI).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+try:
+    from tests.bed import TestBed, skip_or_fail
+except ImportError:  # tests/ itself on sys.path (rootdir-less pytest runs)
+    from bed import TestBed, skip_or_fail  # type: ignore[no-redef]
+
+
+@pytest.fixture(scope="module")
+def smoke_bed():
+    """The bed for this module: the one already up in this process, or our own."""
+    active = TestBed.active()
+    if active is not None:
+        yield active, False
+        return
+    bed = TestBed()
+    skip_or_fail(bed.requirements_missing())
+    try:
+        bed.up()
+        yield bed, True
+    finally:
+        bed.down()
+
+
+@pytest.fixture(scope="module")
+def bed(smoke_bed):
+    return smoke_bed[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(bed):
+    d = bed.root / "smoke"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _ok(cp: subprocess.CompletedProcess) -> str:
+    assert cp.returncode == 0, f"rc={cp.returncode}\nstdout:\n{cp.stdout}\nstderr:\n{cp.stderr}"
+    return cp.stdout
+
+
+def test_bringup_fast(smoke_bed):
+    bed, owned = smoke_bed
+    if owned:
+        assert bed.bringup_seconds is not None and bed.bringup_seconds < 30
+
+
+def test_sinfo_three_idle_nodes(bed):
+    out = _ok(bed.run_login(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N %t"]))
+    states = dict(line.split() for line in out.splitlines())
+    assert states == {n: "idle" for n in bed.node_names}
+    small = _ok(bed.run_login(["sinfo", "-h", "-p", "small", "-o", "%N"])).split()
+    assert small == ["node1"]
+
+
+def test_hosts_and_isolation(bed):
+    assert _ok(bed.run_login(["hostname"])).strip() == "login"
+    assert _ok(bed.run_node("node3", ["hostname"])).strip() == "node3"
+    assert _ok(bed.run_node("node3", ["getent", "hosts", "login"])).split()[0] == bed.login_ip
+    # no default route anywhere, no bed address in the root namespace
+    for argv in (bed.login_argv(["ip", "route"]), bed.node_argv("node1", ["ip", "route"])):
+        assert "default" not in _ok(subprocess.run(argv, capture_output=True, text=True))
+    root_addrs = _ok(subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True))
+    assert bed.subnet + "." not in root_addrs
+
+
+def test_sbatch_three_nodes(bed, workdir):
+    script = workdir / "three.sh"
+    script.write_text("#!/bin/sh\nsrun --ntasks-per-node=1 sh -c 'echo \"$(hostname) $(hostname -I)\"'\n")
+    out_file = workdir / "three.out"
+    _ok(bed.run_login(["sbatch", "-N3", "--wait", "-t", "2", "-o", str(out_file), str(script)],
+                      cwd=workdir, timeout=120))
+    lines = [line.split() for line in out_file.read_text().splitlines() if line.strip()]
+    assert len(lines) == 3, lines
+    names = {words[0] for words in lines}
+    ips = {ip for words in lines for ip in words[1:]}
+    assert names == set(bed.node_names)
+    assert ips == set(bed.node_ips.values())
+
+
+def test_qsub_pbs_environment(bed, workdir):
+    script = workdir / "pbs.sh"
+    script.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        echo "JOBID=$PBS_JOBID"
+        echo "WORKDIR=$PBS_O_WORKDIR"
+        echo "NODEFILE=$PBS_NODEFILE"
+        sed 's/^/NODE=/' "$PBS_NODEFILE"
+        """))
+    jobid = _ok(bed.run_login(["qsub", "-l", "nodes=3,walltime=00:02:00", "-N", "pbssmoke", str(script)],
+                              cwd=workdir)).strip()
+    assert jobid.isdigit(), jobid  # the Slurm wrapper prints a bare number
+    assert jobid in bed.queue()
+    out_file = workdir / f"pbssmoke.o{jobid}"
+    deadline = time.monotonic() + 60
+    while True:
+        state = _ok(bed.run_login(["qstat", "-f", jobid]))
+        if "job_state = C" in state:
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    values: dict[str, list[str]] = {}
+    for line in out_file.read_text().splitlines():
+        key, _, value = line.partition("=")
+        values.setdefault(key, []).append(value)
+    assert values["JOBID"] == [jobid]
+    assert values["WORKDIR"] == [str(workdir)]
+    assert values["NODEFILE"][0].startswith(str(bed.root))
+    assert set(values["NODE"]) == set(bed.node_names)
+
+
+def test_ssh_login_to_node2(bed):
+    argv = ["ssh", "-F", "/dev/null",
+            "-o", f"UserKnownHostsFile={bed.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-i", str(bed.ssh_key), "root@node2", "hostname"]
+    assert _ok(bed.run_login(argv, timeout=30)).strip() == "node2"
+    # by IP too (known_hosts lists name and address), and the helper
+    assert _ok(bed.run_login(bed.ssh_argv(bed.node_ips["node3"], ["hostname"]), timeout=30)).strip() == "node3"
+    # a wrong host key is refused
+    wrong = bed.root / "smoke" / "wrong_known_hosts"
+    wrong.write_text("node2 " + (bed.root / "ssh" / "node1" / "ssh_host_ed25519_key.pub").read_text())
+    argv[argv.index(f"UserKnownHostsFile={bed.known_hosts}")] = f"UserKnownHostsFile={wrong}"
+    assert bed.run_login(argv, timeout=30).returncode != 0
+
+
+def test_asyncssh_login_to_node1(bed):
+    code = textwrap.dedent(f"""\
+        import asyncio, asyncssh
+        async def main():
+            async with asyncssh.connect("node1", username="root", client_keys=[{str(bed.ssh_key)!r}],
+                                        known_hosts={str(bed.known_hosts)!r}) as conn:
+                r = await conn.run("hostname", check=True)
+                print(r.stdout.strip())
+        asyncio.run(main())
+        """)
+    assert _ok(bed.run_login([sys.executable, "-c", code], timeout=60)).strip() == "node1"
+
+
+def _bed_leftovers(bed, root: pathlib.Path) -> list[str]:
+    left = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    left += [f"netns {ns}" for ns in bed.netns.values() if ns in netns]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            comm = pathlib.Path(f"/proc/{entry}/comm").read_text().strip()
+            cmd = pathlib.Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if comm in {"slurmctld", "slurmd", "slurmstepd"} or str(root) in cmd or "-bed-munged" in cmd:
+            left.append(f"process {entry} {comm} {cmd}")
+    if root.exists():
+        left.append(f"dir {root}")
+    try:
+        if pathlib.Path("/etc/slurm/slurm.conf").read_text().startswith("# written by activate-ray TestBed"):
+            left.append("/etc/slurm/slurm.conf still the bed's")
+    except OSError:
+        pass
+    return left
+
+
+def test_teardown_leaves_nothing(smoke_bed):
+    """Last test of the module: tear the bed down and look for leftovers."""
+    bed, owned = smoke_bed
+    if not owned:
+        pytest.skip("the bed belongs to the session fixture; its teardown is checked when this module runs alone")
+    root = bed.root
+    bed.down()
+    bed.down()  # idempotent
+    assert _bed_leftovers(bed, root) == []
