@@ -83,8 +83,10 @@ def test_sbatch_three_nodes(bed, workdir):
     script = workdir / "three.sh"
     script.write_text("#!/bin/sh\nsrun --ntasks-per-node=1 sh -c 'echo \"$(hostname) $(hostname -I)\"'\n")
     out_file = workdir / "three.out"
-    _ok(bed.run_login(["sbatch", "-N3", "--wait", "-t", "2", "-o", str(out_file), str(script)],
-                      cwd=workdir, timeout=120))
+    jobid = _ok(bed.run_login(["sbatch", "--parsable", "-N3", "-t", "2", "-o", str(out_file), str(script)],
+                              cwd=workdir)).strip()
+    assert jobid in bed.queue()
+    assert bed.wait_job(jobid, timeout=60) == "COMPLETED", out_file.read_text()
     lines = [line.split() for line in out_file.read_text().splitlines() if line.strip()]
     assert len(lines) == 3, lines
     names = {words[0] for words in lines}

@@ -31,6 +31,7 @@ import fcntl
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -261,8 +262,12 @@ class TestBed:
         ]
 
     def ssh_argv(self, host: str, argv: list[str]) -> list[str]:
-        """`ssh ... host argv...` (to be run inside a bed namespace, e.g. via login_argv)."""
-        return ["ssh", *self.ssh_options(), host, "--", *argv]
+        """`ssh ... host -- argv` to run inside a bed namespace (e.g. via login_argv).
+
+        argv is shell-quoted, so the remote side runs exactly argv (ssh itself
+        would join the words with spaces and let the remote shell re-split them).
+        """
+        return ["ssh", *self.ssh_options(), host, "--", shlex.join([str(a) for a in argv])]
 
     def queue(self) -> list[str]:
         """Job ids squeue knows (all states, including recently ended ones)."""
@@ -270,6 +275,29 @@ class TestBed:
         if cp.returncode != 0:
             raise BedError(f"squeue failed ({cp.returncode}): {cp.stderr.strip()}")
         return [line.strip() for line in cp.stdout.splitlines() if line.strip()]
+
+    def job_state(self, jobid: str) -> str | None:
+        """Slurm JobState (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...), or
+        None once the job is unknown (MinJobAge=30 s after it ended)."""
+        cp = self.run_login(["scontrol", "-o", "show", "job", str(jobid)], timeout=30)
+        m = re.search(r"\bJobState=(\S+)", cp.stdout)
+        return m.group(1) if (cp.returncode == 0 and m) else None
+
+    def wait_job(self, jobid: str, timeout: float = 120) -> str | None:
+        """Poll (short backoff) until the job has ended; return its final state.
+
+        Faster than `sbatch --wait`, whose own polling can add up to 10 s.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            state = self.job_state(jobid)
+            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"):
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {jobid} still {state} after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
 
     def ray_processes(self) -> list[str]:
         """'pid cmdline' of every raylet/gcs_server/ray process on the machine."""
@@ -332,7 +360,7 @@ class TestBed:
             pids = self._pids_in_namespaces(self.netns.values())
             if self.root is not None:
                 pids |= self._pids_with_marker(str(self.root))
-            _kill_pids(pids - reapers)
+            _kill_pids(pids - reapers, term_wait=1.0)
         except Exception as e:  # pragma: no cover - best effort
             errors.append(f"killing bed processes: {e}")
         for p in self._procs:
