@@ -1,0 +1,27 @@
+# The two commands of the README:
+#   make demo   set up, then run a local Ray cluster with examples/hello_ray.py
+#   make test   set up (apt + pip), then run the whole test suite on the real bed
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BASE_PYTHON := $(shell command -v python3.11 || command -v python3)
+
+.PHONY: demo test system-deps bench setup
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(BASE_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: setup
+	$(PY) -m flows.ray_cluster --user-script examples/hello_ray.py
+
+system-deps:
+	bash tests/bed/install_system_deps.sh
+
+test: system-deps setup
+	$(PY) -m pytest
+
+bench: system-deps setup
+	$(PY) -m tests.benchmark
