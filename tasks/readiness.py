@@ -130,6 +130,8 @@ async def wait_until_ready(
                 failure = await target.read_text(f"{plan.cluster_dir}/status")
                 if failure and "RAY_FAILED=" in failure:
                     raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {failure.strip()}")
+                if state.hopeless:
+                    raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}")
                 if state.phase is JobPhase.ended:
                     log_tail = await target.run(
                         f"tail -n 20 {shlex.quote(plan.cluster_dir)}/logs/*.out {shlex.quote(plan.cluster_dir)}/logs/supervisor.log 2>/dev/null",

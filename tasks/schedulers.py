@@ -34,6 +34,7 @@ class JobPhase(str, Enum):
 class JobState:
     phase: JobPhase
     detail: str = ""  # scheduler's own words: PENDING (Resources), job_state = R, ...
+    hopeless: bool = False  # pending for a reason that will never clear (node limit, bad account)
 
     def __str__(self) -> str:
         return f"{self.phase.value}{f' ({self.detail})' if self.detail else ''}"
@@ -207,19 +208,29 @@ def _slurm_phase(state: str) -> JobPhase:
     return JobPhase.ended
 
 
+# Pending reasons that never clear by waiting: the job can not run as asked.
+SLURM_HOPELESS = re.compile(
+    r"^(PartitionNodeLimit|PartitionTimeLimit|PartitionConfig|BadConstraints|InvalidAccount|InvalidQOS"
+    r"|ReqNodeNotAvail, UnavailableNodes|.*MaxNodePerJobLimit|.*MaxCpuPerJobLimit|.*MaxWallDurationPerJobLimit"
+    r"|AssocGrp.*Limit|Nodes_required_for_job_are_DOWN.*|DependencyNeverSatisfied)"
+)
+
+
+def _slurm_state(state: str, reason: str) -> JobState:
+    reason = "" if reason in ("None", "(null)") else reason
+    phase = _slurm_phase(state)
+    hopeless = phase is JobPhase.pending and bool(reason) and bool(SLURM_HOPELESS.match(reason))
+    return JobState(phase, f"{state}, {reason}" if reason else state, hopeless)
+
+
 def parse_squeue(line: str) -> JobState:
     state, _, reason = line.partition("|")
-    return JobState(_slurm_phase(state), f"{state}, {reason}" if reason and reason != "None" else state)
+    return _slurm_state(state, reason)
 
 
 def parse_scontrol(text: str) -> JobState:
     fields = dict(re.findall(r"(\w+)=(\S*)", text))
-    state = fields.get("JobState", "UNKNOWN")
-    reason = fields.get("Reason", "None")
-    phase = _slurm_phase(state)
-    if state == "COMPLETING":  # the job already ended; Slurm is cleaning up
-        phase = JobPhase.ended
-    return JobState(phase, f"{state}, {reason}" if reason != "None" else state)
+    return _slurm_state(fields.get("JobState", "UNKNOWN"), fields.get("Reason", "None"))
 
 
 class SchedulerRejected(RuntimeError):

@@ -65,11 +65,17 @@ def loopback_sshd():
 
 
 @pytest.fixture(scope="session")
-def bed():
+def bed(prefect_api):
+    """The Slurm/PBS bed; the test Prefect server is relayed into its login namespace."""
     testbed = TestBed()
     skip_or_fail(testbed.requirements_missing())
     testbed.up()
+    from tests.nsrelay import NamespaceRelay
+
+    port = int(prefect_api.rsplit(":", 1)[1].split("/")[0])
+    relay = NamespaceRelay(f"/run/netns/{testbed.netns[testbed.login_host]}", port, port)
     yield testbed
+    relay.close()
     testbed.down()
 
 
@@ -80,14 +86,14 @@ class FlowRun:
     info: dict | None
 
 
-def run_flow(args: list[str], *, tmp: Path, api: str, wrap: list[str] | None = None, timeout: int = 300,
+def run_flow(args: list[str], *, tmp: Path, api: str, wrap=None, timeout: int = 300,
              env: dict | None = None) -> FlowRun:
     """Run `python -m flows.ray_cluster` for real, as a user would."""
     info_file = tmp / "info.json"
     command = [PYTHON, "-m", "flows.ray_cluster", "--info-file", str(info_file), *args]
     full_env = {**os.environ, "PREFECT_API_URL": api, **(env or {})}
     result = subprocess.run(
-        (wrap or []) + command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        wrap(command) if wrap else command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
     output = result.stdout + result.stderr
     (tmp / "flow.log").write_text(output)
@@ -112,3 +118,10 @@ def assert_nothing_left(work_dir: Path, node_tmp: str = "/tmp", cluster_id: str 
     leftovers = [p for p in Path(node_tmp).glob(pattern) if p.is_dir() and not p.name.startswith(("ar-bed", "ar-sshd"))]
     assert leftovers == [], f"temp dirs left: {leftovers}"
     assert not (Path.home() / ".ray" / "auth_token").exists(), "a stray ~/.ray/auth_token would turn auth on for others"
+
+
+def live_jobs(bed) -> list[str]:
+    """Jobs still pending, running or completing (ended ones linger in squeue for MinJobAge)."""
+    result = bed.run_login(["squeue", "-h", "-a", "-o", "%i %T"], timeout=30)
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if line.strip()]

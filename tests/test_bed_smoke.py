@@ -134,6 +134,10 @@ def test_ssh_login_to_node2(bed):
     assert _ok(bed.run_login(argv, timeout=30)).strip() == "node2"
     # by IP too (known_hosts lists name and address), and the helper
     assert _ok(bed.run_login(bed.ssh_argv(bed.node_ips["node3"], ["hostname"]), timeout=30)).strip() == "node3"
+    # Slurm and PBS client commands work in an ssh session on the login node
+    out = _ok(bed.run_login(bed.ssh_argv("login", ["sh", "-c", "hostname; sinfo -h -p debug -o %D; qstat"]),
+                            timeout=30)).split("\n")
+    assert out[:2] == ["login", str(len(bed.node_names))]
     # a wrong host key is refused
     wrong = bed.root / "smoke" / "wrong_known_hosts"
     wrong.write_text("node2 " + (bed.root / "ssh" / "node1" / "ssh_host_ed25519_key.pub").read_text())

@@ -27,6 +27,7 @@ Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and the Debian packages
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import pathlib
@@ -49,6 +50,8 @@ MUNGE_RUN = pathlib.Path("/run/munge")
 NETNS_DIR = pathlib.Path("/run/netns")
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 REAPER = pathlib.Path(__file__).with_name("reaper.py")
+# daemons get a clean environment, not the test process's (PREFECT_*, RAY_*, VIRTUAL_ENV ...)
+DAEMON_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 # binaries the bed itself needs (generate_pbs_nodefile is optional: the
 # TaskProlog falls back to scontrol when it is absent)
@@ -182,7 +185,6 @@ class TestBed:
         self.pbs_dir: pathlib.Path = None  # type: ignore[assignment]
         self._procs: list[subprocess.Popen] = []
         self._munged: subprocess.Popen | None = None
-        self._wrote_slurm_conf = False
         self._up = False
         self._lock_fd: int | None = None
         self.bringup_seconds: float | None = None
@@ -341,6 +343,7 @@ class TestBed:
             raise
         self._up = True
         TestBed._active = self
+        atexit.register(self._down_at_exit)  # a session that never calls down()
         self.bringup_seconds = time.monotonic() - t0
         return self
 
@@ -399,11 +402,18 @@ class TestBed:
         if self.root is not None and self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
         self._up = False
+        atexit.unregister(self._down_at_exit)
         if TestBed._active is self:
             TestBed._active = None
         self._release_lock()
         if errors:
             raise BedError("teardown incomplete: " + "; ".join(errors))
+
+    def _down_at_exit(self) -> None:
+        try:
+            self.down()
+        except Exception as e:  # pragma: no cover
+            print(f"TestBed: {e}", file=sys.stderr)
 
     def _cleanup_stale(self) -> None:
         """Remove what a crashed earlier bed with this prefix left behind."""
@@ -588,7 +598,7 @@ LogLevel INFO
         log = open(self.log_dir / "munged.out", "ab")
         self._munged = subprocess.Popen(
             ["munged", "-F", f"--pid-file={self.munge_pidfile}"],
-            user="munge", group="munge", extra_groups=[],
+            user="munge", group="munge", extra_groups=[], env=DAEMON_ENV,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -628,7 +638,8 @@ TaskProlog={r}/slurm/task_prolog.sh
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-# start batch jobs right at submit time (default: up to 3 s later)
+# schedule batch jobs at submit time: the defaults (batch_sched_delay=3) add
+# about 2 s to each sbatch/qsub job start here
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 MpiDefault=none
 ReturnToService=2
@@ -659,12 +670,18 @@ if [ -n "$PBS_NODEFILE" ] && [ -s "$PBS_NODEFILE" ]; then
 elif [ ! -s "$nodefile" ]; then
     export SLURM_NODELIST="${{SLURM_JOB_NODELIST:-$SLURM_NODELIST}}"
     tmp=""
-    if command -v generate_pbs_nodefile >/dev/null 2>&1; then
+    if [ -z "$AR_BED_NO_GENERATE_PBS_NODEFILE" ] && command -v generate_pbs_nodefile >/dev/null 2>&1; then
         tmp=$(TMPDIR="$dir" generate_pbs_nodefile 2>>"$dir/prolog.err")
     fi
     if [ -z "$tmp" ] || [ ! -s "$tmp" ]; then
+        # same as generate_pbs_nodefile: each host once per task on it
         tmp="$dir/$job.nodefile.$$"
-        scontrol show hostnames "$SLURM_NODELIST" > "$tmp" 2>>"$dir/prolog.err"
+        scontrol show hostnames "$SLURM_NODELIST" 2>>"$dir/prolog.err" | awk -v tpn="$SLURM_TASKS_PER_NODE" '
+            BEGIN {{ n = split(tpn, a, ","); k = 0
+                    for (i = 1; i <= n; i++) {{ c = a[i]; r = 1
+                        if (match(c, /\\(x[0-9]+\\)/)) {{ r = substr(c, RSTART + 2, RLENGTH - 3); c = substr(c, 1, RSTART - 1) }}
+                        for (j = 0; j < r; j++) cnt[k++] = c }} }}
+            {{ m = ((NR - 1) in cnt) ? cnt[NR - 1] : 1; for (i = 0; i < m; i++) print }}' > "$tmp"
     fi
     mv -f "$tmp" "$nodefile"
 fi
@@ -689,7 +706,6 @@ echo "export PBS_NODEFILE=$nodefile"
             shutil.copy2(SLURM_CONF, self.slurm_conf_backup)
         elif not SLURM_CONF.exists():
             self.slurm_conf_backup.unlink(missing_ok=True)
-        self._wrote_slurm_conf = True
         tmp = SLURM_CONF.with_name(f".slurm.conf.{self.prefix}-bed-tmp")
         tmp.write_text(text)
         tmp.chmod(0o644)
@@ -708,14 +724,14 @@ echo "export PBS_NODEFILE=$nodefile"
                 os.replace(self.slurm_conf_backup, SLURM_CONF)
             else:
                 SLURM_CONF.unlink(missing_ok=True)
-        self._wrote_slurm_conf = False
 
     def _spawn(self, host: str, argv: list[str], logname: str) -> subprocess.Popen:
         """Start a daemon in host's namespaces, under a subreaper (see reaper.py)."""
         log = open(self.log_dir / logname, "ab")
         argv = [sys.executable, "-I", str(REAPER), *argv]
         p = subprocess.Popen(self._ns_argv(host, argv), stdin=subprocess.DEVNULL, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+                             stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
+                             env=DAEMON_ENV)
         log.close()
         self._procs.append(p)
         return p

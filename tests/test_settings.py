@@ -1,0 +1,832 @@
+"""Fast unit tests of RayClusterSettings and the command line (no Ray, no bed, no network).
+
+Every validator with good and bad values; a hostile corpus applied to every
+string input, checked end to end through `--dry-run`, `bash -n` on the rendered
+job scripts and a real `source` of the rendered env file in a sandbox; the
+environment mapping; `--help`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from flows.ray_cluster import RayClusterCli, main
+from flows.settings import PbsOptions, RayClusterSettings, SlurmOptions
+from tasks.cluster import ClusterPlan, RayEnvironment
+from tasks.schedulers import DirectScheduler, PbsScheduler, SlurmScheduler
+
+REPO = Path(__file__).resolve().parent.parent
+BASH = shutil.which("bash") or "/bin/bash"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """The runner's own RAY_CLUSTER_* variables must not leak into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("RAY_CLUSTER_"):
+            monkeypatch.delenv(name)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def kwargs_for(field: str, value) -> dict:
+    """`slurm.walltime` -> {"slurm": {"walltime": value}}; `host` -> {"host": value}."""
+    if "." in field:
+        group, sub = field.split(".", 1)
+        return {group: {sub: value}}
+    return {field: value}
+
+
+def scheduler_for_field(field: str) -> str:
+    return "pbs" if field.startswith("pbs.") else "slurm"
+
+
+def flag_for(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def cli_args(field: str, value: str) -> list[str]:
+    # `--flag value` keeps newlines; a value starting with '-' must be glued with '='
+    # or argparse takes it for a flag.
+    if value.startswith("-"):
+        return [f"{flag_for(field)}={value}"]
+    return [flag_for(field), value]
+
+
+def assert_rejected(kwargs: dict, name: str, *, in_message: bool = True) -> ValidationError:
+    """The value is refused and the error names the input (its location, and its message)."""
+    with pytest.raises(ValidationError) as info:
+        RayClusterSettings(**kwargs)
+    exc = info.value
+    locations = [".".join(str(p) for p in e["loc"]) for e in exc.errors()]
+    messages = [e["msg"] for e in exc.errors()]
+    if in_message:
+        assert any(name in m for m in messages), (name, messages)
+    else:
+        assert name in locations, (name, locations)
+    assert name in str(exc)
+    return exc
+
+
+def run_main(capsys, args: list[str]) -> tuple[int, str, str]:
+    rc = main(args)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def dry_run_sections(out: str) -> tuple[str, str]:
+    """(env file, job script) as printed by --dry-run."""
+    lines = out.splitlines()
+    env_start = next(i for i, l in enumerate(lines) if l.startswith("export AR_CLUSTER_ID="))
+    job_header = next(i for i, l in enumerate(lines) if l.startswith("# 3. job script"))
+    job_start = next(i for i, l in enumerate(lines) if l == "#!/usr/bin/env bash")
+    submit = next(i for i, l in enumerate(lines) if l == "# 4. submit:")
+    assert env_start < job_header < job_start < submit
+    env = "\n".join(lines[env_start:job_header]) + "\n"
+    job = "\n".join(lines[job_start:submit]) + "\n"
+    return env, job
+
+
+class Sandbox:
+    """A cwd and a fake $HOME for every shell the tests start: `touch CANARY`,
+    `>x` or `rm -rf ~` could only ever land here."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cwd = root / "cwd"
+        self.home = root / "home"
+        self.cwd.mkdir()
+        self.home.mkdir()
+        (self.home / "sentinel").write_text("still here")
+
+    def env(self) -> dict:
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home), "LC_ALL": "C.UTF-8"}
+
+    def bash(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [BASH, "--norc", "--noprofile", *args], cwd=self.cwd, env=self.env(), input=input,
+            capture_output=True, timeout=20,
+        )
+
+    def syntax_ok(self, script: str) -> None:
+        path = self.root / "script.sh"
+        path.write_text(script)
+        result = self.bash("-n", str(path))
+        assert result.returncode == 0, result.stderr.decode()
+
+    def source_env(self, env_text: str, names: list[str]) -> list[str]:
+        """Source the env file for real; return the named variables exactly (NUL separated)."""
+        path = self.root / "cluster.env"
+        path.write_text(env_text)
+        printed = " ".join(f'"${{{n}}}"' for n in names)
+        result = self.bash("-c", f'set -eu; . "$1"; printf "%s\\0" {printed}', "_", str(path))
+        assert result.returncode == 0, result.stderr.decode()
+        return result.stdout.decode().split("\0")[:-1]
+
+    def assert_untouched(self) -> None:
+        for where in (self.cwd, self.root, Path.cwd()):
+            assert not (where / "CANARY").exists(), f"a hostile value ran a command in {where}"
+            assert not (where / "x").exists(), f"a hostile value redirected output in {where}"
+        assert (self.home / "sentinel").read_text() == "still here"
+        assert sorted(p.name for p in self.cwd.iterdir()) == []
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch) -> Sandbox:
+    box = Sandbox(tmp_path)
+    monkeypatch.chdir(box.cwd)
+    monkeypatch.setenv("HOME", str(box.home))
+    return box
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_are_valid_and_safe():
+    s = RayClusterSettings()
+    assert s.scheduler.value == "none"
+    assert s.ray_version == "2.60.0"
+    assert s.dashboard_host == "127.0.0.1"
+    assert s.slurm.walltime == "01:00:00" and s.pbs.walltime == "01:00:00"
+    assert s.nodes == 1
+    assert RayClusterSettings(direct_workers=3).nodes == 4
+    assert RayClusterSettings(scheduler="slurm", slurm={"nodes": 5}).nodes == 5
+    assert RayClusterSettings(scheduler="pbs", pbs={"nodes": 7}).nodes == 7
+
+
+def test_unknown_inputs_are_rejected():
+    assert_rejected({"bogus": 1}, "bogus", in_message=False)
+    assert_rejected({"slurm": {"bogus": 1}}, "slurm.bogus", in_message=False)
+    assert_rejected({"pbs": {"partition": "x"}}, "pbs.partition", in_message=False)
+    assert_rejected({"scheduler": "lsf"}, "scheduler", in_message=False)
+
+
+# --------------------------------------------------------------------------- walltimes
+
+SLURM_WALLTIME_OK = ["30", "30:00", "01:00:00", "1-12", "1-12:00", "1-12:00:00", "0", "120:00:00", "7-0"]
+SLURM_WALLTIME_BAD = ["1:2:3:4", "abc", "-1", "", "01:00:00; rm -rf ~", "1:2", "01:00:0", "1-123", "1-", "-12",
+                      "1h", "01:00:00 ", " 30", "1-12:00:00:00", "01:00:00\nrm -rf ~", "$(touch CANARY)",
+                      "UNLIMITED", "30.5"]
+
+
+@pytest.mark.parametrize("value", SLURM_WALLTIME_OK)
+def test_slurm_walltime_ok(value):
+    assert RayClusterSettings(slurm={"walltime": value}).slurm.walltime == value
+
+
+@pytest.mark.parametrize("value", SLURM_WALLTIME_BAD)
+def test_slurm_walltime_rejected(value):
+    exc = assert_rejected({"slurm": {"walltime": value}}, "slurm.walltime")
+    assert repr(value) in exc.errors()[0]["msg"]  # the offending value is shown, quoted
+
+
+PBS_WALLTIME_OK = ["01:00:00", "30:00", "3600", "100:00:00", "0"]
+PBS_WALLTIME_BAD = ["1-12:00:00", "1:2:3:4", "abc", "-1", "", "01:00:00; rm -rf ~", "1:2", "01:00:00\nid", "1h"]
+
+
+@pytest.mark.parametrize("value", PBS_WALLTIME_OK)
+def test_pbs_walltime_ok(value):
+    assert RayClusterSettings(pbs={"walltime": value}).pbs.walltime == value
+
+
+@pytest.mark.parametrize("value", PBS_WALLTIME_BAD)
+def test_pbs_walltime_rejected(value):
+    assert_rejected({"pbs": {"walltime": value}}, "pbs.walltime")
+
+
+# --------------------------------------------------------------------------- counts and ranges
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"slurm": {"nodes": 0}}, "slurm.nodes"),
+        ({"slurm": {"nodes": -1}}, "slurm.nodes"),
+        ({"slurm": {"nodes": 10001}}, "slurm.nodes"),
+        ({"pbs": {"nodes": 0}}, "pbs.nodes"),
+        ({"pbs": {"nodes": 10001}}, "pbs.nodes"),
+        ({"num_cpus_per_node": 0}, "num_cpus_per_node"),
+        ({"num_cpus_per_node": 4097}, "num_cpus_per_node"),
+        ({"num_gpus_per_node": -1}, "num_gpus_per_node"),
+        ({"num_gpus_per_node": 65}, "num_gpus_per_node"),
+        ({"direct_workers": -1}, "direct_workers"),
+        ({"direct_workers": 65}, "direct_workers"),
+        ({"ray_memory_gb": 0}, "ray_memory_gb"),
+        ({"ray_memory_gb": -1.5}, "ray_memory_gb"),
+        ({"object_store_memory_gb": 0}, "object_store_memory_gb"),
+        ({"dashboard_port": 1023}, "dashboard_port"),
+        ({"dashboard_port": 0}, "dashboard_port"),
+        ({"dashboard_port": 65536}, "dashboard_port"),
+        ({"readiness_timeout": 4}, "readiness_timeout"),
+        ({"heartbeat_timeout": 9}, "heartbeat_timeout"),
+        ({"cluster_idle_timeout": 0}, "cluster_idle_timeout"),
+        ({"num_cpus_per_node": "four"}, "num_cpus_per_node"),
+        ({"num_cpus_per_node": 1.5}, "num_cpus_per_node"),
+        ({"dashboard_port": "8265; id"}, "dashboard_port"),
+    ],
+)
+def test_counts_rejected(kwargs, name):
+    assert_rejected(kwargs, name, in_message=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_gpus_per_node": 0},
+        {"num_gpus_per_node": 64},
+        {"num_cpus_per_node": 1},
+        {"num_cpus_per_node": 4096},
+        {"slurm": {"nodes": 1}},
+        {"slurm": {"nodes": 10000}},
+        {"pbs": {"nodes": 1}},
+        {"direct_workers": 0},
+        {"direct_workers": 64},
+        {"dashboard_port": 1024},
+        {"dashboard_port": 65535},
+        {"ray_memory_gb": 0.25},
+        {"readiness_timeout": 5},
+        {"heartbeat_timeout": 10},
+    ],
+)
+def test_counts_ok(kwargs):
+    RayClusterSettings(**kwargs)
+
+
+# --------------------------------------------------------------------------- ray_version, host, paths, bind
+
+
+@pytest.mark.parametrize("value", ["2.60.0", "2.9.3", "3.0.0rc1", "2.10.0a1", "2.10.0b2"])
+def test_ray_version_ok(value):
+    assert RayClusterSettings(ray_version=value).ray_version == value
+
+
+@pytest.mark.parametrize("value", ["latest", "2.60", "2.60.0; x", "", "v2.60.0", "2.60.0.dev0", ">=2.60.0",
+                                   "2.60.0 ", "2.60.0\nid", "2.60.0rc", "ray==2.60.0"])
+def test_ray_version_rejected(value):
+    assert_rejected({"ray_version": value}, "ray_version")
+
+
+@pytest.mark.parametrize("value", ["", "login1", "alice@login1", "alice@login1.example.org:2222", "cluster-a",
+                                   "my_block", "10.0.0.5", "a.b@h:1", "h:65535"])
+def test_host_ok(value):
+    assert RayClusterSettings(host=value).host == value
+
+
+@pytest.mark.parametrize("value", ["h:0", "h:65536", "h:99999", "-oProxyCommand=x", "a b", "@h", "u@", "h:", "h:x",
+                                   "u@v@h", "host;id", "[::1]", "h:-1", "-h"])
+def test_host_rejected(value):
+    assert_rejected({"host": value}, "host")
+
+
+@pytest.mark.parametrize("field", ["python", "work_dir", "node_tmp"])
+@pytest.mark.parametrize("value", ["/opt/conda/envs/ray", "~/venvs/ray-2.60.0", "relative/dir", "/a+b@c%d~e-f_g.h"])
+def test_target_paths_ok(field, value):
+    assert getattr(RayClusterSettings(**{field: value}), field) == value
+
+
+@pytest.mark.parametrize("field", ["python", "work_dir", "node_tmp"])
+@pytest.mark.parametrize("value", ["/a b", "/a;b", "/a'b", '/a"b', "/a$b", "/a`b`", "/a\\b", "/a*", "/a=b",
+                                   "/a\nb", "/a|b", "/a&b", "/a(b)"])
+def test_target_paths_rejected(field, value):
+    assert_rejected({field: value}, field)
+
+
+def test_node_tmp_length_limit():
+    RayClusterSettings(node_tmp="/" + "a" * 39)
+    exc = assert_rejected({"node_tmp": "/" + "a" * 40}, "node_tmp")
+    assert "40" in str(exc)
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "0.0.0.0", "10.1.2.3", "255.255.255.255"])
+def test_dashboard_host_ok(value):
+    assert RayClusterSettings(dashboard_host=value).dashboard_host == value
+
+
+@pytest.mark.parametrize("value", ["localhost", "256.0.0.1", "1.2.3", "1.2.3.4.5", "", "::1", "127.0.0.1;id",
+                                   "1.2.3.1000"])
+def test_dashboard_host_rejected(value):
+    assert_rejected({"dashboard_host": value}, "dashboard_host")
+
+
+# --------------------------------------------------------------------------- scheduler names
+
+NAME_FIELDS = ["slurm.account", "slurm.partition", "slurm.qos", "pbs.account", "pbs.queue"]
+
+
+@pytest.mark.parametrize("field", NAME_FIELDS)
+@pytest.mark.parametrize("value", ["", "gpu", "debug-q", "proj_123", "a.b", "A" * 64, "9queue"])
+def test_names_ok(field, value):
+    group, sub = field.split(".")
+    assert getattr(getattr(RayClusterSettings(**kwargs_for(field, value)), group), sub) == value
+
+
+@pytest.mark.parametrize("field", NAME_FIELDS)
+@pytest.mark.parametrize("value", ["gpu;id", "-gpu", ".gpu", "_gpu", "a b", "A" * 65, "gpü", "a/b", "a,b", "a=b",
+                                   "a@b", "gpu\nid"])
+def test_names_rejected(field, value):
+    assert_rejected(kwargs_for(field, value), field)
+
+
+def test_name_validators_live_on_the_groups_too():
+    with pytest.raises(ValidationError, match="slurm.partition"):
+        SlurmOptions(partition="a b")
+    with pytest.raises(ValidationError, match="pbs.queue"):
+        PbsOptions(queue="a b")
+
+
+# --------------------------------------------------------------------------- select and directives
+
+
+@pytest.mark.parametrize("value", ["", "2:ncpus=4", "2:ncpus=4:mem=8gb:ngpus=1", "1:ncpus=2+3:ncpus=8:mem=16gb",
+                                   "1:host=node-1.local:ncpus=4"])
+def test_pbs_select_ok(value):
+    assert RayClusterSettings(pbs={"select": value}).pbs.select == value
+
+
+@pytest.mark.parametrize("value", ["ncpus=4", "2", "2:ncpus=4;id", "2:ncpus=$(id)", "2:ncpus=4 -l x", "2:ncpus=",
+                                   "2:=4", "2:ncpus=4+", "2:ncpus=4\n-l walltime=1", "-l select=2"])
+def test_pbs_select_rejected(value):
+    assert_rejected({"pbs": {"select": value}}, "pbs.select")
+
+
+@pytest.mark.parametrize(
+    "group,prefix", [("slurm", "#SBATCH"), ("pbs", "#PBS")],
+)
+def test_extra_directives_normalised(group, prefix):
+    value = f"  {prefix} -x a\n\n{prefix} --mail-type=END,FAIL  \r\n{prefix} -l nodes=1:ppn=4\n"
+    got = getattr(RayClusterSettings(**{group: {"extra_directives": value}}), group).extra_directives
+    assert got == f"{prefix} -x a\n{prefix} --mail-type=END,FAIL\n{prefix} -l nodes=1:ppn=4"
+
+
+@pytest.mark.parametrize("group,prefix", [("slurm", "#SBATCH"), ("pbs", "#PBS")])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "{p} --comment=$(touch CANARY)",
+        "{p} --comment=`touch CANARY`",
+        "{p} --comment=a;touch CANARY",
+        "{p} --comment=a|b",
+        "{p} --comment='quoted'",
+        "{p} --mail-user=a\ntouch CANARY",
+        "{p}  comment",
+        "{p}--time=1",
+        "#SBATCH_X --time=1",
+        "touch CANARY",
+        "{p} --comment=" + "a" * 300,
+        "{p} --comment=gpü",
+        "{p} --comment=\u202egpu",
+        "{p} --comment=a>x",
+    ],
+)
+def test_extra_directives_rejected(group, prefix, line):
+    assert_rejected({group: {"extra_directives": line.format(p=prefix)}}, "extra directive line")
+
+
+@pytest.mark.parametrize("line", ["#SBATCH --wrap=touch CANARY", "#SBATCH -W", "#SBATCH --wait",
+                                  "#SBATCH -W --time=1", "#SBATCH --wait=1", "#SBATCH -wrap=x"])
+def test_slurm_blocking_and_wrap_directives_rejected(line):
+    exc = assert_rejected({"slurm": {"extra_directives": line}}, "extra directive line")
+    assert "not allowed" in str(exc)
+
+
+def test_pbs_prefix_is_not_slurm_prefix():
+    assert_rejected({"pbs": {"extra_directives": "#SBATCH --time=1"}}, "extra directive line")
+    assert_rejected({"slurm": {"extra_directives": "#PBS -l walltime=1"}}, "extra directive line")
+
+
+# --------------------------------------------------------------------------- local files
+
+
+@pytest.mark.parametrize("field", ["user_script", "requirements", "ssh_key_file", "known_hosts"])
+def test_local_files_must_exist(field, tmp_path):
+    real = tmp_path / "real.txt"
+    real.write_text("x")
+    assert getattr(RayClusterSettings(**{field: str(real)}), field) == str(real)
+    assert_rejected({field: str(tmp_path / "missing.txt")}, field)
+    assert_rejected({field: str(tmp_path)}, field)  # a directory is not a file
+
+
+def test_local_files_expand_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "job.py").write_text("print(1)")
+    assert RayClusterSettings(user_script="~/job.py").user_script == "~/job.py"
+
+
+# --------------------------------------------------------------------------- known validator gaps (bugs)
+
+OVERLONG_FILE_NAME_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=OSError,
+    reason="bug: flows/settings.py _local_file calls Path(value).expanduser().is_file(), which raises "
+    "OSError(ENAMETOOLONG) for a name over 255 bytes; it escapes pydantic (not a ValidationError) and "
+    "main() crashes with a traceback instead of exit 2",
+)
+
+
+@OVERLONG_FILE_NAME_BUG
+@pytest.mark.parametrize("field", ["user_script", "requirements", "ssh_key_file", "known_hosts"])
+def test_overlong_file_name_is_a_validation_error(field):
+    assert_rejected({field: "a" * 300}, field)
+
+
+@OVERLONG_FILE_NAME_BUG
+def test_overlong_file_name_cli_exit_2(capsys):
+    rc, out, err = run_main(capsys, ["--user-script", "a" * 300, "--dry-run"])
+    assert rc == 2 and "user_script" in err
+
+# Fields whose validator is a `^...$` regex. Python's `$` also matches just before a
+# final "\n", so a value with ONE trailing newline passes every one of them.
+TRAILING_NEWLINE_CASES = [
+    ("host", "login1\n"),
+    ("ray_version", "2.60.0\n"),
+    ("python", "/opt/py\n"),
+    ("work_dir", "/scratch/ar\n"),
+    ("node_tmp", "/tmp\n"),
+    ("dashboard_host", "127.0.0.1\n"),
+    ("slurm.account", "proj\n"),
+    ("slurm.partition", "gpu\n"),
+    ("slurm.qos", "normal\n"),
+    ("slurm.walltime", "01:00:00\n"),
+    ("pbs.account", "proj\n"),
+    ("pbs.queue", "workq\n"),
+    ("pbs.walltime", "01:00:00\n"),
+    ("pbs.select", "2:ncpus=4\n"),
+]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: flows/settings.py validates with re.match(r'^...$'); '$' matches before a trailing "
+    "newline, so 'value\\n' is accepted (use re.fullmatch or \\Z)",
+)
+@pytest.mark.parametrize("field,value", TRAILING_NEWLINE_CASES, ids=[f for f, _ in TRAILING_NEWLINE_CASES])
+def test_trailing_newline_rejected(field, value):
+    assert_rejected(kwargs_for(field, value), field)
+
+
+NON_ASCII_DIGIT_CASES = [
+    ("slurm.walltime", "\u0663\u0660"),  # Arabic-Indic "30"
+    ("pbs.walltime", "\u0661:\u0660\u0660:\u0660\u0660"),
+    ("ray_version", "\u0662.\u0666\u0660.\u0660"),
+    ("dashboard_host", "\u0661\u0662\u0667.0.0.1"),
+    ("host", "login1:\u0662\u0662"),
+    ("pbs.select", "\u0662:ncpus=4"),
+]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: flows/settings.py patterns use \\d without re.ASCII, so non-ASCII digits (e.g. Arabic-Indic "
+    "'\u0663\u0660' as slurm.walltime) pass validation and only fail later on the target",
+)
+@pytest.mark.parametrize("field,value", NON_ASCII_DIGIT_CASES, ids=[f for f, _ in NON_ASCII_DIGIT_CASES])
+def test_non_ascii_digits_rejected(field, value):
+    assert_rejected(kwargs_for(field, value), field)
+
+
+# --------------------------------------------------------------------------- hostile corpus on every string input
+
+STRING_FIELDS = [
+    "host", "ray_version", "python", "work_dir", "node_tmp", "dashboard_host",
+    "slurm.account", "slurm.partition", "slurm.qos", "slurm.walltime", "slurm.extra_directives",
+    "pbs.account", "pbs.queue", "pbs.walltime", "pbs.select", "pbs.extra_directives",
+    "user_script", "requirements", "ssh_key_file", "known_hosts", "info_file",
+]
+FILE_FIELDS = {"user_script", "requirements", "ssh_key_file", "known_hosts"}
+
+HOSTILE = {
+    "semicolon": "gpu; rm -rf ~",
+    "semicolon-tight": "gpu;touch${IFS}CANARY",
+    "pipe": "a|b",
+    "and": "a&&b",
+    "or": "a||touch CANARY",
+    "background": "a&touch CANARY",
+    "subst": "$(touch CANARY)",
+    "subst-in-path": "/tmp/$(touch CANARY)",
+    "backticks": "`touch CANARY`",
+    "redirect": ">x",
+    "redirect-append": "a>>x",
+    "newline": "gpu\ntouch CANARY",
+    "trailing-newline": "gpu\n",
+    "leading-newline": "\ntouch CANARY",
+    "carriage-return": "gpu\rtouch CANARY",
+    "wrap": "--wrap=touch CANARY",
+    "proxycommand": "-o ProxyCommand=touch CANARY",
+    "proxycommand-glued": "-oProxyCommand=touch${IFS}CANARY",
+    "dash": "-x",
+    "quotes": "a'b\"c",
+    "quote-break": "'; touch CANARY; '",
+    "dollar-var": "$HOME",
+    "glob": "*",
+    "tilde-user": "~root/x",
+    "long": "a" * 5000,
+    "umlaut": "gpü",
+    "rtl-override": "gpu\u202eyrt",
+    "zero-width": "gpu\u200b",
+    "tab": "gpu\ttouch CANARY",
+}
+
+# Directive-shaped hostile values: they pass the "starts with #SBATCH/#PBS" test
+# and try to smuggle shell or a second command through.
+HOSTILE_DIRECTIVES = {
+    "d-subst": "{p} --comment=$(touch CANARY)",
+    "d-backticks": "{p} --comment=`touch CANARY`",
+    "d-semicolon": "{p} --comment=a;touch CANARY",
+    "d-newline-cmd": "{p} --comment=a\ntouch CANARY",
+    "d-cr-cmd": "{p} --comment=a\rtouch CANARY",
+    "d-wrap": "{p} --wrap=touch CANARY",
+    "d-redirect": "{p} --comment=a>x",
+    "d-quote": "{p} --comment='a'",
+}
+HOSTILE_SELECT = {
+    "s-semicolon": "2:ncpus=4;touch CANARY",
+    "s-subst": "2:ncpus=$(touch CANARY)",
+    "s-space": "2:ncpus=4 -l walltime=9999:00:00",
+    "s-newline": "2:ncpus=4\ntouch CANARY",
+}
+HOSTILE_WALLTIME = {"w-semicolon": "01:00:00; rm -rf ~", "w-subst": "01:00:00$(touch CANARY)"}
+
+
+def hostile_cases():
+    for field in STRING_FIELDS:
+        corpus = dict(HOSTILE)
+        if field.endswith("extra_directives"):
+            prefix = "#SBATCH" if field.startswith("slurm") else "#PBS"
+            corpus.update({k: v.format(p=prefix) for k, v in HOSTILE_DIRECTIVES.items()})
+        if field == "pbs.select":
+            corpus.update(HOSTILE_SELECT)
+        if field.endswith("walltime"):
+            corpus.update(HOSTILE_WALLTIME)
+        for label, value in corpus.items():
+            marks = [OVERLONG_FILE_NAME_BUG] if field in FILE_FIELDS and label == "long" else []
+            yield pytest.param(field, value, id=f"{field}-{label}", marks=marks)
+
+
+def render_all(settings: RayClusterSettings, plan: ClusterPlan) -> list[str]:
+    return [cls(settings).render(plan.cluster_id, plan.cluster_dir)
+            for cls in (SlurmScheduler, PbsScheduler, DirectScheduler)]
+
+
+def check_accepted(settings: RayClusterSettings, sandbox: Sandbox) -> None:
+    """An accepted value: every job script parses, the env file sources without side
+    effects, and every variable the env file carries comes back exactly."""
+    plan = ClusterPlan.new(settings, settings.work_dir)
+    plan.environment = RayEnvironment(python=settings.python or "python3", ray="/opt/ray/bin/ray", source="reused")
+    for script in render_all(settings, plan):
+        sandbox.syntax_ok(script)
+    names = ["AR_CLUSTER_ID", "AR_CLUSTER_DIR", "AR_NODE_TMP", "AR_PYTHON", "AR_DASHBOARD_HOST", "RAY_AUTH_TOKEN_PATH"]
+    got = sandbox.source_env(plan.env_file(), names)
+    assert got == [plan.cluster_id, f"{settings.work_dir}/clusters/{plan.cluster_id}", settings.node_tmp,
+                   settings.python or "python3", settings.dashboard_host, plan.token_path]
+    sandbox.assert_untouched()
+
+
+@pytest.mark.parametrize("field,value", list(hostile_cases()))
+def test_hostile_value(field, value, sandbox, capsys):
+    scheduler = scheduler_for_field(field)
+    # 1. the model: rejected with an error that names the input, or accepted and harmless
+    try:
+        settings = RayClusterSettings(scheduler=scheduler, **kwargs_for(field, value))
+    except ValidationError as exc:
+        accepted = False
+        locations = {".".join(str(p) for p in e["loc"]) for e in exc.errors()}
+        assert field in locations or any(field in e["msg"] for e in exc.errors()), exc
+    else:
+        accepted = True
+        group, _, sub = field.rpartition(".")
+        if "directives" not in field:  # directives are normalised (stripped lines)
+            assert getattr(getattr(settings, group) if group else settings, sub) == value
+        check_accepted(settings, sandbox)
+
+    # 2. the command line, as a user would type it
+    rc, out, err = run_main(capsys, ["--scheduler", scheduler, *cli_args(field, value), "--dry-run"])
+    assert (rc == 0) == accepted, f"the CLI and the model disagree on {value!r}: {err}"
+    if rc == 2:
+        assert f"invalid input {field}" in err, err
+        assert out == ""
+    else:
+        assert rc == 0, err
+        env_text, job = dry_run_sections(out)
+        sandbox.syntax_ok(job)
+        sandbox.source_env(env_text, ["AR_CLUSTER_DIR", "AR_NODE_TMP"])
+        assert job.startswith("#!/usr/bin/env bash\n")
+    sandbox.assert_untouched()
+
+
+HOSTILE_FILE_NAMES = {
+    "semicolon": "gpu; rm -rf ~",
+    "subst": "$(touch CANARY)",
+    "backticks": "`touch CANARY`",
+    "redirect": ">x",
+    "pipe": "a|b",
+    "and": "a&&b",
+    "newline": "job\ntouch CANARY",
+    "dash": "-o ProxyCommand=touch CANARY",
+    "quotes": "a'b\"c",
+    "umlaut": "gpü.py",
+    "rtl": "gpu\u202eyp.exe",
+}
+
+
+@pytest.mark.parametrize("field", sorted(FILE_FIELDS))
+@pytest.mark.parametrize("label", HOSTILE_FILE_NAMES)
+def test_hostile_file_names_that_exist(field, label, sandbox, capsys):
+    """A real local file with a hostile name is accepted, and a dry run stays inert."""
+    files = sandbox.root / "files"
+    files.mkdir()
+    path = files / HOSTILE_FILE_NAMES[label]
+    path.write_text("print('hi')\n")
+    settings = RayClusterSettings(scheduler="slurm", **{field: str(path)})
+    assert getattr(settings, field) == str(path)
+    check_accepted(settings, sandbox)
+    rc, out, err = run_main(capsys, ["--scheduler", "slurm", flag_for(field), str(path), "--dry-run"])
+    assert rc == 0, err
+    env_text, job = dry_run_sections(out)
+    sandbox.syntax_ok(job)
+    sandbox.source_env(env_text, ["AR_CLUSTER_DIR"])
+    assert str(path) not in job  # local files never reach the job script
+    sandbox.assert_untouched()
+
+
+@pytest.mark.parametrize("field", sorted(FILE_FIELDS))
+@pytest.mark.parametrize("label", HOSTILE_FILE_NAMES)
+def test_hostile_file_names_that_do_not_exist(field, label, sandbox):
+    assert_rejected({field: HOSTILE_FILE_NAMES[label]}, field)
+    assert_rejected({field: str(sandbox.root / HOSTILE_FILE_NAMES[label])}, field)
+    sandbox.assert_untouched()
+
+
+# --------------------------------------------------------------------------- environment mapping
+
+
+def test_environment_is_read(monkeypatch):
+    monkeypatch.setenv("RAY_CLUSTER_NUM_CPUS_PER_NODE", "4")
+    monkeypatch.setenv("RAY_CLUSTER_SLURM__PARTITION", "debug")
+    monkeypatch.setenv("RAY_CLUSTER_SCHEDULER", "slurm")
+    s = RayClusterSettings()
+    assert s.num_cpus_per_node == 4
+    assert s.slurm.partition == "debug"
+    assert s.scheduler.value == "slurm"
+    assert s.slurm.walltime == "01:00:00"  # the rest of the group keeps its defaults
+
+
+def test_environment_reaches_the_dry_run(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_CLUSTER_NUM_CPUS_PER_NODE", "4")
+    monkeypatch.setenv("RAY_CLUSTER_SLURM__PARTITION", "debug")
+    rc, out, err = run_main(capsys, ["--scheduler", "slurm", "--dry-run"])
+    assert rc == 0, err
+    assert "#SBATCH --cpus-per-task=4\n" in out
+    assert "#SBATCH --partition=debug\n" in out
+
+
+def test_arguments_beat_environment(monkeypatch):
+    monkeypatch.setenv("RAY_CLUSTER_NUM_CPUS_PER_NODE", "4")
+    assert RayClusterSettings(num_cpus_per_node=8).num_cpus_per_node == 8
+
+
+@pytest.mark.parametrize(
+    "name,value,where",
+    [
+        ("RAY_CLUSTER_SLURM__PARTITION", "gpu; rm -rf ~", "slurm.partition"),
+        ("RAY_CLUSTER_NUM_CPUS_PER_NODE", "0", "num_cpus_per_node"),
+        ("RAY_CLUSTER_HOST", "$(touch CANARY)", "host"),
+    ],
+)
+def test_bad_environment_is_rejected(monkeypatch, name, value, where, sandbox, capsys):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=re.escape(where)):
+        RayClusterSettings()
+    rc, out, err = run_main(capsys, ["--dry-run"])
+    assert rc == 2 and where in err and out == ""
+    sandbox.assert_untouched()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def help_text() -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.ray_cluster", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.upper().startswith("RAY_CLUSTER_")},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def expected_flags() -> list[str]:
+    flags = []
+    for name, info in RayClusterCli.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and annotation in (SlurmOptions, PbsOptions):
+            flags.append(f"--{name}")
+            flags += [f"--{name}.{sub.replace('_', '-')}" for sub in annotation.model_fields]
+        else:
+            flags.append("--" + name.replace("_", "-"))
+    return flags
+
+
+def test_help_lists_every_field(help_text):
+    flags = expected_flags()
+    assert len(flags) == len(set(flags)) >= 35
+    listed = set(re.findall(r"(--[a-z][a-z0-9.\-]*)", help_text))
+    missing = [f for f in flags if f not in listed]
+    assert missing == []
+    for flag in ["--slurm.partition", "--pbs.select", "--user-script", "--num-cpus-per-node", "--dry-run",
+                 "--slurm.extra-directives", "--pbs.extra-directives", "--no-token-auth"]:
+        assert flag in listed
+    assert "--num_cpus_per_node" not in help_text  # kebab case only
+
+
+@pytest.mark.parametrize(
+    "args,where",
+    [
+        (["--slurm.walltime", "abc"], "slurm.walltime"),
+        (["--slurm.walltime", "01:00:00; rm -rf ~"], "slurm.walltime"),
+        (["--pbs.walltime", "1-00:00:00"], "pbs.walltime"),
+        (["--slurm.partition", "gpu; rm -rf ~"], "slurm.partition"),
+        (["--pbs.select", "2:ncpus=$(touch CANARY)"], "pbs.select"),
+        (["--num-cpus-per-node", "0"], "num_cpus_per_node"),
+        (["--num-cpus-per-node", "four"], "num_cpus_per_node"),
+        (["--slurm.nodes", "0"], "slurm.nodes"),
+        (["--dashboard-port", "80"], "dashboard_port"),
+        (["--ray-version", "latest"], "ray_version"),
+        (["--host", "-o ProxyCommand=touch CANARY"], "host"),
+        (["--user-script", "/nonexistent/job.py"], "user_script"),
+        (["--scheduler", "lsf"], "scheduler"),
+        (["--node-tmp", "/" + "a" * 45], "node_tmp"),
+    ],
+)
+def test_cli_invalid_value_exit_2(args, where, capsys, sandbox):
+    rc, out, err = run_main(capsys, [*args, "--dry-run"])
+    assert rc == 2
+    assert where in err
+    assert out == ""
+    sandbox.assert_untouched()
+
+
+def test_cli_unknown_flag_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--bogus", "--dry-run"])
+    assert info.value.code == 2
+    assert "--bogus" in capsys.readouterr().err
+
+
+def test_cli_dry_run_starts_nothing(monkeypatch, capsys, sandbox):
+    import asyncio
+
+    import flows.ray_cluster as cli_module
+    import tasks.transport as transport
+
+    def forbidden(*a, **k):
+        raise AssertionError("--dry-run started something")
+
+    monkeypatch.setattr(cli_module, "_run", forbidden)
+    monkeypatch.setattr(cli_module, "open_target", forbidden)
+    monkeypatch.setattr(cli_module, "ray_cluster", forbidden)
+    monkeypatch.setattr(asyncio, "run", forbidden)
+    monkeypatch.setattr(transport.asyncio, "create_subprocess_exec", forbidden)
+    monkeypatch.setattr(transport, "connect_ssh", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    for scheduler in ("none", "slurm", "pbs"):
+        rc, out, err = run_main(capsys, ["--scheduler", scheduler, "--host", "alice@login1:2222", "--dry-run"])
+        assert rc == 0, err
+        assert f"scheduler: {scheduler}" in out
+        assert "# 4. submit:" in out and "# 7. teardown" in out
+    sandbox.assert_untouched()
+    assert list(sandbox.home.iterdir()) == [sandbox.home / "sentinel"]  # no ~/.activate-ray created
+
+
+def test_cli_dry_run_plan_contents(capsys):
+    rc, out, err = run_main(capsys, ["--scheduler", "pbs", "--pbs.nodes", "3", "--num-cpus-per-node", "8",
+                                     "--pbs.queue", "workq", "--work-dir", "/scratch/ar", "--dry-run"])
+    assert rc == 0, err
+    env_text, job = dry_run_sections(out)
+    assert "export AR_NUM_CPUS=8\n" in env_text
+    assert re.search(r"^export AR_CLUSTER_DIR=/scratch/ar/clusters/ar-[0-9a-f]{8}$", env_text, re.M)
+    assert "#PBS -q workq\n" in job
+    assert "#PBS -l select=3:ncpus=8:mem=3072mb\n" in job
+    assert re.search(r"^qsub /scratch/ar/clusters/ar-[0-9a-f]{8}/bin/job\.sh$", out, re.M)
+    assert "nodes: 3" in out
+    assert "token" not in env_text.replace("RAY_AUTH_MODE=token", "").replace("RAY_AUTH_TOKEN_PATH", "").replace(
+        "/token\n", "\n")  # the token's path, never the token
+
+
+def test_cli_flags_match_model_values():
+    cli = __import__("pydantic_settings").CliApp.run(
+        RayClusterCli,
+        cli_args=["--slurm.partition", "gpu", "--pbs.select", "2:ncpus=4", "--num-cpus-per-node", "4",
+                  "--no-token-auth", "--slurm.extra-directives", "#SBATCH --exclusive\n#SBATCH --constraint=a100"],
+    )
+    s = RayClusterSettings.model_validate(cli.model_dump(exclude={"dry_run"}))
+    assert (s.slurm.partition, s.pbs.select, s.num_cpus_per_node, s.token_auth) == ("gpu", "2:ncpus=4", 4, False)
+    assert s.slurm.extra_directives == "#SBATCH --exclusive\n#SBATCH --constraint=a100"
