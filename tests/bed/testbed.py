@@ -45,6 +45,7 @@ __all__ = ["TestBed"]
 SLURM_CONF = pathlib.Path("/etc/slurm/slurm.conf")
 SLURM_CONF_BACKUP = SLURM_CONF.with_name("slurm.conf.activate-ray-testbed-orig")
 CONF_HEADER = "# written by activate-ray TestBed"
+NODE_SSH_CONFIG = pathlib.Path("/etc/ssh/ssh_config.d/activate-ray-bed.conf")
 LOCK_FILE = pathlib.Path("/run/activate-ray-testbed.lock")  # one bed per machine
 MUNGE_RUN = pathlib.Path("/run/munge")
 NETNS_DIR = pathlib.Path("/run/netns")
@@ -336,6 +337,7 @@ class TestBed:
             self._make_network()
             self._start_munge()
             self._write_slurm_conf()
+            self._write_node_ssh_config()
             self._start_daemons()
             self._wait_ready()
         except BaseException:
@@ -397,6 +399,7 @@ class TestBed:
                     errors.append(f"ip netns delete {ns}: {cp.stderr.strip()}")
         try:
             self._restore_slurm_conf()
+            NODE_SSH_CONFIG.unlink(missing_ok=True)
         except Exception as e:  # pragma: no cover
             errors.append(f"restoring {SLURM_CONF}: {e}")
         if self.root is not None and self.root.exists():
@@ -433,6 +436,7 @@ class TestBed:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
         self.munge_pidfile.unlink(missing_ok=True)
         self._restore_slurm_conf()
+        NODE_SSH_CONFIG.unlink(missing_ok=True)
         tmp = pathlib.Path(tempfile.gettempdir())
         for d in tmp.glob(f"{self.prefix}-bed-*"):
             if d.is_dir() and d != self.root:
@@ -694,6 +698,22 @@ echo "export PBS_NUM_NODES=$SLURM_JOB_NUM_NODES"
 echo "export PBS_ENVIRONMENT=PBS_BATCH"
 echo "export PBS_NODEFILE=$nodefile"
 """
+
+    def _write_node_ssh_config(self) -> None:
+        """Passwordless ssh between the bed's hosts, as HPC sites set up for their jobs
+        (PBS without pbsdsh starts workers over ssh). Only for the bed's names and subnet."""
+        names = " ".join([self.login_host, *self.node_names, f"{self.subnet}.*"])
+        NODE_SSH_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+        NODE_SSH_CONFIG.write_text(
+            f"# {self.marker}: written by the activate-ray test bed, removed at teardown\n"
+            f"Host {names}\n"
+            f"    User root\n"
+            f"    IdentityFile {self.ssh_key}\n"
+            f"    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {self.known_hosts}\n"
+            f"    StrictHostKeyChecking yes\n"
+            f"    BatchMode yes\n"
+        )
 
     def _write_slurm_conf(self) -> None:
         text = self._slurm_conf_text()
