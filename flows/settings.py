@@ -20,22 +20,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_RAY_VERSION = "2.60.0"
 
 # Characters Slurm and PBS accept in account, partition, qos and queue names.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", re.ASCII)
 # A PEP 440 release, the way Ray versions are spelled (2.60.0, 2.9.3, 3.0.0rc1).
-RAY_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+((a|b|rc)\d+)?$")
+RAY_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+((a|b|rc)\d+)?$", re.ASCII)
 # user@host:port, an ~/.ssh/config alias, or a saved SSH connection block name.
-HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}@)?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,252}(?::\d{1,5})?$")
+HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}@)?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,252}(?::\d{1,5})?$", re.ASCII)
 # Slurm --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-SLURM_WALLTIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{2}|\d+-\d{1,2}:\d{2}:\d{2})$")
+SLURM_WALLTIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{2}|\d+-\d{1,2}:\d{2}:\d{2})$", re.ASCII)
 # PBS walltime: [[HH:]MM:]SS, or plain seconds.
-PBS_WALLTIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2})$")
+PBS_WALLTIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2})$", re.ASCII)
 # One directive argument: options, values, lists; no shell or quoting characters.
-DIRECTIVE_ARG_RE = re.compile(r"^[A-Za-z0-9_=:,.+/@%\-\[\] ]{1,200}$")
+DIRECTIVE_ARG_RE = re.compile(r"^[A-Za-z0-9_=:,.+/@%\-\[\] ]{1,200}$", re.ASCII)
 # A PBS select statement: chunks like 2:ncpus=4:mem=8gb:ngpus=1 joined by '+'.
-PBS_SELECT_RE = re.compile(r"^\d+(:[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.\-]+)+(\+\d+(:[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.\-]+)+)*$")
+PBS_SELECT_RE = re.compile(r"^\d+(:[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.\-]+)+(\+\d+(:[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.\-]+)+)*$", re.ASCII)
 # Paths on the target that reach scripts: no quotes, no shell syntax.
-TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9_.~/+@%\-]{1,200}$")
-BIND_HOST_RE = re.compile(r"^(\d{1,3}\.){3}\d{1,3}$")
+TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9_.~/+@\-]{1,200}$", re.ASCII)
+BIND_HOST_RE = re.compile(r"^(\d{1,3}\.){3}\d{1,3}$", re.ASCII)
 
 
 class Scheduler(str, Enum):
@@ -45,7 +45,7 @@ class Scheduler(str, Enum):
 
 
 def _check_name(value: str, what: str) -> str:
-    if value and not NAME_RE.match(value):
+    if value and not NAME_RE.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} is not a valid scheduler name: use letters, digits, "
             "'_', '.', '-' (up to 64, starting with a letter or digit)"
@@ -61,13 +61,14 @@ def _check_directives(value: str, prefix: str) -> str:
         if not line.startswith(prefix + " "):
             raise ValueError(f"extra directive line {number} must start with '{prefix} ': {line[:80]!r}")
         argument = line[len(prefix) + 1 :].strip()
-        if not DIRECTIVE_ARG_RE.match(argument) or not argument.startswith("-"):
+        if not DIRECTIVE_ARG_RE.fullmatch(argument) or not argument.startswith("-"):
             raise ValueError(
                 f"extra directive line {number} {line[:80]!r}: expected '{prefix} -option[=value]' "
                 "with letters, digits and _=:,.+/@%-[] only"
             )
-        if prefix == "#SBATCH" and re.match(r"^--?(wrap|W\b|wait)", argument):
-            raise ValueError(f"extra directive line {number}: {argument.split('=')[0]!r} is not allowed")
+        for option in argument.split():
+            if prefix == "#SBATCH" and re.match(r"^(--wrap|--wait|-W$|-W\b)", option):
+                raise ValueError(f"extra directive line {number}: {option.split('=')[0]!r} is not allowed")
     return "\n".join(line.strip() for line in value.splitlines() if line.strip())
 
 
@@ -93,7 +94,7 @@ class SlurmOptions(BaseModel):
     @field_validator("walltime")
     @classmethod
     def _walltime(cls, value: str) -> str:
-        if not SLURM_WALLTIME_RE.match(value):
+        if not SLURM_WALLTIME_RE.fullmatch(value):
             raise ValueError(
                 f"slurm.walltime {value!r} is not a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
             )
@@ -127,14 +128,14 @@ class PbsOptions(BaseModel):
     @field_validator("walltime")
     @classmethod
     def _walltime(cls, value: str) -> str:
-        if not PBS_WALLTIME_RE.match(value):
+        if not PBS_WALLTIME_RE.fullmatch(value):
             raise ValueError(f"pbs.walltime {value!r} is not a PBS walltime: use HH:MM:SS, MM:SS or seconds")
         return value
 
     @field_validator("select")
     @classmethod
     def _select(cls, value: str) -> str:
-        if value and not PBS_SELECT_RE.match(value):
+        if value and not PBS_SELECT_RE.fullmatch(value):
             raise ValueError(
                 f"pbs.select {value!r} is not a select statement: expected N:res=value[:res=value]...[+N:...]"
             )
@@ -225,7 +226,7 @@ class RayClusterSettings(BaseSettings):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        if value and not HOST_RE.match(value):
+        if value and not HOST_RE.fullmatch(value):
             raise ValueError(f"host {value!r} is not user@host[:port], an ssh alias or a block name")
         if ":" in value and not 0 < int(value.rsplit(":", 1)[1]) < 65536:
             raise ValueError(f"host {value!r}: port out of range 1-65535")
@@ -234,29 +235,33 @@ class RayClusterSettings(BaseSettings):
     @field_validator("ray_version")
     @classmethod
     def _ray_version(cls, value: str) -> str:
-        if not RAY_VERSION_RE.match(value):
+        if not RAY_VERSION_RE.fullmatch(value):
             raise ValueError(f"ray_version {value!r} is not a Ray release such as {DEFAULT_RAY_VERSION}")
         return value
 
     @field_validator("python", "work_dir", "node_tmp")
     @classmethod
     def _target_path(cls, value: str, info) -> str:
-        if value and not TARGET_PATH_RE.match(value):
-            raise ValueError(f"{info.field_name} {value!r}: use letters, digits and _.~/+@%- only")
+        if value and not TARGET_PATH_RE.fullmatch(value):
+            raise ValueError(f"{info.field_name} {value!r}: use letters, digits and _.~/+@- only")
         return value
 
     @field_validator("dashboard_host")
     @classmethod
     def _bind(cls, value: str) -> str:
-        if not BIND_HOST_RE.match(value) or any(int(p) > 255 for p in value.split(".")):
+        if not BIND_HOST_RE.fullmatch(value) or any(int(p) > 255 for p in value.split(".")):
             raise ValueError(f"dashboard_host {value!r} is not an IPv4 address")
         return value
 
     @field_validator("user_script", "requirements", "ssh_key_file", "known_hosts")
     @classmethod
     def _local_file(cls, value: str, info) -> str:
-        if value and not Path(value).expanduser().is_file():
-            raise ValueError(f"{info.field_name} {value!r} is not a readable file")
+        try:
+            exists = Path(value).expanduser().is_file() if value else True
+        except (OSError, ValueError):  # name too long, NUL byte
+            exists = False
+        if not exists:
+            raise ValueError(f"{info.field_name} {value[:200]!r} is not a readable file")
         return value
 
     @model_validator(mode="after")

@@ -126,13 +126,22 @@ def _mem_mb(settings: RayClusterSettings) -> int:
     return math.ceil((settings.ray_memory_gb + settings.object_store_memory_gb) * 1024) + 512
 
 
-def _hms(walltime: str) -> int:
-    days, _, clock = walltime.rpartition("-")
+def slurm_seconds(walltime: str) -> int:
+    """Slurm --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (a bare number is minutes)."""
+    days, dash, clock = walltime.partition("-") if "-" in walltime else ("0", "", walltime)
     parts = [int(p) for p in clock.split(":")]
-    if days:
+    if dash:
         hours, minutes, seconds = (parts + [0, 0])[:3]
-        return int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
-    return sum(value * 60**index for index, value in enumerate(reversed(parts)))
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def pbs_seconds(walltime: str) -> int:
+    """PBS walltime: [[HH:]MM:]SS (a bare number is seconds)."""
+    return sum(int(value) * 60**index for index, value in enumerate(reversed(walltime.split(":"))))
 
 
 class SlurmScheduler(Scheduler):
@@ -172,10 +181,11 @@ class SlurmScheduler(Scheduler):
 
     @property
     def walltime_seconds(self) -> int | None:
-        return _hms(self.settings.slurm.walltime)
+        return slurm_seconds(self.settings.slurm.walltime)
 
     def submit_command(self, cluster_dir: str) -> str:
-        return shlex.join(["sbatch", "--parsable", f"{cluster_dir}/bin/job.sh"])
+        # From the cluster dir: anything the scheduler drops in the submit dir is removed with it.
+        return f"cd {shlex.quote(cluster_dir)} && sbatch --parsable bin/job.sh"
 
     async def submit(self, target: "Transport", cluster_dir: str) -> str:
         result = await target.run(self.submit_command(cluster_dir), check=False)
@@ -212,7 +222,7 @@ def _slurm_phase(state: str) -> JobPhase:
 SLURM_HOPELESS = re.compile(
     r"^(PartitionNodeLimit|PartitionTimeLimit|PartitionConfig|BadConstraints|InvalidAccount|InvalidQOS"
     r"|ReqNodeNotAvail, UnavailableNodes|.*MaxNodePerJobLimit|.*MaxCpuPerJobLimit|.*MaxWallDurationPerJobLimit"
-    r"|AssocGrp.*Limit|Nodes_required_for_job_are_DOWN.*|DependencyNeverSatisfied)"
+    r"|Nodes_required_for_job_are_DOWN.*|DependencyNeverSatisfied)"
 )
 
 
@@ -288,10 +298,10 @@ class PbsScheduler(Scheduler):
 
     @property
     def walltime_seconds(self) -> int | None:
-        return _hms(self.settings.pbs.walltime)
+        return pbs_seconds(self.settings.pbs.walltime)
 
     def submit_command(self, cluster_dir: str) -> str:
-        return shlex.join(["qsub", f"{cluster_dir}/bin/job.sh"])
+        return f"cd {shlex.quote(cluster_dir)} && qsub bin/job.sh"
 
     async def submit(self, target: "Transport", cluster_dir: str) -> str:
         result = await target.run(self.submit_command(cluster_dir), check=False)
@@ -304,7 +314,10 @@ class PbsScheduler(Scheduler):
         quoted = shlex.quote(job_id)
         result = await target.run(f"qstat -f -F json -x {quoted} 2>/dev/null", check=False)
         if result.returncode == 0 and result.stdout.lstrip().startswith("{"):
-            return parse_qstat_json(result.stdout, job_id)
+            try:
+                return parse_qstat_json(result.stdout, job_id)
+            except ValueError:  # OpenPBS can print invalid JSON (unquoted all-digit values)
+                pass
         result = await target.run(f"qstat -f {quoted} 2>&1", check=False)
         return parse_qstat_text(result.stdout)
 

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from flows.settings import RayClusterSettings
 from tasks.schedulers import DirectScheduler, PbsScheduler, SlurmScheduler, scheduler_for
@@ -233,39 +234,21 @@ def test_slurm_walltime_seconds(walltime, seconds):
     assert SlurmScheduler(settings(scheduler="slurm", slurm={"walltime": walltime})).walltime_seconds == seconds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tasks/schedulers.py _hms reads a bare Slurm --time 'M' (e.g. '30', documented as minutes) "
-    "as seconds: walltime_seconds is 30 instead of 1800, so keep_alive stops the cluster at once",
-)
 @pytest.mark.parametrize("walltime,seconds", [("30", 1800), ("5", 300)])
 def test_slurm_walltime_seconds_minutes_only(walltime, seconds):
     assert SlurmScheduler(settings(scheduler="slurm", slurm={"walltime": walltime})).walltime_seconds == seconds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a work_dir with one trailing newline passes TARGET_PATH_RE ('$' matches before it) and "
-    "splits '#SBATCH --output=' / '#PBS -o' in two: the rest of the path becomes a command line and "
-    "sbatch/qsub silently ignore every directive after it",
-)
-@pytest.mark.parametrize("scheduler,prefix", [("slurm", "#SBATCH"), ("pbs", "#PBS")])
-def test_trailing_newline_in_work_dir_keeps_directive_block(scheduler, prefix):
-    s = settings(scheduler=scheduler, work_dir="/scratch/ar\n", num_gpus_per_node=1,
-                 slurm={"partition": "gpu", "extra_directives": "#SBATCH --exclusive"},
-                 pbs={"queue": "workq", "extra_directives": "#PBS -m abe"})
-    script = render(s, f"{s.work_dir}/clusters/{CLUSTER_ID}")
-    assert_directive_block_first(script, prefix)
+@pytest.mark.parametrize("work_dir", ["/scratch/ar\n", "/scratch/%u/ray"])
+def test_work_dir_that_would_break_directives_is_refused(work_dir):
+    """A newline would split '#SBATCH --output=' in two (sbatch then ignores every later
+    directive); '%' would be expanded by sbatch as a filename pattern."""
+    with pytest.raises(ValidationError, match="work_dir"):
+        settings(scheduler="slurm", work_dir=work_dir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: flows/settings.py TARGET_PATH_RE allows '%' in work_dir, but SlurmScheduler.directives puts the cluster dir "
-    "into '#SBATCH --output=' where sbatch expands %u/%x/%N... (filename patterns): the log goes to another "
-    "directory than the cluster dir (one that usually does not exist, and the job then fails)",
-)
 def test_slurm_output_path_has_no_pattern_but_the_job_id():
-    s = settings(scheduler="slurm", work_dir="/scratch/%u/ray")
+    s = settings(scheduler="slurm", work_dir="/scratch/ray")
     (output,) = [l for l in directive_lines(render(s, f"{s.work_dir}/clusters/{CLUSTER_ID}"), "#SBATCH")
                  if l.startswith("--output=")]
     assert re.findall(r"%.", output) == ["%j"]

@@ -241,12 +241,6 @@ def test_hopeless_only_when_pending():
     assert parse_scontrol("JobState=PENDING Reason=PartitionNodeLimit Dependency=(null)").hopeless
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tasks/schedulers.py SLURM_HOPELESS matches 'AssocGrp.*Limit', but Slurm documents AssocGrp* as "
-    "'the association has reached an aggregate limit' (other jobs of the group hold it): the job starts once "
-    "they finish, yet wait_until_ready fails it at once as 'can never start'",
-)
 @pytest.mark.parametrize("reason", ["AssocGrpCpuLimit", "AssocGrpNodeLimit", "AssocGrpJobsLimit"])
 def test_squeue_group_limits_are_waitable(reason):
     assert not parse_squeue(f"PENDING|{reason}").hopeless
@@ -324,13 +318,6 @@ def test_pbs_state_quotes_job_id():
     assert all("'42; touch CANARY'" in c for c in target.commands)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=json.JSONDecodeError,
-    reason="bug: tasks/schedulers.py PbsScheduler.state passes any '{'-prefixed qstat output to json.loads; "
-    "OpenPBS can print invalid JSON (openpbs/openpbs#1255: an all-digit env value unquoted), and the "
-    "JSONDecodeError escapes instead of falling back to `qstat -f` text",
-)
 def test_pbs_state_survives_invalid_openpbs_json():
     target = FakeTransport([
         ("qstat -f -F json", ok(fixture("pbs/qstat_json_numeric_env.json"))),
@@ -344,16 +331,16 @@ def test_pbs_state_survives_invalid_openpbs_json():
     [("qsub: Unknown queue\n", 170), ("123.pbs-server; rm -rf ~\n", 0), ("", 0), ("Job submitted\n", 0)],
 )
 def test_pbs_submit_rejects_odd_answers(stdout, rc):
-    target = FakeTransport([("qsub ", CommandResult(rc, stdout, ""))])
+    target = FakeTransport([("cd /home/alice/c && qsub ", CommandResult(rc, stdout, ""))])
     with pytest.raises(SchedulerRejected):
         asyncio.run(pbs().submit(target, "/home/alice/c"))
 
 
 @pytest.mark.parametrize("stdout", ["123.pbs-server\n", "123\n", "123[].pbs-server\n"])
 def test_pbs_submit_returns_job_id(stdout):
-    target = FakeTransport([("qsub ", ok(stdout))])
+    target = FakeTransport([("cd /home/alice/c && qsub ", ok(stdout))])
     assert asyncio.run(pbs().submit(target, "/home/alice/c")) == stdout.strip()
-    assert target.commands == ["qsub /home/alice/c/bin/job.sh"]
+    assert target.commands == ["cd /home/alice/c && qsub bin/job.sh"]
 
 
 def test_slurm_state_squeue_first():
@@ -379,12 +366,12 @@ def test_slurm_state_gone_everywhere():
 
 @pytest.mark.parametrize("stdout,job_id", [("4242\n", "4242"), ("4242;cluster-a\n", "4242")])
 def test_slurm_submit_parsable(stdout, job_id):
-    target = FakeTransport([("sbatch ", ok(stdout))])
+    target = FakeTransport([("cd /home/alice/c && sbatch ", ok(stdout))])
     assert asyncio.run(slurm().submit(target, "/home/alice/c")) == job_id
-    assert target.commands == ["sbatch --parsable /home/alice/c/bin/job.sh"]
+    assert target.commands == ["cd /home/alice/c && sbatch --parsable bin/job.sh"]
 
 
 def test_slurm_submit_refused():
-    target = FakeTransport([("sbatch ", CommandResult(1, "", "sbatch: error: invalid partition specified: gpu\n"))])
+    target = FakeTransport([("cd /home/alice/c && sbatch ", CommandResult(1, "", "sbatch: error: invalid partition specified: gpu\n"))])
     with pytest.raises(SchedulerRejected, match="invalid partition"):
         asyncio.run(slurm().submit(target, "/home/alice/c"))

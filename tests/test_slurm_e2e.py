@@ -1,6 +1,7 @@
 """SLURM mode on the real 3-node bed: the flow runs on the login node, as at a real site."""
 
 import re
+import sys
 import textwrap
 
 import pytest
@@ -91,3 +92,23 @@ def test_job_stuck_pending_is_cancelled_at_readiness_timeout(tmp_path, prefect_a
     assert "PENDING" in run.output and "not ready after 8s" in run.output
     assert live_jobs(bed) == []
     assert_nothing_left(work)
+
+
+def test_slurm_over_ssh_to_the_login_node(tmp_path, prefect_api, bed):
+    """The flow reaches the site only through the login node's sshd, as from a laptop."""
+    work = tmp_path / "work"
+    script = tmp_path / "spread.py"
+    script.write_text(SPREAD)
+    run = run_flow(
+        slurm_args(bed, work, "--host", f"root@{bed.login_ip}:22", "--python", sys.executable,
+                   "--slurm.nodes", "2", "--user-script", str(script)),
+        tmp=tmp_path, api=prefect_api, wrap=bed.login_argv,
+    )
+    assert run.returncode == 0, run.output[-5000:]
+    assert re.search(r"HOSTS=node\d,node\d\n", run.output)
+    info = run.info
+    assert info["tunnel_command"] == (
+        f"ssh -N -L 8265:127.0.0.1:{info['dashboard_port_on_head']} -J root@{bed.login_ip}:22 {info['head_ip']}"
+    )
+    assert live_jobs(bed) == []
+    assert_nothing_left(work, cluster_id=info["cluster_id"])
