@@ -67,7 +67,7 @@ def _check_directives(value: str, prefix: str) -> str:
                 "with letters, digits and _=:,.+/@%-[] only"
             )
         for option in argument.split():
-            if prefix == "#SBATCH" and re.match(r"^(--wrap|--wait|-W$|-W\b)", option):
+            if prefix == "#SBATCH" and re.match(r"^(--?wrap|--?wait|-W)(=|$|\b)", option):
                 raise ValueError(f"extra directive line {number}: {option.split('=')[0]!r} is not allowed")
     return "\n".join(line.strip() for line in value.splitlines() if line.strip())
 
