@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 
 # The temporary server's telemetry only fails offline; set before Prefect loads.
@@ -16,13 +15,24 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from dataclasses import asdict
 
 from prefect import flow
-from prefect.logging import get_run_logger
+from prefect.exceptions import TerminationSignal
+from prefect.runtime import flow_run as current_flow_run
 from pydantic import Field, ValidationError
 from pydantic_settings import CliApp, SettingsConfigDict
 
 from flows.settings import RayClusterSettings
-from tasks.cluster import ClusterPlan, beat, prepare_environment, start_cluster, target_work_dir, teardown_cluster
-from tasks.readiness import publish_connection_info, wait_until_ready
+from tasks.cluster import (
+    ClusterPlan,
+    beat,
+    get_run_logger,
+    load_cluster_states,
+    prepare_environment,
+    save_cluster_state,
+    start_cluster,
+    target_work_dir,
+    teardown_cluster,
+)
+from tasks.readiness import publish_connection_info, wait_until_ready, watch_nodes
 from tasks.schedulers import Scheduler, scheduler_for
 from tasks.transport import LocalTransport, SshParams, SshTransport, Transport
 from tasks.user_job import keep_alive, run_user_job
@@ -53,7 +63,33 @@ async def _block_params(settings: RayClusterSettings) -> SshParams | None:
     return block.ssh_params(settings.accept_new_host_key)
 
 
-@flow(name="ray-cluster", log_prints=False)
+async def teardown_saved_clusters(flow, flow_run, state) -> None:
+    """on_cancellation / on_crashed: the flow process may be gone (SIGKILL after a
+    cancel), so rebuild each target from the state the flow persisted and tear down."""
+    logger = get_run_logger()
+    for plan in load_cluster_states(str(flow_run.id)):
+        logger.info("hook (%s): tearing down cluster %s", state.name, plan.cluster_id)
+        async with await open_target(plan.settings) as target:
+            await teardown_cluster.fn(target, scheduler_for(plan.settings), plan)
+
+
+async def _unless_a_node_dies(work, watcher: asyncio.Task):
+    """Run the work; a NodeLost from the watcher wins over it."""
+    job = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if watcher in done and watcher.exception() is not None:
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+        raise watcher.exception()
+    return await job
+
+
+@flow(
+    name="ray-cluster",
+    log_prints=False,
+    on_cancellation=[teardown_saved_clusters],
+    on_crashed=[teardown_saved_clusters],
+)
 async def ray_cluster(settings: RayClusterSettings) -> dict:
     """Start a Ray cluster on the host (directly, or as a SLURM/PBS job), wait until
     every node is up, show how to connect, run the user's script, and always tear down."""
@@ -63,21 +99,25 @@ async def ray_cluster(settings: RayClusterSettings) -> dict:
         work_dir = await target_work_dir(target, settings)
         plan = ClusterPlan.new(settings, work_dir)
         logger.info("cluster %s on %s (%s, %d node(s))", plan.cluster_id, target.label, scheduler.name, settings.nodes)
-        heartbeat = None
+        save_cluster_state(plan, str(current_flow_run.id or ""))
+        background: list[asyncio.Task] = []
         try:
             plan.environment = await prepare_environment(target, settings, work_dir)
             await start_cluster(target, scheduler, plan)
-            heartbeat = asyncio.create_task(beat(target, plan, every=max(2.0, settings.heartbeat_timeout / 4)))
+            save_cluster_state(plan, str(current_flow_run.id or ""))
+            background.append(asyncio.create_task(beat(target, plan, every=max(2.0, settings.heartbeat_timeout / 4))))
             head, local_port, nodes = await wait_until_ready(target, scheduler, plan)
             info = await publish_connection_info(target, scheduler, plan, head, local_port, nodes, settings.info_file)
+            watcher = asyncio.create_task(watch_nodes(plan, local_port, nodes))
+            background.append(watcher)
             if settings.user_script:
-                await run_user_job(target, plan, local_port)
+                await _unless_a_node_dies(run_user_job(target, plan, local_port), watcher)
             if settings.keep_alive or not settings.user_script:
-                await keep_alive(plan, local_port, scheduler.walltime_seconds)
+                await _unless_a_node_dies(keep_alive(plan, local_port, scheduler.walltime_seconds), watcher)
             return asdict(info)
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
+            for job in background:
+                job.cancel()
             await teardown_cluster(target, scheduler, plan)
 
 
@@ -127,13 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     if cli.dry_run:
         print(render_plan(settings))
         return 0
-    return asyncio.run(_run(settings))
+    # SIGTERM and Ctrl-C end the flow run as Crashed; its on_crashed hook tears the
+    # cluster down from the persisted state before the process exits.
+    try:
+        return asyncio.run(_run(settings))
+    except TerminationSignal:
+        print("terminated (SIGTERM): cluster torn down", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted: cluster torn down", file=sys.stderr)
+        return 130
 
 
 async def _run(settings: RayClusterSettings) -> int:
-    # SIGTERM (a scheduler, `kill`, a worker's cancel) unwinds like Ctrl-C, so teardown runs.
-    main_task = asyncio.current_task()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
         info = await ray_cluster(settings=settings)
     except asyncio.CancelledError:

@@ -44,6 +44,13 @@ class Scheduler(str, Enum):
     pbs = "pbs"
 
 
+class NodeFailure(str, Enum):
+    """What to do when a node of a ready cluster dies."""
+
+    continue_ = "continue"
+    stop = "stop"
+
+
 def _check_name(value: str, what: str) -> str:
     if value and not NAME_RE.fullmatch(value):
         raise ValueError(
@@ -77,10 +84,27 @@ class SlurmOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="SLURM")
 
-    account: str = Field("", title="Account", description="--account to charge (empty: your default)")
-    partition: str = Field("", title="Partition", description="--partition (empty: the cluster default)")
-    qos: str = Field("", title="QOS", description="--qos (empty: the default)")
-    walltime: str = Field("01:00:00", title="Walltime", description="--time, e.g. 30, 01:00:00 or 1-12:00:00")
+    account: str = Field(
+        "",
+        title="Account",
+        description="--account to charge (empty: your default)",
+        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
+    )
+    partition: str = Field(
+        "",
+        title="Partition",
+        description="--partition (empty: the cluster default)",
+        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
+    )
+    qos: str = Field(
+        "", title="QOS", description="--qos (empty: the default)", json_schema_extra={"pattern": "^$|" + NAME_RE.pattern}
+    )
+    walltime: str = Field(
+        "01:00:00",
+        title="Walltime",
+        description="--time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 30, 01:00:00 or 1-12:00:00",
+        json_schema_extra={"pattern": SLURM_WALLTIME_RE.pattern},
+    )
     nodes: int = Field(1, ge=1, le=10000, title="Nodes", description="Nodes in the allocation: one Ray node on each")
     extra_directives: str = Field(
         "", title="Extra directives", description="More '#SBATCH --option=value' lines, one per line"
@@ -111,14 +135,34 @@ class PbsOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="PBS")
 
-    account: str = Field("", title="Account", description="-A account (empty: your default)")
-    queue: str = Field("", title="Queue", description="-q queue (empty: the server default)")
-    walltime: str = Field("01:00:00", title="Walltime", description="-l walltime=, e.g. 01:00:00")
+    account: str = Field(
+        "",
+        title="Account",
+        description="-A account (empty: your default)",
+        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
+    )
+    queue: str = Field(
+        "",
+        title="Queue",
+        description="-q queue (empty: the server default)",
+        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
+    )
+    walltime: str = Field(
+        "01:00:00",
+        title="Walltime",
+        description="-l walltime=: HH:MM:SS, MM:SS or seconds, e.g. 01:00:00",
+        json_schema_extra={"pattern": PBS_WALLTIME_RE.pattern},
+    )
     nodes: int = Field(1, ge=1, le=10000, title="Nodes", description="Chunks (nodes): one Ray node on each")
     select: str = Field(
-        "", title="Select", description="Your own -l select= statement (empty: built from nodes, CPUs, memory, GPUs)"
+        "",
+        title="Select",
+        description="Your own -l select= statement, e.g. 2:ncpus=8:mem=32gb (empty: built from nodes, CPUs, memory, GPUs)",
+        json_schema_extra={"pattern": "^$|" + PBS_SELECT_RE.pattern},
     )
-    extra_directives: str = Field("", title="Extra directives", description="More '#PBS -option value' lines")
+    extra_directives: str = Field(
+        "", title="Extra directives", description="More '#PBS -option value' lines, one per line"
+    )
 
     @field_validator("account", "queue")
     @classmethod
@@ -164,6 +208,7 @@ class RayClusterSettings(BaseSettings):
         title="Host",
         description="Where to run: empty = this machine; else user@host:port, an ~/.ssh/config alias, "
         "or the name of a saved SSH connection block (the login node for SLURM/PBS)",
+        json_schema_extra={"pattern": "^$|" + HOST_RE.pattern},
     )
     scheduler: Scheduler = Field(
         Scheduler.none,
@@ -174,54 +219,101 @@ class RayClusterSettings(BaseSettings):
         0, ge=0, le=64, title="Extra workers (no scheduler)", description="Worker nodes beside the head on the host"
     )
     # --- resources
-    num_cpus_per_node: int = Field(1, ge=1, le=4096, title="CPUs per node")
-    num_gpus_per_node: int = Field(0, ge=0, le=64, title="GPUs per node")
-    ray_memory_gb: float = Field(2.0, gt=0, le=65536, title="Memory per node (GB)", description="Ray --memory")
+    num_cpus_per_node: int = Field(
+        1, ge=1, le=4096, title="CPUs per node", description="Ray --num-cpus on every node (head and workers)"
+    )
+    num_gpus_per_node: int = Field(
+        0, ge=0, le=64, title="GPUs per node", description="Ray --num-gpus on every node; also requested from SLURM/PBS"
+    )
+    ray_memory_gb: float = Field(
+        2.0, gt=0, le=65536, title="Memory per node (GB)", description="Ray --memory: heap memory for tasks and actors"
+    )
     object_store_memory_gb: float = Field(
-        0.5, gt=0, le=65536, title="Object store per node (GB)", description="Ray --object-store-memory"
+        0.5, gt=0, le=65536, title="Object store per node (GB)", description="Ray --object-store-memory: shared memory for objects"
     )
     # --- environment
-    ray_version: str = Field(DEFAULT_RAY_VERSION, title="Ray version")
+    ray_version: str = Field(
+        DEFAULT_RAY_VERSION,
+        title="Ray version",
+        description="Ray release installed on the target, e.g. 2.60.0 (the same on every node)",
+        json_schema_extra={"pattern": RAY_VERSION_RE.pattern},
+    )
     python: str = Field(
         "",
         title="Python on the target",
         description="An interpreter, venv or conda env on the target that already has this Ray (empty: find or build one)",
+        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern},
     )
-    requirements: str = Field("", title="requirements.txt", description="Extra packages to install (a local file)")
+    requirements: str = Field(
+        "",
+        title="requirements.txt",
+        description="Extra packages to install: a requirements file on the machine that runs the flow (empty: none)",
+    )
     work_dir: str = Field(
         "~/.activate-ray",
         title="Work dir on the target",
         description="Shared directory for venvs and cluster state (must be visible on every node)",
+        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern},
     )
-    node_tmp: str = Field("/tmp", title="Node temp root", description="Node-local directory for Ray's temp dirs")
+    node_tmp: str = Field(
+        "/tmp",
+        title="Node temp root",
+        description="Node-local directory for Ray's temp dirs (at most 40 characters)",
+        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern, "maxLength": 40},
+    )
     # --- cluster behaviour
-    dashboard_port: int = Field(8265, ge=1024, le=65535, title="Dashboard port", description="Preferred port")
+    dashboard_port: int = Field(
+        8265, ge=1024, le=65535, title="Dashboard port", description="Preferred dashboard port on the head (a free one if taken)"
+    )
     dashboard_host: str = Field(
         "127.0.0.1",
         title="Dashboard bind address",
         description="Keep 127.0.0.1 and use the SSH tunnel; anything else exposes an RCE endpoint",
+        json_schema_extra={"pattern": BIND_HOST_RE.pattern},
     )
-    token_auth: bool = Field(True, title="Ray token authentication", description="Off only for Ray without it")
-    cluster_idle_timeout: int = Field(
-        30, ge=1, le=100000, title="Idle timeout (minutes)", description="Keep-alive clusters stop after this idle time"
+    token_auth: bool = Field(
+        True, title="Ray token authentication", description="A fresh token per cluster; turn off only for Ray without it"
+    )
+    cluster_idle_timeout: float = Field(
+        30, gt=0, le=100000, title="Idle timeout (minutes)", description="Keep-alive clusters stop after this idle time"
     )
     keep_alive: bool = Field(False, title="Keep alive", description="Keep the cluster up after the user job")
-    readiness_timeout: int = Field(300, ge=5, le=86400, title="Readiness timeout (s)")
+    node_failure: NodeFailure = Field(
+        NodeFailure.continue_,
+        title="When a node dies",
+        description="continue: report it and go on; stop: report it and tear the cluster down (the flow fails)",
+    )
+    readiness_timeout: int = Field(
+        300, ge=5, le=86400, title="Readiness timeout (s)", description="Give up when not every node is up after this long"
+    )
     heartbeat_timeout: int = Field(
         120, ge=10, le=86400, title="Dead-man timeout (s)", description="The cluster stops itself when the flow is silent this long"
     )
     # --- job
-    user_script: str = Field("", title="User script", description="A local Python file submitted as a Ray job")
+    user_script: str = Field(
+        "",
+        title="User script",
+        description="A Python file on the machine that runs the flow, submitted as a Ray job "
+        "(empty: keep the cluster up until idle)",
+    )
     info_file: str = Field(
         "ray-cluster.json", title="Connection info file", description="Where to write connection info as JSON (no secrets)"
     )
     # --- SSH
-    ssh_key_file: str = Field("", title="SSH private key file", description="Key for the host (empty: agent/defaults)")
-    known_hosts: str = Field("", title="known_hosts file", description="Empty: ~/.ssh/known_hosts")
-    accept_new_host_key: bool = Field(False, title="Accept unknown host keys", description="Insecure; warns")
+    ssh_key_file: str = Field(
+        "", title="SSH private key file", description="Key file for the host (empty: the SSH agent and default keys)"
+    )
+    known_hosts: str = Field(
+        "", title="known_hosts file", description="Host keys to trust (empty: ~/.ssh/known_hosts)"
+    )
+    accept_new_host_key: bool = Field(
+        False, title="Accept unknown host keys", description="Trust a host key not in known_hosts (insecure; warns)"
+    )
     # --- scheduler groups
-    slurm: SlurmOptions = Field(default_factory=SlurmOptions, title="SLURM")
-    pbs: PbsOptions = Field(default_factory=PbsOptions, title="PBS")
+    slurm: SlurmOptions = Field(
+        default_factory=SlurmOptions, title="SLURM", description="Used when the scheduler is slurm"
+    )
+    pbs: PbsOptions = Field(default_factory=PbsOptions, title="PBS", description="Used when the scheduler is pbs")
 
     @field_validator("host")
     @classmethod

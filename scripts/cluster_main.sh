@@ -13,6 +13,9 @@ ar_cleanup() {
     kill -- $(jobs -p) 2>/dev/null || true
     wait 2>/dev/null || true
     ar_log "cluster $AR_CLUSTER_ID stopped"
+    if [ "${AR_REMOVE_CLUSTER_DIR:-0}" = 1 ]; then
+        rm -rf "$AR_CLUSTER_DIR"
+    fi
 }
 trap 'ar_cleanup; exit 0' EXIT
 trap 'ar_log "signal received"; exit 143' TERM INT HUP USR1

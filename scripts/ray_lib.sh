@@ -157,6 +157,8 @@ ar_supervise() {
         if [ ! -d "$AR_CLUSTER_DIR" ]; then reason="cluster dir removed"; break; fi
         if [ "$(ar_heartbeat_age)" -gt "$AR_HEARTBEAT_TIMEOUT" ]; then
             reason="no heartbeat from the flow for more than ${AR_HEARTBEAT_TIMEOUT}s (dead-man switch)"
+            # nobody is left to remove the cluster's files: the cleanup does it
+            AR_REMOVE_CLUSTER_DIR=1
             break
         fi
         if ! kill -0 "$head_pid" 2>/dev/null; then reason="head node's Ray ended"; break; fi

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger as _get_run_logger
 from pydantic import SecretStr
 
 from flows.settings import RayClusterSettings, Scheduler as SchedulerName
@@ -21,6 +22,19 @@ from tasks.schedulers import JobPhase, Scheduler
 from tasks.transport import LocalTransport, Transport
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+# Where the controller keeps what a teardown hook needs if the flow process dies.
+RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
+
+
+def get_run_logger():
+    """The run logger inside a flow or task; a plain logger in hooks and scripts."""
+    try:
+        return _get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger("activate_ray")
+
 CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh")
 GIB = 1024**3
 
@@ -136,6 +150,45 @@ async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPl
     return plan.job_id
 
 
+def save_cluster_state(plan: ClusterPlan, flow_run_id: str) -> Path:
+    """Persist what teardown needs (no secrets), for the on_cancellation/on_crashed hooks."""
+    import json
+
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RUNS_DIR / f"{plan.cluster_id}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "flow_run_id": flow_run_id,
+                "cluster_id": plan.cluster_id,
+                "cluster_dir": plan.cluster_dir,
+                "job_id": plan.job_id,
+                "settings": plan.settings.model_dump(mode="json"),
+            }
+        )
+    )
+    return path
+
+
+def load_cluster_states(flow_run_id: str) -> list[ClusterPlan]:
+    import json
+
+    plans = []
+    for path in RUNS_DIR.glob("ar-*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("flow_run_id") == flow_run_id:
+            settings = RayClusterSettings.model_validate(data["settings"])
+            plans.append(ClusterPlan(data["cluster_id"], data["cluster_dir"], settings, SecretStr(""), job_id=data["job_id"]))
+    return plans
+
+
+def forget_cluster_state(plan: ClusterPlan) -> None:
+    (RUNS_DIR / f"{plan.cluster_id}.json").unlink(missing_ok=True)
+
+
 @task(name="teardown-ray-cluster", cache_policy=NO_CACHE)
 async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> None:
     """Idempotent: cancel the job, confirm it is gone, stop what remains of this cluster, remove its files."""
@@ -163,6 +216,7 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     leftover = await target.run(f"pgrep -f -- {shlex.quote(plan.node_tmp_prefix)}", check=False)
     if leftover.stdout.strip():
         logger.warning("Ray processes of %s still running: %s", plan.cluster_id, leftover.stdout.split())
+    forget_cluster_state(plan)
     logger.info("cluster %s torn down (job %s)", plan.cluster_id, plan.job_id or "never submitted")
 
 

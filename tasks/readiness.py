@@ -14,10 +14,9 @@ import httpx
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from flows.settings import RayClusterSettings
-from tasks.cluster import ClusterPlan
+from tasks.cluster import ClusterPlan, get_run_logger
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.transport import LocalTransport, SshTransport, Transport
 
@@ -175,6 +174,33 @@ async def wait_until_ready(
     finally:
         if client is not None:
             await client.aclose()
+
+
+class NodeLost(RuntimeError):
+    """A node of the ready cluster died and node_failure is 'stop'."""
+
+
+async def watch_nodes(plan: ClusterPlan, local_port: int, ready_nodes: list[dict], every: float = 3.0) -> None:
+    """Report nodes that die after readiness; raise NodeLost when told to stop on it."""
+    logger = get_run_logger()
+    known = {n["node_id"]: n.get("node_name") or n.get("node_ip") for n in ready_nodes}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan), timeout=5
+    ) as client:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                alive = {n["node_id"] for n in await alive_nodes(client)}
+            except (httpx.HTTPError, KeyError, ValueError):
+                continue  # the head's own health is the scheduler's and the job's business
+            lost = [name for node_id, name in known.items() if node_id not in alive]
+            if lost:
+                message = f"Ray node(s) lost: {', '.join(map(str, lost))} ({len(alive)} of {len(known)} alive)"
+                if plan.settings.node_failure.value == "stop":
+                    raise NodeLost(message + "; stopping the cluster (node_failure=stop)")
+                logger.warning(message + "; going on (node_failure=continue)")
+                for node_id in [i for i in known if i not in alive]:
+                    known.pop(node_id)
 
 
 @task(name="publish-connection-info", cache_policy=NO_CACHE)

@@ -10,9 +10,8 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
-from tasks.cluster import ClusterPlan
+from tasks.cluster import ClusterPlan, get_run_logger
 from tasks.readiness import auth_headers
 from tasks.transport import Transport
 

@@ -756,6 +756,21 @@ echo "export PBS_NODEFILE=$nodefile"
         self._procs.append(p)
         return p
 
+    def restart_sshd(self, host: str) -> None:
+        """Restart a host's sshd the way a site does: the listener goes away and comes
+        back; established sessions (their own processes) live on."""
+        config = str(self.root / "ssh" / host / "sshd_config")
+        # OpenSSH retitles its listener "sshd: /usr/sbin/sshd -D -e -f CONFIG [listener] ..."
+        # and each session "sshd: root@notty": only the listener goes.
+        listeners = [pid for pid in _all_pids()
+                     if f"-f {config}" in (_read_cmdline(pid) or "") and "reaper" not in (_read_cmdline(pid) or "")
+                     and "@" not in (_read_cmdline(pid) or "")]
+        if not listeners:
+            raise BedError(f"no sshd listener found for {host}")
+        _kill_pids(listeners)
+        self._spawn(host, ["/usr/sbin/sshd", "-D", "-e", "-f", config], f"sshd-{host}.out")
+        self._poll(self._sshd_listening, 20, f"sshd on {host} did not come back")
+
     def _start_daemons(self) -> None:
         conf = str(self.root / "slurm" / "slurm.conf")
         pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)

@@ -1,0 +1,184 @@
+"""An HPC site: where and how Ray clusters run there, saved once, reused by every run.
+
+A site holds what stays the same between runs on one machine: the login node,
+the scheduler, the default account and partition/queue, the Python (a conda env
+or venv that already has Ray) and the shared work dir. It turns into the
+`settings` parameter of the ray-cluster flow:
+
+    from blocks.site import HpcSite
+    site = HpcSite.load("my-hpc")
+    settings = site.to_settings(user_script="train.py", slurm={"nodes": 4})
+
+or, for `prefect deployment run ray-cluster/slurm --params ...`:
+
+    python -m blocks.site my-hpc user_script=/abs/train.py slurm.nodes=4
+
+Every value is checked by RayClusterSettings when the block is saved or loaded,
+so a bad account name is refused here, not at submit time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from prefect.blocks.core import Block
+from pydantic import Field, model_validator
+
+from flows.settings import HOST_RE, NAME_RE, TARGET_PATH_RE, RayClusterSettings, Scheduler
+
+
+class HpcSite(Block):
+    """An HPC site for Ray clusters: login node, scheduler, account, partition or queue, Python env, work dir."""
+
+    _block_type_name = "Activate Ray HPC Site"
+    _block_type_slug = "activate-ray-hpc-site"
+    _description = (
+        "Where Ray clusters run on one HPC machine: login node, scheduler, default account, "
+        "partition or queue, the Python env with Ray, the shared work dir"
+    )
+
+    host: str = Field(
+        ...,
+        title="Login node",
+        description="user@host:port, an ~/.ssh/config alias, or the name of a saved "
+        "Activate Ray SSH Connection block",
+        json_schema_extra={"pattern": HOST_RE.pattern},
+    )
+    scheduler: Scheduler = Field(
+        Scheduler.slurm,
+        title="Scheduler",
+        description="slurm or pbs: clusters run as batch jobs; none: directly on the login node",
+    )
+    account: str = Field(
+        "",
+        title="Default account",
+        description="SLURM --account / PBS -A (empty: your default)",
+        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
+    )
+    partition: str = Field(
+        "",
+        title="Partition or queue",
+        description="SLURM --partition / PBS -q (empty: the site default)",
+        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
+    )
+    qos: str = Field(
+        "",
+        title="QOS (SLURM)",
+        description="SLURM --qos (empty: the default; ignored for PBS)",
+        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
+    )
+    extra_directives: str = Field(
+        "",
+        title="Site directives",
+        description="'#SBATCH --option=value' or '#PBS -option value' lines every job here needs, one per line",
+    )
+    python: str = Field(
+        "",
+        title="Python env with Ray",
+        description="Conda env, venv or interpreter on the site that already has Ray (empty: build a venv in the work dir)",
+        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern},
+    )
+    work_dir: str = Field(
+        "~/.activate-ray",
+        title="Shared work dir",
+        description="Directory visible on every node (venvs, cluster state), e.g. /scratch/$USER/activate-ray",
+        json_schema_extra={"pattern": TARGET_PATH_RE.pattern},
+    )
+    node_tmp: str = Field(
+        "/tmp",
+        title="Node temp root",
+        description="Node-local directory for Ray's temp dirs (at most 40 characters)",
+        json_schema_extra={"pattern": TARGET_PATH_RE.pattern, "maxLength": 40},
+    )
+
+    @model_validator(mode="after")
+    def _valid_for_the_flow(self) -> "HpcSite":
+        RayClusterSettings.model_validate(self.settings_values())
+        return self
+
+    def settings_values(self) -> dict[str, Any]:
+        """This site as (nested) RayClusterSettings values."""
+        values: dict[str, Any] = {
+            "host": self.host,
+            "scheduler": self.scheduler.value,
+            "python": self.python,
+            "work_dir": self.work_dir,
+            "node_tmp": self.node_tmp,
+        }
+        if self.scheduler is Scheduler.slurm:
+            values["slurm"] = {
+                "account": self.account,
+                "partition": self.partition,
+                "qos": self.qos,
+                "extra_directives": self.extra_directives,
+            }
+        elif self.scheduler is Scheduler.pbs:
+            values["pbs"] = {
+                "account": self.account,
+                "queue": self.partition,
+                "extra_directives": self.extra_directives,
+            }
+        return values
+
+    def to_settings(self, **overrides: Any) -> RayClusterSettings:
+        """The flow's settings for a run here; `overrides` win, groups merge (slurm={"nodes": 4})."""
+        return RayClusterSettings.model_validate(_merge(self.settings_values(), overrides))
+
+    def parameters(self, **overrides: Any) -> dict[str, Any]:
+        """Flow-run parameters for a ray-cluster deployment: {"settings": {...}}, every field spelled out
+        (a run's `settings` replaces the deployment's default `settings` as a whole)."""
+        return {"settings": self.to_settings(**overrides).model_dump(mode="json")}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["slurm.nodes=4", "user_script=a.py"] -> {"slurm": {"nodes": "4"}, "user_script": "a.py"}:
+    values stay strings; RayClusterSettings converts them ("4" -> 4, "true" -> True)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected field=value, got {pair!r}")
+        *groups, field = key.replace("-", "_").split(".")
+        target = overrides
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[field] = value
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m blocks.site SITE [field=value ...]: print the flow-run parameters as JSON."""
+    from pydantic import ValidationError
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m blocks.site SITE_BLOCK_NAME [field=value | group.field=value ...]", file=sys.stderr)
+        return 2
+    try:
+        site = HpcSite.load(args[0])
+        print(json.dumps(site.parameters(**_parse_overrides(args[1:]))))
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "input"
+            print(f"invalid input {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
