@@ -449,13 +449,19 @@ class TestBed:
         if self._lock_fd is not None:
             return
         fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise BedError(f"another test bed is up on this machine ({holder or 'unknown'}); "
-                           "only one can run at a time") from None
+        # Wait a while for another bed (a benchmark, a second session) to finish.
+        deadline = time.monotonic() + float(os.environ.get("ACTIVATE_RAY_BED_WAIT", "900"))
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise BedError(f"another test bed is up on this machine ({holder or 'unknown'}); "
+                                   "only one can run at a time") from None
+                time.sleep(1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid={os.getpid()} prefix={self.prefix}\n".encode(), 0)
         self._lock_fd = fd
