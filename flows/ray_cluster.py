@@ -73,6 +73,16 @@ async def teardown_saved_clusters(flow, flow_run, state) -> None:
             await teardown_cluster.fn(target, scheduler_for(plan.settings), plan)
 
 
+def warn_about_insecure_choices(settings: RayClusterSettings, logger) -> None:
+    if settings.dashboard_host != "127.0.0.1":
+        logger.warning(
+            "dashboard_host=%s: the Ray dashboard and job API (remote code execution) listen beyond loopback%s",
+            settings.dashboard_host, "" if settings.token_auth else " WITHOUT authentication",
+        )
+    if not settings.token_auth:
+        logger.warning("token_auth is off: anyone who reaches the cluster's ports can run code as you")
+
+
 async def _unless_a_node_dies(work, watcher: asyncio.Task):
     """Run the work; a NodeLost from the watcher wins over it."""
     job = asyncio.ensure_future(work)
@@ -99,6 +109,7 @@ async def ray_cluster(settings: RayClusterSettings) -> dict:
         work_dir = await target_work_dir(target, settings)
         plan = ClusterPlan.new(settings, work_dir)
         logger.info("cluster %s on %s (%s, %d node(s))", plan.cluster_id, target.label, scheduler.name, settings.nodes)
+        warn_about_insecure_choices(settings, logger)
         save_cluster_state(plan, str(current_flow_run.id or ""))
         background: list[asyncio.Task] = []
         try:

@@ -143,6 +143,7 @@ async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPl
     await target.write_text(f"{plan.cluster_dir}/cluster.env", plan.env_file(), 0o600)
     if plan.settings.token_auth:
         await target.write_text(plan.token_path, plan.token.get_secret_value(), 0o600)
+        await _save_token_block(plan)
     await target.write_text(f"{bin_dir}/job.sh", scheduler.render(plan.cluster_id, plan.cluster_dir), 0o755)
     await target.run(f"touch {shlex.quote(plan.cluster_dir + '/heartbeat')}")
     plan.job_id = await scheduler.submit(target, plan.cluster_dir)
@@ -217,7 +218,31 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     if leftover.stdout.strip():
         logger.warning("Ray processes of %s still running: %s", plan.cluster_id, leftover.stdout.split())
     forget_cluster_state(plan)
+    await _delete_token_block(plan)
     logger.info("cluster %s torn down (job %s)", plan.cluster_id, plan.job_id or "never submitted")
+
+
+def token_block_name(plan: ClusterPlan) -> str:
+    return f"ray-token-{plan.cluster_id}"
+
+
+async def _save_token_block(plan: ClusterPlan) -> None:
+    """The token as a Prefect Secret block, so UI users can connect; removed at teardown."""
+    from prefect.blocks.system import Secret
+
+    try:
+        await Secret(value=plan.token.get_secret_value()).asave(token_block_name(plan), overwrite=True)
+    except Exception as exc:  # no server reachable: the 0600 file on the target still holds it
+        get_run_logger().warning("could not save the Ray token as a Prefect Secret block: %s", type(exc).__name__)
+
+
+async def _delete_token_block(plan: ClusterPlan) -> None:
+    from prefect.blocks.system import Secret
+
+    try:
+        await Secret.adelete(token_block_name(plan))
+    except Exception:  # never saved, or already gone
+        pass
 
 
 async def beat(target: Transport, plan: ClusterPlan, every: float) -> None:

@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.settings import RayClusterSettings
-from tasks.cluster import ClusterPlan, get_run_logger
+from tasks.cluster import ClusterPlan, get_run_logger, token_block_name
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.transport import LocalTransport, SshTransport, Transport
 
@@ -47,6 +47,7 @@ class ConnectionInfo:
     tunnel_command: str
     job_submit_example: str
     token_file: str
+    token_block: str  # Prefect Secret block holding the token while the cluster lives
     nodes: list[dict] = field(default_factory=list)
 
     def as_text(self) -> str:
@@ -61,6 +62,8 @@ class ConnectionInfo:
                 "  then open        http://127.0.0.1:8265",
                 f"  submit a job   : {self.job_submit_example}",
             ]
+            + ([f"  Ray token      : {self.token_file} (0600) or Prefect Secret block '{self.token_block}'"]
+               if self.token_file else ["  Ray token      : OFF (token_auth disabled)"])
         )
 
 
@@ -227,6 +230,7 @@ async def publish_connection_info(
             + "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python my_script.py"
         ),
         token_file=plan.token_path if settings.token_auth else "",
+        token_block=token_block_name(plan) if settings.token_auth else "",
         nodes=[
             {
                 "node": n.get("node_name") or n.get("node_ip"),

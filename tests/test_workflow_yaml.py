@@ -1,0 +1,370 @@
+"""workflow.yaml (the Parallel Works ACTIVATE workflow) against RayClusterSettings.
+
+- every input reaches the flow as the CLI flag of one settings field
+  (input -> WF_* env var of the ray_cluster job -> `--flag` in its script), and
+  every user-facing settings field is an input, or excluded below with the reason;
+- the form agrees with the model: labels and tooltips everywhere, number limits,
+  booleans, dropdown options;
+- the job's own script runs here with the inputs' defaults and `--dry-run`
+  appended: the flow accepts every flag and prints the plan (nothing starts);
+- the cleanup step finds this run's cluster (connection info, else the log) and
+  runs the cluster's real shutdown script, idempotently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import typing
+from enum import Enum
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from flows.settings import RayClusterSettings
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOW = yaml.safe_load((REPO / "workflow.yaml").read_text())
+INPUTS = WORKFLOW["on"]["execute"]["inputs"]
+JOB = WORKFLOW["jobs"]["ray_cluster"]
+SCRIPT = JOB["steps"][-1]["run"]
+CLEANUP = JOB["cleanup"][0]["run"]
+
+# Settings fields that are deliberately not inputs of the workflow.
+EXCLUDED = {
+    "ssh_key_file": "ACTIVATE gives the workspace its own SSH access to the resource (key, agent, config)",
+    "known_hosts": "the workspace's ~/.ssh/known_hosts, which ACTIVATE manages",
+    "dashboard_host": "stays 127.0.0.1: the dashboard is reached through the SSH tunnel; binding it wider exposes "
+    "an unauthenticated job API",
+    "info_file": "set by the workflow to <job dir>/ray-cluster.json: the connection_info outputs and the cleanup read it",
+}
+# Inputs that do not map 1:1 onto one `opt/flag --x "$WF_X"` line of the script.
+SPECIAL = {
+    "resource": "--host",  # its ip: the login node the flow reaches over SSH
+    "scheduler": "--scheduler",  # with resource.schedulerType: slurm/pbs when on, else none
+    "user_script": "--user-script",  # editor text -> <job dir>/user_script.py
+    "environment.requirements": "--requirements",  # editor text -> <job dir>/requirements.txt
+}
+INPUT_EXPR = re.compile(r"^\$\{\{ inputs\.([\w.]+) \}\}$")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.upper().startswith(("RAY_CLUSTER_", "WF_")):
+            monkeypatch.delenv(name)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def leaf_inputs(inputs: dict = INPUTS, prefix: str = "") -> dict[str, dict]:
+    """{"cluster.num_cpus_per_node": spec, ...}: groups flattened, the way expressions name them."""
+    leaves: dict[str, dict] = {}
+    for name, spec in inputs.items():
+        if spec.get("type") == "group":
+            leaves.update(leaf_inputs(spec["items"], f"{prefix}{name}."))
+        else:
+            leaves[prefix + name] = spec
+    return leaves
+
+
+def settings_fields() -> dict[str, object]:
+    """{"num_cpus_per_node": FieldInfo, "slurm.walltime": FieldInfo, ...}."""
+    fields: dict[str, object] = {}
+    for name, info in RayClusterSettings.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            for sub, sub_info in info.annotation.model_fields.items():
+                fields[f"{name}.{sub}"] = sub_info
+        else:
+            fields[name] = info
+    return fields
+
+
+def field_for_flag(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def env_to_input() -> dict[str, str]:
+    """{"WF_NUM_CPUS_PER_NODE": "cluster.num_cpus_per_node", ...} from the job's env."""
+    mapping = {}
+    for var, expr in JOB["env"].items():
+        match = INPUT_EXPR.match(str(expr))
+        if match and not match.group(1).startswith("resource."):  # the resource's attributes: SPECIAL
+            mapping[var] = match.group(1)
+    return mapping
+
+
+def flag_to_env() -> dict[str, str]:
+    """{"--num-cpus-per-node": "WF_NUM_CPUS_PER_NODE", ...} from the script's opt/flag lines."""
+    pairs = re.findall(r'^\s*(?:opt|flag) (--[\w.-]+) "\$\{(WF_\w+)-\}"', SCRIPT, re.M)
+    assert pairs, "no opt/flag lines found in the ray_cluster step"
+    flags = [flag for flag, _ in pairs]
+    assert len(flags) == len(set(flags)), "a flag is passed twice"
+    return dict(pairs)
+
+
+def input_to_flag() -> dict[str, str]:
+    env_inputs = env_to_input()
+    mapping = {env_inputs[var]: flag for flag, var in flag_to_env().items()}
+    return {**mapping, **SPECIAL}
+
+
+def as_env_value(value) -> str:
+    """A default the way ACTIVATE substitutes it: true/false, 4 not 4.0, text as is."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "" if value is None else str(value)
+
+
+def job_env(scheduler_type: str, tmp: Path, **overrides: str) -> dict[str, str]:
+    """The ray_cluster job's environment with every input at its default."""
+    leaves = leaf_inputs()
+    resource = {"ip": "login.example.org", "schedulerType": scheduler_type}
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("RAY_CLUSTER_", "WF_"))}
+    for var, expr in JOB["env"].items():
+        expr = str(expr)
+        if expr == "${{ needs.setup.outputs.python }}":
+            env[var] = sys.executable
+        elif expr == "${{ needs.setup.outputs.repo }}":
+            env[var] = str(REPO)
+        elif expr.startswith("${{ inputs.resource."):
+            env[var] = resource[expr.removeprefix("${{ inputs.resource.").removesuffix(" }}")]
+        else:
+            path = INPUT_EXPR.match(expr).group(1)
+            group = path.split(".")[0]
+            ignored = group in ("slurm", "pbs") and group != scheduler_type  # hidden: ACTIVATE leaves it out
+            env[var] = "" if ignored else as_env_value(leaves[path].get("default"))
+    env.update(PW_PARENT_JOB_DIR=str(tmp), **overrides)
+    return env
+
+
+def run_script(script: str, env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", script, "bash", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+# --------------------------------------------------------------------------- inputs <-> settings
+
+
+def test_every_input_maps_onto_a_settings_field_by_its_cli_flag():
+    fields = settings_fields()
+    leaves = leaf_inputs()
+    mapping = input_to_flag()
+    assert set(env_to_input().values()) <= set(leaves), "the job's env names an input that does not exist"
+    unmapped = sorted(set(leaves) - set(mapping))
+    assert unmapped == [], f"inputs that reach no CLI flag: {unmapped}"
+    for path, flag in mapping.items():
+        assert path in leaves, f"{path} is mapped but is no input"
+        assert field_for_flag(flag) in fields, f"input {path} -> {flag}: no settings field {field_for_flag(flag)}"
+    # the special ones really are on the command line
+    assert 'args=(--host "$WF_HOST"' in SCRIPT
+    assert 'args+=(--scheduler "$scheduler")' in SCRIPT
+    assert 'args+=(--user-script "$job_dir/user_script.py")' in SCRIPT
+    assert 'args+=(--requirements "$job_dir/requirements.txt")' in SCRIPT
+    assert JOB["env"]["WF_HOST"] == "${{ inputs.resource.ip }}"
+    assert JOB["env"]["WF_SCHEDULER_TYPE"] == "${{ inputs.resource.schedulerType }}"
+
+
+def test_every_user_facing_settings_field_is_an_input_or_excluded_with_a_reason():
+    fields = settings_fields()
+    covered = {field_for_flag(flag) for flag in input_to_flag().values()}
+    assert not covered & set(EXCLUDED), "a field is both an input and excluded"
+    assert set(EXCLUDED) <= set(fields), "an exclusion names no settings field"
+    missing = sorted(set(fields) - covered - set(EXCLUDED))
+    assert missing == [], f"settings fields with no workflow input (add one, or exclude with a reason): {missing}"
+    assert all(len(reason) > 20 for reason in EXCLUDED.values())
+
+
+def test_the_form_agrees_with_the_settings_model():
+    fields = settings_fields()
+    leaves = leaf_inputs()
+    for path, flag in input_to_flag().items():
+        spec = leaves[path]
+        assert spec.get("label"), f"{path} has no label"
+        assert spec.get("tooltip"), f"{path} has no tooltip"
+        if path in ("resource", "scheduler"):
+            continue
+        info = fields[field_for_flag(flag)]
+        annotation = info.annotation
+        limits = {type(m).__name__: m for m in info.metadata}
+        if annotation in (int, float):
+            assert spec["type"] == "number", path
+            if "Ge" in limits:
+                assert spec["min"] == limits["Ge"].ge, f"{path}: min {spec.get('min')} != ge {limits['Ge'].ge}"
+            if "Gt" in limits:
+                assert spec["min"] > limits["Gt"].gt, path
+            if "Le" in limits:
+                assert spec["max"] == limits["Le"].le, f"{path}: max {spec.get('max')} != le {limits['Le'].le}"
+        elif annotation is bool:
+            assert spec["type"] == "boolean", path
+            assert isinstance(spec.get("default"), bool), path
+        elif isinstance(annotation, type) and issubclass(annotation, Enum):
+            assert spec["type"] == "dropdown", path
+            assert [o["value"] for o in spec["options"]] == [m.value for m in annotation], path
+        else:
+            assert annotation is str or typing.get_origin(annotation) is None, path
+            assert spec["type"] in ("string", "editor", "slurm-accounts", "slurm-partitions", "slurm-qos"), path
+    # the scheduler switch and the scheduler groups follow the resource's scheduler
+    assert INPUTS["resource"]["type"] == "compute-clusters"
+    assert INPUTS["scheduler"]["type"] == "boolean"
+    assert "inputs.resource.schedulerType != 'slurm'" in INPUTS["scheduler"]["hidden"]
+    assert "inputs.resource.schedulerType != 'pbs'" in INPUTS["scheduler"]["hidden"]
+    assert INPUTS["slurm"]["hidden"].startswith("${{ inputs.resource.schedulerType != 'slurm'")
+    assert INPUTS["pbs"]["hidden"].startswith("${{ inputs.resource.schedulerType != 'pbs'")
+    assert INPUTS["user_script"]["type"] == "editor" and INPUTS["user_script"]["language"] == "python"
+
+
+def test_the_defaults_are_valid_settings():
+    """The form's defaults, through the same mapping, make valid settings (no file, no connection)."""
+    leaves = leaf_inputs()
+    values: dict = {}
+    for path, flag in input_to_flag().items():
+        if path in SPECIAL:
+            continue
+        default = leaves[path].get("default")
+        if default in (None, ""):
+            continue
+        target = values
+        *groups, name = field_for_flag(flag).split(".")
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[name] = default
+    RayClusterSettings.model_validate(values)
+
+
+# --------------------------------------------------------------------------- the job's command line, for real
+
+
+@pytest.mark.parametrize(
+    ("scheduler_type", "plan_line"),
+    [
+        ("slurm", "# target: login.example.org; scheduler: slurm; nodes: 2"),
+        ("pbs", "# target: login.example.org; scheduler: pbs; nodes: 2"),
+        ("", "# target: login.example.org; scheduler: none; nodes: 1"),  # a resource without a scheduler
+    ],
+)
+def test_the_job_command_line_with_the_defaults_dry_runs(tmp_path, scheduler_type, plan_line):
+    result = run_script(SCRIPT, job_env(scheduler_type, tmp_path), tmp_path, "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert plan_line in result.stdout, result.stdout[:2000]
+    user_script = tmp_path / "user_script.py"
+    assert user_script.read_text().strip() == INPUTS["user_script"]["default"].strip()
+    assert f"# 6. user job: {user_script}" in result.stdout
+    assert (tmp_path / "ray-cluster.log").read_text() == result.stdout
+    assert (tmp_path / "ray-cluster.ended").exists(), "connection_info waits on this marker"
+    if scheduler_type == "slurm":
+        assert "#SBATCH" in result.stdout and "--time=01:00:00" in result.stdout
+
+
+def test_the_job_command_line_passes_edited_inputs_through(tmp_path):
+    env = job_env(
+        "slurm",
+        tmp_path,
+        WF_SCHEDULER="true",
+        WF_SLURM_WALLTIME="1-12:00:00",
+        WF_SLURM_NODES="3",
+        WF_SLURM_PARTITION="gpu",
+        WF_SLURM_EXTRA_DIRECTIVES="#SBATCH --constraint=a100\n#SBATCH --exclusive",
+        WF_NUM_GPUS_PER_NODE="2",
+        WF_USER_SCRIPT="",
+        WF_KEEP_ALIVE="true",
+        WF_REQUIREMENTS="numpy\n",
+    )
+    result = run_script(SCRIPT, env, tmp_path, "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "scheduler: slurm; nodes: 3" in out
+    for expected in ("--time=1-12:00:00", "--partition=gpu", "--constraint=a100", "--exclusive"):
+        assert expected in out, expected
+    assert "user job: (none: keep alive" in out
+    assert (tmp_path / "requirements.txt").read_text().split() == ["numpy"]
+    assert not (tmp_path / "user_script.py").exists()
+
+
+def test_a_bad_input_is_refused_with_the_field_named(tmp_path):
+    env = job_env("slurm", tmp_path, WF_SLURM_WALLTIME="abc")
+    result = run_script(SCRIPT, env, tmp_path, "--dry-run")
+    assert result.returncode == 2
+    assert "slurm.walltime" in result.stderr
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def fake_cluster(work_dir: Path, node_tmp: Path, cluster_id: str) -> tuple[Path, subprocess.Popen]:
+    """A cluster dir as start_cluster leaves it, with one live 'node' process group."""
+    cluster_dir = work_dir / "clusters" / cluster_id
+    (cluster_dir / "bin").mkdir(parents=True)
+    (cluster_dir / "nodes").mkdir()
+    for name in ("shutdown_ray.sh", "ray_lib.sh"):
+        shutil.copy(REPO / "scripts" / name, cluster_dir / "bin" / name)
+    (cluster_dir / "cluster.env").write_text(
+        f"export AR_CLUSTER_ID={cluster_id}\nexport AR_CLUSTER_DIR={cluster_dir}\nexport AR_NODE_TMP={node_tmp}\n"
+    )
+    node = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    (cluster_dir / "nodes" / "head.pgid").write_text(str(node.pid))
+    return cluster_dir, node
+
+
+def cleanup_env(tmp: Path, work_dir: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("RAY_CLUSTER_", "WF_"))}
+    return {**env, "PW_PARENT_JOB_DIR": str(tmp / "job"), "WF_HOST": "", "WF_WORK_DIR": work_dir, "HOME": str(tmp)}
+
+
+def test_cleanup_tears_down_the_cluster_named_in_the_connection_info(tmp_path):
+    (tmp_path / "job").mkdir()
+    cluster_id = "ar-" + os.urandom(4).hex()
+    cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id)
+    info = {"cluster_id": cluster_id, "scheduler": "none", "job_id": "4242", "dashboard_url": "http://127.0.0.1:8265"}
+    (tmp_path / "job" / "ray-cluster.json").write_text(json.dumps(info, indent=2) + "\n")
+    env = cleanup_env(tmp_path, "~/work")  # ~ is the target's home
+    try:
+        result = run_script(CLEANUP, env, tmp_path / "job")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"tearing down cluster {cluster_id} (scheduler none, job 4242)" in result.stdout
+        assert "RAY_STOPPED=yes" in result.stdout
+        assert node.wait(timeout=10) is not None, "the cluster's node process survived"
+        assert not cluster_dir.exists()
+        again = run_script(CLEANUP, env, tmp_path / "job")  # idempotent: a second cleanup finds nothing
+        assert again.returncode == 0 and "RAY_STOPPED=already" in again.stdout, again.stdout + again.stderr
+    finally:
+        if node.poll() is None:
+            node.kill()
+
+
+def test_cleanup_finds_a_cluster_that_never_got_ready_in_the_log(tmp_path):
+    (tmp_path / "job").mkdir()
+    cluster_id = "ar-" + os.urandom(4).hex()
+    cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id)
+    (tmp_path / "job" / "ray-cluster.log").write_text(
+        f"22:10:59.823 | INFO | Flow run 'x' - cluster {cluster_id} on localhost (none, 1 node(s))\n"
+        f"22:10:59.948 | INFO | Task run 'start-ray-cluster' - cluster {cluster_id} submitted to none: job 4793\n"
+    )
+    try:
+        result = run_script(CLEANUP, cleanup_env(tmp_path, str(tmp_path / "work")), tmp_path / "job")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"tearing down cluster {cluster_id} (scheduler none, job 4793)" in result.stdout
+        assert "RAY_STOPPED=yes" in result.stdout
+        assert node.wait(timeout=10) is not None
+        assert not cluster_dir.exists()
+    finally:
+        if node.poll() is None:
+            node.kill()
+
+
+def test_cleanup_without_a_cluster_does_nothing(tmp_path):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "ray-cluster.log").write_text("invalid input slurm.walltime: ...\n")
+    result = run_script(CLEANUP, cleanup_env(tmp_path, "~/.activate-ray"), tmp_path / "job")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no cluster of this run to tear down" in result.stdout
