@@ -294,8 +294,8 @@ def test_the_job_command_line_passes_edited_inputs_through(tmp_path):
 def test_a_bad_input_is_refused_with_the_field_named(tmp_path):
     env = job_env("slurm", tmp_path, WF_SLURM_WALLTIME="abc")
     result = run_script(SCRIPT, env, tmp_path, "--dry-run")
-    assert result.returncode == 2
-    assert "slurm.walltime" in result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr  # the flow's exit code, through the tee
+    assert "invalid input slurm.walltime" in result.stdout  # the job log has stdout and stderr
 
 
 # --------------------------------------------------------------------------- cleanup
