@@ -9,9 +9,9 @@ or venv that already has Ray) and the shared work dir. It turns into the
     site = HpcSite.load("my-hpc")
     settings = site.to_settings(user_script="train.py", slurm={"nodes": 4})
 
-or, for `prefect deployment run ray-cluster/slurm --params ...`:
+or a run of a deployment (prefect.yaml) with this site's values:
 
-    python -m blocks.site my-hpc user_script=/abs/train.py slurm.nodes=4
+    site.run_deployment("ray-cluster/slurm", user_script="/abs/train.py", slurm={"nodes": 4})
 
 Every value is checked by RayClusterSettings when the block is saved or loaded,
 so a bad account name is refused here, not at submit time.
@@ -19,8 +19,6 @@ so a bad account name is refused here, not at submit time.
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
 from prefect.blocks.core import Block
@@ -83,7 +81,7 @@ class HpcSite(Block):
     work_dir: str = Field(
         "~/.activate-ray",
         title="Shared work dir",
-        description="Directory visible on every node (venvs, cluster state), e.g. /scratch/$USER/activate-ray",
+        description="Directory visible on every node (venvs, cluster state), e.g. /scratch/alice/activate-ray",
         json_schema_extra={"pattern": TARGET_PATH_RE.pattern},
     )
     node_tmp: str = Field(
@@ -126,6 +124,14 @@ class HpcSite(Block):
         """The flow's settings for a run here; `overrides` win, groups merge (slurm={"nodes": 4})."""
         return RayClusterSettings.model_validate(_merge(self.settings_values(), overrides))
 
+    def run_deployment(self, name: str | None = None, **overrides: Any):
+        """Start a flow run of a ray-cluster deployment (prefect.yaml; default: the one for this
+        site's scheduler) with this site's settings and `overrides`. Returns the flow run at once."""
+        from prefect.deployments import run_deployment
+
+        name = name or f"ray-cluster/{'ssh' if self.scheduler is Scheduler.none else self.scheduler.value}"
+        return run_deployment(name, parameters=self.parameters(**overrides), timeout=0)
+
     def parameters(self, **overrides: Any) -> dict[str, Any]:
         """Flow-run parameters for a ray-cluster deployment: {"settings": {...}}, every field spelled out
         (a run's `settings` replaces the deployment's default `settings` as a whole)."""
@@ -140,45 +146,3 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
-
-
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """["slurm.nodes=4", "user_script=a.py"] -> {"slurm": {"nodes": "4"}, "user_script": "a.py"}:
-    values stay strings; RayClusterSettings converts them ("4" -> 4, "true" -> True)."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected field=value, got {pair!r}")
-        *groups, field = key.replace("-", "_").split(".")
-        target = overrides
-        for group in groups:
-            target = target.setdefault(group, {})
-        target[field] = value
-    return overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m blocks.site SITE [field=value ...]: print the flow-run parameters as JSON."""
-    from pydantic import ValidationError
-
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m blocks.site SITE_BLOCK_NAME [field=value | group.field=value ...]", file=sys.stderr)
-        return 2
-    try:
-        site = HpcSite.load(args[0])
-        print(json.dumps(site.parameters(**_parse_overrides(args[1:]))))
-    except ValidationError as exc:
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "input"
-            print(f"invalid input {where}: {error['msg']}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -113,12 +113,12 @@ class DirectScheduler(Scheduler):
         return match.group(1)
 
     async def state(self, target: "Transport", job_id: str) -> JobState:
-        alive = await target.run(f"kill -0 {int(job_id)}", check=False)
+        alive = await target.query(f"kill -0 {int(job_id)}")
         return JobState(JobPhase.running if alive.returncode == 0 else JobPhase.ended)
 
     async def cancel(self, target: "Transport", job_id: str) -> None:
         # The supervisor's trap stops every node; shutdown_ray.sh then sweeps.
-        await target.run(f"kill -TERM -- -{int(job_id)} 2>/dev/null || true", check=False)
+        await target.query(f"kill -TERM -- -{int(job_id)} 2>/dev/null || true")
 
 
 def _mem_mb(settings: RayClusterSettings) -> int:
@@ -195,15 +195,15 @@ class SlurmScheduler(Scheduler):
 
     async def state(self, target: "Transport", job_id: str) -> JobState:
         quoted = shlex.quote(job_id)
-        result = await target.run(f"squeue -h -j {quoted} -o '%T|%r' 2>/dev/null", check=False)
+        result = await target.query(f"squeue -h -j {quoted} -o '%T|%r' 2>/dev/null")
         line = result.stdout.strip()
         if result.returncode == 0 and line:
             return parse_squeue(line)
-        shown = await target.run(f"scontrol show job {quoted} 2>/dev/null", check=False)
+        shown = await target.query(f"scontrol show job {quoted} 2>/dev/null")
         return parse_scontrol(shown.stdout) if shown.returncode == 0 else JobState(JobPhase.ended, "not in queue")
 
     async def cancel(self, target: "Transport", job_id: str) -> None:
-        await target.run(f"scancel {shlex.quote(job_id)}", check=False)
+        await target.query(f"scancel {shlex.quote(job_id)}")
 
 
 SLURM_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -312,17 +312,17 @@ class PbsScheduler(Scheduler):
 
     async def state(self, target: "Transport", job_id: str) -> JobState:
         quoted = shlex.quote(job_id)
-        result = await target.run(f"qstat -f -F json -x {quoted} 2>/dev/null", check=False)
+        result = await target.query(f"qstat -f -F json -x {quoted} 2>/dev/null")
         if result.returncode == 0 and result.stdout.lstrip().startswith("{"):
             try:
                 return parse_qstat_json(result.stdout, job_id)
             except ValueError:  # OpenPBS can print invalid JSON (unquoted all-digit values)
                 pass
-        result = await target.run(f"qstat -f {quoted} 2>&1", check=False)
+        result = await target.query(f"qstat -f {quoted} 2>&1")
         return parse_qstat_text(result.stdout)
 
     async def cancel(self, target: "Transport", job_id: str) -> None:
-        await target.run(f"qdel {shlex.quote(job_id)}", check=False)
+        await target.query(f"qdel {shlex.quote(job_id)}")
 
 
 PBS_JOB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.\-]+)?$")

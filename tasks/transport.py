@@ -126,6 +126,21 @@ class Transport(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    async def query(self, command: str, attempts: int = 3, timeout: float = 30) -> CommandResult:
+        """run() for read-only or idempotent commands (squeue, qstat, scancel): a
+        scheduler command that hangs or a connection that drops is tried again."""
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.run(command, check=False, timeout=timeout)
+            except (asyncio.TimeoutError, ConnectionError, asyncssh.Error) as exc:
+                if attempt == attempts or isinstance(exc, PERMANENT_ERRORS):
+                    raise
+                log.warning("%r failed (%s); retrying in %.1fs", command[:80], type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
     async def read_text(self, path: str) -> str | None:
         result = await self.run(f"cat {shlex.quote(path)} 2>/dev/null", check=False)
         return result.stdout if result.returncode == 0 else None

@@ -265,6 +265,9 @@ class FakeTransport:
                 return result
         raise AssertionError(f"unexpected command {command!r}")
 
+    async def query(self, command: str, attempts: int = 3, timeout: float = 30) -> CommandResult:
+        return await self.run(command, check=False)
+
 
 def ok(stdout: str) -> CommandResult:
     return CommandResult(0, stdout, "")
