@@ -200,7 +200,14 @@ class SlurmScheduler(Scheduler):
         if result.returncode == 0 and line:
             return parse_squeue(line)
         shown = await target.query(f"scontrol show job {quoted} 2>/dev/null")
-        return parse_scontrol(shown.stdout) if shown.returncode == 0 else JobState(JobPhase.ended, "not in queue")
+        if shown.returncode == 0:
+            return parse_scontrol(shown.stdout)
+        # Gone from slurmctld's memory: accounting (where the site has it) knows how it ended.
+        accounted = await target.query(f"sacct -n -X -P -j {quoted} -o State,Reason 2>/dev/null")
+        if accounted.returncode == 0 and accounted.stdout.strip():
+            state, _, reason = accounted.stdout.strip().splitlines()[0].partition("|")
+            return _slurm_state(state.split()[0], reason)
+        return JobState(JobPhase.ended, "not in queue")
 
     async def cancel(self, target: "Transport", job_id: str) -> None:
         await target.query(f"scancel {shlex.quote(job_id)}")

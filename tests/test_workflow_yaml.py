@@ -368,3 +368,45 @@ def test_cleanup_without_a_cluster_does_nothing(tmp_path):
     result = run_script(CLEANUP, cleanup_env(tmp_path, "~/.activate-ray"), tmp_path / "job")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no cluster of this run to tear down" in result.stdout
+
+
+# --------------------------------------------------------------------------- the other steps
+
+
+def all_run_scripts() -> list[tuple[str, str]]:
+    scripts = []
+    for job_name, job in WORKFLOW["jobs"].items():
+        for kind in ("steps", "cleanup"):
+            for step in job.get(kind, []):
+                if "run" in step:
+                    scripts.append((f"{job_name}/{step.get('name')}", step["run"]))
+    return scripts
+
+
+@pytest.mark.parametrize(("where", "script"), all_run_scripts(), ids=[w for w, _ in all_run_scripts()])
+def test_every_step_is_valid_bash(where, script):
+    result = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"{where}: {result.stderr}"
+
+
+def test_connection_info_publishes_the_outputs_once_the_cluster_is_ready(tmp_path):
+    step = WORKFLOW["jobs"]["connection_info"]["steps"][0]
+    assert step["early-cancel"] == "any-job-failed"
+    info = {
+        "cluster_id": "ar-0123abcd", "scheduler": "slurm", "job_id": "77", "head_node": "c1",
+        "ray_address": "10.0.0.1:6379", "dashboard_url": "http://127.0.0.1:8265",
+        "tunnel_command": "ssh -N -L 8265:127.0.0.1:8265 login", "nodes": [{}, {}],
+    }
+    (tmp_path / "ray-cluster.json").write_text(json.dumps(info, indent=2))
+    outputs = tmp_path / "outputs"
+    env = {**os.environ, "PW_PARENT_JOB_DIR": str(tmp_path), "OUTPUTS": str(outputs), "WF_PYTHON": sys.executable}
+    result = run_script(step["run"], env, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    published = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+    assert published["cluster_id"] == "ar-0123abcd" and published["nodes"] == "2"
+    assert published["tunnel_command"] == info["tunnel_command"]
+    # a run that ended before it was ready: the step stops waiting
+    (tmp_path / "ray-cluster.json").unlink()
+    (tmp_path / "ray-cluster.ended").touch()
+    result = run_script(step["run"], env, tmp_path)
+    assert result.returncode == 0 and "ended before the cluster was ready" in result.stdout
