@@ -26,15 +26,10 @@ done
 
 base="$(command -v python3.11 || command -v python3)"
 echo "creating $venv with ray[default]==$version using $base" >&2
-rm -rf "$venv.partial"
-trap 'rm -rf "$venv.partial"' EXIT  # a failed build leaves nothing half-made
-"$base" -m venv "$venv.partial"
-"$venv.partial/bin/pip" install --quiet --disable-pip-version-check "ray[default]==$version" ${req:+-r "$req"} >&2
-[ -z "$req" ] || touch "$venv.partial/.ar-req-$AR_REQ_HASH"
 rm -rf "$venv"
-mv "$venv.partial" "$venv"
+trap 'rm -rf "$venv"' EXIT  # a failed build leaves nothing half-made
+"$base" -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check "ray[default]==$version" ${req:+-r "$req"} >&2
+[ -z "$req" ] || touch "$venv/.ar-req-$AR_REQ_HASH"
 trap - EXIT
-# a venv's scripts name their interpreter by path: fix the moved ones
-sed -i "1s|$venv.partial|$venv|" "$venv"/bin/* 2>/dev/null || true
-sed -i "s|$venv.partial|$venv|g" "$venv/bin/activate" "$venv/pyvenv.cfg" 2>/dev/null || true
 printf 'RAY_PYTHON=%s\nRAY_BIN=%s\nRAY_ENV_SOURCE=created\n' "$venv/bin/python" "$venv/bin/ray"
