@@ -24,12 +24,21 @@ for candidate in "$@" "$venv/bin/python"; do
     fi
 done
 
+# Two runs building the same venv at once: the second waits, then reuses it.
+mkdir -p "$work_dir/venvs"
+exec 9>"$venv.lock"
+flock 9
+if has_ray "$venv/bin/python" && { [ -z "$req" ] || [ -e "$venv/.ar-req-$AR_REQ_HASH" ]; }; then
+    printf 'RAY_PYTHON=%s\nRAY_BIN=%s\nRAY_ENV_SOURCE=reused\n' "$venv/bin/python" "$venv/bin/ray"
+    exit 0
+fi
 base="$(command -v python3.11 || command -v python3)"
 echo "creating $venv with ray[default]==$version using $base" >&2
 rm -rf "$venv"
-trap 'rm -rf "$venv"' EXIT  # a failed build leaves nothing half-made
+trap 'rm -rf "$venv" "$venv.lock"' EXIT  # a failed build leaves nothing half-made
 "$base" -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check "ray[default]==$version" ${req:+-r "$req"} >&2
 [ -z "$req" ] || touch "$venv/.ar-req-$AR_REQ_HASH"
 trap - EXIT
+rm -f "$venv.lock"
 printf 'RAY_PYTHON=%s\nRAY_BIN=%s\nRAY_ENV_SOURCE=created\n' "$venv/bin/python" "$venv/bin/ray"

@@ -53,6 +53,8 @@ SPECIAL = {
 }
 INPUT_EXPR = re.compile(r"^\$\{\{ inputs\.([\w.]+) \}\}$")
 
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
