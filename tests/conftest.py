@@ -125,3 +125,12 @@ def live_jobs(bed) -> list[str]:
     result = bed.run_login(["squeue", "-h", "-a", "-o", "%i %T"], timeout=30)
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def batch_args(bed, work, *extra, scheduler: str = "slurm", readiness: int = 120) -> list[str]:
+    """Flow arguments for a SLURM or PBS cluster on the bed: small nodes, the bed's SSH material."""
+    return [
+        "--scheduler", scheduler, "--ssh-key-file", str(bed.ssh_key), "--known-hosts", str(bed.known_hosts),
+        "--work-dir", str(work), f"--{scheduler}.walltime", "00:10:00", "--readiness-timeout", str(readiness),
+        "--ray-memory-gb", "0.5", "--object-store-memory-gb", "0.25", *extra,
+    ]

@@ -5,18 +5,14 @@ pbsdsh) is covered against documented formats in test_pbs_formats.py."""
 
 import pytest
 
-from tests.conftest import assert_nothing_left, live_jobs, run_flow
+from tests.conftest import assert_nothing_left, batch_args, live_jobs, run_flow
 from tests.test_slurm_e2e import SPREAD
 
 pytestmark = pytest.mark.timeout(400)
 
 
 def pbs_args(bed, work, *extra):
-    return [
-        "--scheduler", "pbs", "--ssh-key-file", str(bed.ssh_key), "--known-hosts", str(bed.known_hosts),
-        "--work-dir", str(work), "--pbs.walltime", "00:10:00", "--readiness-timeout", "120",
-        "--ray-memory-gb", "0.5", "--object-store-memory-gb", "0.25", *extra,
-    ]
+    return batch_args(bed, work, *extra, scheduler="pbs")
 
 
 def test_three_node_pbs_cluster_spreads_over_three_hosts(tmp_path, prefect_api, bed):

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import assert_nothing_left, live_jobs, run_flow
+from tests.conftest import assert_nothing_left, batch_args, live_jobs, run_flow
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -28,11 +28,7 @@ SPREAD = textwrap.dedent(
 
 
 def slurm_args(bed, work, *extra, readiness=120):
-    return [
-        "--scheduler", "slurm", "--ssh-key-file", str(bed.ssh_key), "--known-hosts", str(bed.known_hosts),
-        "--work-dir", str(work), "--slurm.walltime", "00:10:00", "--readiness-timeout", str(readiness),
-        "--ray-memory-gb", "0.5", "--object-store-memory-gb", "0.25", *extra,
-    ]
+    return batch_args(bed, work, *extra, scheduler="slurm", readiness=readiness)
 
 
 def test_three_node_slurm_cluster_spreads_over_three_hosts(tmp_path, prefect_api, bed):
