@@ -117,7 +117,8 @@ ar_run_node() {
 ar_stop_group() {
     local pgid="$1" _
     kill -TERM -- "-$pgid" 2>/dev/null || return 0
-    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
+    # Ray's daemons take 10 s and more to honour TERM: give them 1 s, then KILL
+    for _ in 1 2 3 4 5; do
         kill -0 -- "-$pgid" 2>/dev/null || return 0
         sleep 0.2
     done

@@ -196,13 +196,11 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     logger = get_run_logger()
     if plan.job_id:
         await scheduler.cancel(target, plan.job_id)
-        delay = 0.2
-        for _ in range(60):
+        for _ in range(480):  # up to 2 minutes
             state = await scheduler.state(target, plan.job_id)
             if state.phase is JobPhase.ended:
                 break
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 2)
+            await asyncio.sleep(0.25)
         else:
             logger.warning("job %s still %s after cancel", plan.job_id, state)
     result = await target.run(

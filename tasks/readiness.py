@@ -121,6 +121,7 @@ async def wait_until_ready(
     expected = settings.nodes
     deadline = time.monotonic() + settings.readiness_timeout
     delay, last_said, head, client, local_port = 0.1, "", None, None, 0
+    next_state_check = 0.0
     try:
         while True:
             if head is None:
@@ -165,14 +166,18 @@ async def wait_until_ready(
                         last_said = said
                     if len(nodes) >= expected:
                         return head, local_port, nodes
-                state = await scheduler.state(target, plan.job_id)
-                if state.phase is JobPhase.ended:
-                    raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})")
+                if time.monotonic() >= next_state_check:  # the dashboard is cheap; squeue is not
+                    next_state_check = time.monotonic() + 2
+                    state = await scheduler.state(target, plan.job_id)
+                    if state.phase is JobPhase.ended:
+                        raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})")
             if time.monotonic() > deadline:
                 raise ClusterFailed(
                     f"cluster {plan.cluster_id} not ready after {settings.readiness_timeout}s: {last_said or 'no answer'}"
                 )
-            await asyncio.sleep(delay)
+            # Back off while the job waits in the queue; once the head is up, nodes join
+            # within seconds: poll the dashboard briskly so readiness is seen at once.
+            await asyncio.sleep(delay if head is None else 0.25)
             delay = min(delay * 1.5, 2.0)
     finally:
         if client is not None:

@@ -177,7 +177,8 @@ from blocks import HpcSite
 HpcSite(host="alice@login.hpc.example", account="proj1", partition="gpu", work_dir="/scratch/alice/ar").save(
     "test-site", overwrite=True)
 site = HpcSite.load("test-site")
-print(json.dumps(site.parameters(user_script={str(REPO / 'examples/hello_ray.py')!r}, slurm={{"nodes": "3"}})))
+run = site.run_deployment(user_script={str(REPO / 'examples/hello_ray.py')!r}, slurm={{"nodes": "3"}})
+print(json.dumps({{"id": str(run.id), "parameters": run.parameters}}))
 try:
     HpcSite(host="alice@login.hpc.example", account="bad account")
 except ValueError as exc:
@@ -188,18 +189,18 @@ except ValueError as exc:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
-    parameters = json.loads(lines[0])
+    created = json.loads(lines[0])  # run_deployment: ray-cluster/slurm, accepted by the server's schema check
+    parameters = created["parameters"]
     assert lines[1] == "REFUSED ('slurm', 'account')"  # checked as the flow's own setting
     settings = parameters["settings"]
     assert settings["host"] == "alice@login.hpc.example" and settings["scheduler"] == "slurm"
     assert settings["slurm"]["account"] == "proj1" and settings["slurm"]["partition"] == "gpu"
     assert settings["slurm"]["nodes"] == 3 and settings["work_dir"] == "/scratch/alice/ar"
 
-    d = deployment(http, "slurm")
-    response = http.post(f"/deployments/{d['id']}/create_flow_run", json={"parameters": parameters})
-    assert response.status_code == 201, response.text
+    run = http.get(f"/flow_runs/{created['id']}").json()
+    assert run["deployment_id"] == deployment(http, "slurm")["id"]
     # only the server's check was wanted: no worker must pick this run up
-    assert http.delete(f"/flow_runs/{response.json()['id']}").status_code == 204
+    assert http.delete(f"/flow_runs/{created['id']}").status_code == 204
 
 
 # --------------------------------------------------------------------------- a real run through a worker
