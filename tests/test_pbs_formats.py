@@ -362,9 +362,18 @@ def test_slurm_state_falls_back_to_scontrol(name, phase):
 
 
 def test_slurm_state_gone_everywhere():
-    target = FakeTransport([("squeue ", failed(1)), ("scontrol ", failed(1, fixture("slurm/scontrol_invalid_job.txt")))])
+    """No accounting (sacct fails, as on the bed): a vanished job has ended, never 'running'."""
+    target = FakeTransport([("squeue ", failed(1)), ("scontrol ", failed(1, fixture("slurm/scontrol_invalid_job.txt"))),
+                            ("sacct ", failed(1, "sacct: error: Slurm accounting storage is disabled\n"))])
     state = asyncio.run(slurm().state(target, "4242"))
     assert (state.phase, state.detail) == (JobPhase.ended, "not in queue")
+
+
+def test_slurm_state_from_accounting_once_the_job_left_the_controller():
+    target = FakeTransport([("squeue ", failed(1)), ("scontrol ", failed(1, fixture("slurm/scontrol_invalid_job.txt"))),
+                            ("sacct ", ok("CANCELLED by 0|None\n"))])
+    state = asyncio.run(slurm().state(target, "4242"))
+    assert (state.phase, state.detail) == (JobPhase.ended, "CANCELLED")
 
 
 @pytest.mark.parametrize("stdout,job_id", [("4242\n", "4242"), ("4242;cluster-a\n", "4242")])

@@ -404,6 +404,11 @@ class TestBed:
             errors.append(f"restoring {SLURM_CONF}: {e}")
         if self.root is not None and self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
+        # Ray temp dirs of clusters whose processes the kill above ended before their own
+        # teardown could run (a test aborted mid-run): the bed's hosts share this /tmp.
+        for stale in pathlib.Path(tempfile.gettempdir()).glob("ar-*-*"):
+            if re.fullmatch(r"ar-[0-9a-f]{8}-[A-Za-z0-9_.-]+", stale.name) and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         self._up = False
         atexit.unregister(self._down_at_exit)
         if TestBed._active is self:
