@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 
 # The temporary server's telemetry only fails offline; set before Prefect loads.
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(render_plan(settings))
         return 0
     # SIGTERM and Ctrl-C end the flow run as Crashed; its on_crashed hook tears the
-    # cluster down from the persisted state before the process exits.
+    # cluster down from the persisted state before the process exits. Prefect re-sends
+    # SIGTERM to the handler it found once it is done: make that one exit with 143.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return asyncio.run(_run(settings))
     except TerminationSignal:
@@ -188,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: cluster torn down", file=sys.stderr)
         return 130
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    print("terminated (SIGTERM): cluster torn down", file=sys.stderr)
+    raise SystemExit(143)
 
 
 async def _run(settings: RayClusterSettings) -> int:
