@@ -20,6 +20,14 @@ PYTHON = sys.executable
 RAY_PROCESS_PATTERN = "raylet|gcs_server|ray/dashboard|ray::|default_worker.py"
 
 
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """The runner's own RAY_CLUSTER_* variables must not leak into the tests or the flows they start."""
+    for name in list(os.environ):
+        if name.upper().startswith("RAY_CLUSTER_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A real Prefect server on loopback for every flow the tests run, started once."""

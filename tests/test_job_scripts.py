@@ -26,13 +26,6 @@ CLUSTER_DIR = "/home/alice/.activate-ray/clusters/ar-0123abcd"
 BASH = shutil.which("bash") or "/bin/bash"
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.upper().startswith("RAY_CLUSTER_"):
-            monkeypatch.delenv(name)
-
-
 # --------------------------------------------------------------------------- helpers
 
 

@@ -27,14 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 BASH = shutil.which("bash") or "/bin/bash"
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    """The runner's own RAY_CLUSTER_* variables must not leak into these tests."""
-    for name in list(os.environ):
-        if name.upper().startswith("RAY_CLUSTER_"):
-            monkeypatch.delenv(name)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
