@@ -31,8 +31,11 @@ SLURM_WALLTIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d{1,2}|\d+
 PBS_WALLTIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2})$", re.ASCII)
 # One directive argument: options, values, lists; no shell or quoting characters.
 DIRECTIVE_ARG_RE = re.compile(r"^[A-Za-z0-9_=:,.+/@%\-\[\] ]{1,200}$", re.ASCII)
-# A PBS select statement: chunks like 2:ncpus=4:mem=8gb:ngpus=1 joined by '+'.
-PBS_SELECT_RE = re.compile(r"^\d+(:[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.\-]+)+(\+\d+(:[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.\-]+)+)*$", re.ASCII)
+# A PBS select statement: chunks like 2:ncpus=4:mem=8gb:ngpus=1 joined by '+'; a
+# chunk without a leading count (ncpus=4:mem=8gb) is one chunk, as in PBS.
+_PBS_RESOURCE = r"[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.\-]+"
+_PBS_CHUNK = r"(\d+(:" + _PBS_RESOURCE + r")+|" + _PBS_RESOURCE + r"(:" + _PBS_RESOURCE + r")*)"
+PBS_SELECT_RE = re.compile(r"^" + _PBS_CHUNK + r"(\+" + _PBS_CHUNK + r")*$", re.ASCII)
 # Paths on the target that reach scripts: no quotes, no shell syntax.
 TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9_.~/+@\-]{1,200}$", re.ASCII)
 BIND_HOST_RE = re.compile(r"^(\d{1,3}\.){3}\d{1,3}$", re.ASCII)
@@ -58,6 +61,29 @@ def _check_name(value: str, what: str) -> str:
             "'_', '.', '-' (up to 64, starting with a letter or digit)"
         )
     return value
+
+
+def pbs_select_chunks(select: str) -> int:
+    """Chunks a select statement asks for: the sum of its chunk counts, 1 for a chunk without one.
+
+    With `-l place=scatter` (always in the job script) every chunk is on its own
+    host: this is also the number of nodes, and of Ray nodes."""
+    total = 0
+    for chunk in select.split("+"):
+        count = chunk.split(":", 1)[0]
+        total += int(count) if count.isascii() and count.isdigit() else 1
+    return total
+
+
+def _pbs_resource_options(argument: str) -> list[str]:
+    """name=value items of the -l options in one '#PBS' directive argument."""
+    items, words = [], argument.split()
+    for index, word in enumerate(words):
+        if word == "-l" and index + 1 < len(words):
+            items += words[index + 1].split(",")
+        elif word.startswith("-l") and len(word) > 2:
+            items += word[2:].split(",")
+    return items
 
 
 def _check_directives(value: str, prefix: str) -> str:
@@ -153,11 +179,15 @@ class PbsOptions(BaseModel):
         description="-l walltime=: HH:MM:SS, MM:SS or seconds, e.g. 01:00:00",
         json_schema_extra={"pattern": PBS_WALLTIME_RE.pattern},
     )
-    nodes: int = Field(1, ge=1, le=10000, title="Nodes", description="Chunks (nodes): one Ray node on each")
+    nodes: int = Field(
+        1, ge=1, le=10000, title="Nodes",
+        description="Chunks (nodes): one Ray node on each (with a select statement: its chunk count, leave this out)",
+    )
     select: str = Field(
         "",
         title="Select",
-        description="Your own -l select= statement, e.g. 2:ncpus=8:mem=32gb (empty: built from nodes, CPUs, memory, GPUs)",
+        description="Your own -l select= statement, e.g. 2:ncpus=8:mem=32gb; its chunks are the nodes "
+        "(empty: built from nodes, CPUs, memory, GPUs)",
         json_schema_extra={"pattern": "^$|" + PBS_SELECT_RE.pattern},
     )
     extra_directives: str = Field(
@@ -181,14 +211,49 @@ class PbsOptions(BaseModel):
     def _select(cls, value: str) -> str:
         if value and not PBS_SELECT_RE.fullmatch(value):
             raise ValueError(
-                f"pbs.select {value!r} is not a select statement: expected N:res=value[:res=value]...[+N:...]"
+                f"pbs.select {value!r} is not a select statement: expected [N:]res=value[:res=value]...[+[N:]...]"
             )
+        if value:
+            for chunk in value.split("+"):
+                count = chunk.split(":", 1)[0]
+                if count.isdigit() and int(count) == 0:
+                    raise ValueError(f"pbs.select {value!r}: chunk {chunk!r} asks for 0 chunks")
+            if pbs_select_chunks(value) > 10000:
+                raise ValueError(f"pbs.select {value!r} asks for {pbs_select_chunks(value)} chunks: at most 10000")
         return value
 
     @field_validator("extra_directives")
     @classmethod
     def _directives(cls, value: str) -> str:
-        return _check_directives(value, "#PBS")
+        value = _check_directives(value, "#PBS")
+        # The job script asks for its own select and place=scatter: one chunk per host,
+        # one Ray node per chunk. A directive overriding them would change the node count.
+        for number, line in enumerate(value.splitlines(), 1):
+            for item in _pbs_resource_options(line[len("#PBS ") :]):
+                name, _, setting = item.partition("=")
+                if name == "select":
+                    raise ValueError(f"extra directive line {number}: use pbs.select for -l select=, not a directive")
+                if name == "place" and "scatter" not in setting.split(":"):
+                    raise ValueError(
+                        f"extra directive line {number}: -l place={setting} can put several chunks on one host; "
+                        "the cluster needs place=scatter (one Ray node per chunk), e.g. -l place=scatter:excl"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _nodes_from_select(self) -> "PbsOptions":
+        """With a select statement, its chunks are the nodes: nodes given beside it must agree."""
+        if not self.select:
+            return self
+        chunks = pbs_select_chunks(self.select)
+        if "nodes" in self.model_fields_set and self.nodes != chunks:
+            raise ValueError(
+                f"pbs.nodes={self.nodes} but pbs.select asks for {chunks} chunks ({self.select}): "
+                "leave pbs.nodes out (the select statement sets it) or make them agree"
+            )
+        # Not an assignment through pydantic: nodes stays "not given" in model_fields_set.
+        object.__setattr__(self, "nodes", chunks)
+        return self
 
 
 class RayClusterSettings(BaseSettings):
@@ -368,5 +433,5 @@ class RayClusterSettings(BaseSettings):
         if self.scheduler is Scheduler.slurm:
             return self.slurm.nodes
         if self.scheduler is Scheduler.pbs:
-            return self.pbs.nodes
+            return pbs_select_chunks(self.pbs.select) if self.pbs.select else self.pbs.nodes
         return 1 + self.direct_workers

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
-from flows.settings import RayClusterSettings, Scheduler as SchedulerName
+from flows.settings import RayClusterSettings, Scheduler as SchedulerName, pbs_select_chunks
 
 if TYPE_CHECKING:
     from tasks.transport import Transport
@@ -258,11 +258,17 @@ class PbsScheduler(Scheduler):
     name = "pbs"
     directive_prefix = "#PBS"
 
+    @property
+    def chunks(self) -> int:
+        """Chunks of the job: with place=scatter one host each, one Ray node each (= settings.nodes)."""
+        pbs = self.settings.pbs
+        return pbs_select_chunks(pbs.select) if pbs.select else pbs.nodes
+
     def select(self) -> str:
         s, pbs = self.settings, self.settings.pbs
         if pbs.select:
             return pbs.select
-        chunk = f"{pbs.nodes}:ncpus={s.num_cpus_per_node}:mem={_mem_mb(s)}mb"
+        chunk = f"{self.chunks}:ncpus={s.num_cpus_per_node}:mem={_mem_mb(s)}mb"
         return chunk + (f":ngpus={s.num_gpus_per_node}" if s.num_gpus_per_node else "")
 
     def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
@@ -287,6 +293,10 @@ class PbsScheduler(Scheduler):
             "local nodes node\n"
             '# PBS writes one line per mpiproc: keep each node once, in order\n'
             'mapfile -t nodes < <(awk \'!seen[$0]++\' "$PBS_NODEFILE")\n'
+            f'if [ "${{#nodes[@]}}" -ne {self.chunks} ]; then\n'
+            f'    echo "activate-ray: PBS_NODEFILE names ${{#nodes[@]}} distinct host(s) for {self.chunks} chunk(s):" \\\n'
+            '        "one Ray node per host, the flow waits for one per chunk" >&2\n'
+            "fi\n"
             '[ "${#nodes[@]}" -gt 1 ] || return 0\n'
             "if command -v pbsdsh >/dev/null; then\n"
             '    # one task per node, all at once; the head skips itself\n'

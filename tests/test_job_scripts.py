@@ -297,12 +297,25 @@ def test_pbs_select_built_from_inputs(gpus, suffix):
     assert f"-l select=3:ncpus=8:mem=6144mb{suffix}" in directive_lines(render(s), "#PBS")
 
 
-@pytest.mark.parametrize("select", ["2:ncpus=16:mem=64gb:ngpus=4", "1:ncpus=2+3:ncpus=8:mem=16gb:host=node-1"])
-def test_pbs_user_select_verbatim(select):
-    s = settings(scheduler="pbs", num_cpus_per_node=8, num_gpus_per_node=1, pbs={"select": select, "nodes": 5})
+@pytest.mark.parametrize(
+    "select,chunks",
+    [("2:ncpus=16:mem=64gb:ngpus=4", 2), ("1:ncpus=2+3:ncpus=8:mem=16gb", 4), ("ncpus=8+ncpus=4:ngpus=1", 2)],
+)
+def test_pbs_user_select_verbatim(select, chunks):
+    s = settings(scheduler="pbs", num_cpus_per_node=8, num_gpus_per_node=1, pbs={"select": select})
     assert PbsScheduler(s).select() == select
-    lines = directive_lines(render(s), "#PBS")
+    script = render(s)
+    lines = directive_lines(script, "#PBS")
     assert [l for l in lines if l.startswith("-l select=")] == [f"-l select={select}"]
+    assert "-l place=scatter" in lines  # one chunk per host: chunks == hosts == Ray nodes
+    # the flow waits for, and the job's worker launch checks, the same count
+    assert PbsScheduler(s).chunks == s.nodes == s.pbs.nodes == chunks
+    assert f'"${{#nodes[@]}}" -ne {chunks} ]' in launch_function(script)
+
+
+def test_pbs_user_select_with_disagreeing_nodes_is_refused():
+    with pytest.raises(ValidationError, match="pbs.nodes=5 but pbs.select asks for 2 chunks"):
+        settings(scheduler="pbs", pbs={"select": "2:ncpus=16", "nodes": 5})
 
 
 @pytest.mark.parametrize("option,flag", [("account", "-A"), ("queue", "-q")])
@@ -409,6 +422,30 @@ def test_pbs_launch_prefers_pbsdsh(tmp_path):
     assert read_lines(calls / "ssh") == []
     # one task per distinct node; the head (node1, where `hostname -s` says we are) skips itself
     assert sorted(read_lines(calls / "workers")) == [f"node2 {cluster}", f"node3 {cluster}"]
+
+
+@pytest.mark.parametrize("select,hosts,warned", [
+    ("3:ncpus=1", ("node1", "node2", "node3"), False),
+    ("2:ncpus=4+1:ncpus=8", ("node1", "node2", "node3"), False),
+    ("3:ncpus=1", ("node1", "node2"), True),  # fewer hosts than chunks (a site hook changed place=)
+])
+def test_pbs_launch_starts_one_worker_per_chunk_host(select, hosts, warned, tmp_path):
+    cluster = cluster_dir_in(tmp_path)
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    (cluster / "bin" / "ray_worker.sh").write_text(FAKE_WORKER)
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("".join(f"{node}\n" for node in hosts for _ in range(2)))
+    fake_bin = make_fake_bin(tmp_path, {"hostname": FAKE_HOSTNAME, "pbsdsh": FAKE_PBSDSH})
+    script = render(settings(scheduler="pbs", pbs={"select": select}), str(cluster))
+    env = {"AR_CLUSTER_DIR": str(cluster), "PBS_NODEFILE": str(nodefile), "CALLS": str(calls)}
+    result = run_launch(script, tmp_path, fake_bin, env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(read_lines(calls / "workers")) == [f"{h} {cluster}" for h in hosts[1:]]
+    if warned:
+        assert f"names {len(hosts)} distinct host(s) for 3 chunk(s)" in result.stderr
+    else:
+        assert "distinct host" not in result.stderr
 
 
 def test_pbs_launch_single_node_contacts_nobody(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.ray_cluster import RayClusterCli, main
-from flows.settings import PbsOptions, RayClusterSettings, SlurmOptions
+from flows.settings import PbsOptions, RayClusterSettings, SlurmOptions, pbs_select_chunks
 from tasks.cluster import ClusterPlan, RayEnvironment
 from tasks.schedulers import DirectScheduler, PbsScheduler, SlurmScheduler
 
@@ -339,15 +339,90 @@ def test_name_validators_live_on_the_groups_too():
 
 
 @pytest.mark.parametrize("value", ["", "2:ncpus=4", "2:ncpus=4:mem=8gb:ngpus=1", "1:ncpus=2+3:ncpus=8:mem=16gb",
-                                   "1:host=node-1.local:ncpus=4"])
+                                   "1:host=node-1.local:ncpus=4", "ncpus=4", "ncpus=4:mem=8gb+2:ncpus=8"])
 def test_pbs_select_ok(value):
     assert RayClusterSettings(pbs={"select": value}).pbs.select == value
 
 
-@pytest.mark.parametrize("value", ["ncpus=4", "2", "2:ncpus=4;id", "2:ncpus=$(id)", "2:ncpus=4 -l x", "2:ncpus=",
-                                   "2:=4", "2:ncpus=4+", "2:ncpus=4\n-l walltime=1", "-l select=2"])
+@pytest.mark.parametrize("value", ["2", "2+ncpus=4", "ncpus=4:2", "2:ncpus=4;id", "2:ncpus=$(id)", "2:ncpus=4 -l x",
+                                   "2:ncpus=", "2:=4", "2:ncpus=4+", "+ncpus=4", "2:ncpus=4\n-l walltime=1",
+                                   "-l select=2", "0:ncpus=4", "ncpus=4+00:ncpus=1", "10001:ncpus=1",
+                                   "9999:ncpus=1+2:ncpus=1"])
 def test_pbs_select_rejected(value):
     assert_rejected({"pbs": {"select": value}}, "pbs.select")
+
+
+# --------------------------------------------------------------------------- PBS node count from select
+
+SELECT_CHUNKS = [
+    ("3:ncpus=1", 3),
+    ("1:ncpus=4", 1),
+    ("ncpus=4", 1),  # no count: one chunk, as in PBS
+    ("ncpus=4:mem=8gb:ngpus=1", 1),
+    ("2:ncpus=4+1:ncpus=8:ngpus=1", 3),
+    ("ncpus=4+2:ncpus=8", 3),
+    ("1:ncpus=2+3:ncpus=8:mem=16gb+ncpus=1+10:ncpus=1", 15),
+    ("1:host=node-1.local:ncpus=4+1:host=node-2.local:ncpus=4", 2),
+    ("10000:ncpus=1", 10000),
+]
+
+
+@pytest.mark.parametrize("select,chunks", SELECT_CHUNKS, ids=[v for v, _ in SELECT_CHUNKS])
+def test_pbs_nodes_come_from_the_select_statement(select, chunks):
+    assert pbs_select_chunks(select) == chunks
+    s = RayClusterSettings(scheduler="pbs", pbs={"select": select})
+    assert s.nodes == chunks
+    assert s.pbs.nodes == chunks  # normalised, so every reader of pbs.nodes agrees
+    assert "nodes" not in s.pbs.model_fields_set  # still "not given"
+    # the CLI and Prefect paths re-validate a full dump: the count survives it
+    again = RayClusterSettings.model_validate(s.model_dump())
+    assert (again.nodes, again.pbs.nodes) == (chunks, chunks)
+    assert RayClusterSettings.model_validate_json(s.model_dump_json()).nodes == chunks
+
+
+def test_pbs_nodes_without_select_are_the_nodes():
+    assert RayClusterSettings(scheduler="pbs").nodes == 1
+    assert RayClusterSettings(scheduler="pbs", pbs={"nodes": 4}).nodes == 4
+
+
+@pytest.mark.parametrize(
+    "nodes,select,chunks",
+    [(2, "3:ncpus=1", 3), (1, "3:ncpus=1", 3), (5, "2:ncpus=4+1:ncpus=8:ngpus=1", 3), (2, "ncpus=4", 1)],
+)
+def test_pbs_nodes_disagreeing_with_select_are_refused(nodes, select, chunks):
+    exc = assert_rejected({"scheduler": "pbs", "pbs": {"nodes": nodes, "select": select}},
+                          f"pbs.nodes={nodes} but pbs.select asks for {chunks} chunks")
+    assert [e["loc"] for e in exc.errors()] == [("pbs",)]
+    with pytest.raises(ValidationError, match=f"pbs.nodes={nodes} but pbs.select asks for {chunks} chunks"):
+        PbsOptions(nodes=nodes, select=select)
+
+
+def test_pbs_nodes_agreeing_with_select_are_accepted():
+    s = RayClusterSettings(scheduler="pbs", pbs={"nodes": 3, "select": "2:ncpus=4+1:ncpus=8:ngpus=1"})
+    assert s.nodes == 3 == s.pbs.nodes
+
+
+def test_pbs_nodes_disagreeing_with_select_are_refused_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RAY_CLUSTER_SCHEDULER", "pbs")
+    monkeypatch.setenv("RAY_CLUSTER_PBS__SELECT", "2:ncpus=4+1:ncpus=8")
+    assert RayClusterSettings().nodes == 3
+    monkeypatch.setenv("RAY_CLUSTER_PBS__NODES", "2")
+    with pytest.raises(ValidationError, match="pbs.nodes=2 but pbs.select asks for 3 chunks"):
+        RayClusterSettings()
+
+
+@pytest.mark.parametrize("line", ["#PBS -l place=pack", "#PBS -l place=free", "#PBS -l place=excl",
+                                  "#PBS -lplace=vscatter", "#PBS -l walltime=1:00:00,place=pack:excl",
+                                  "#PBS -l select=5:ncpus=2", "#PBS -m abe -l select=5:ncpus=2"])
+def test_pbs_directives_that_change_the_node_count_are_refused(line):
+    exc = assert_rejected({"pbs": {"extra_directives": line}}, "extra directive line 1")
+    assert [e["loc"] for e in exc.errors()] == [("pbs", "extra_directives")]
+
+
+@pytest.mark.parametrize("line", ["#PBS -l place=scatter:excl", "#PBS -l place=excl:scatter",
+                                  "#PBS -l place=scatter:group=switch", "#PBS -l filesystems=home:eagle"])
+def test_pbs_directives_keeping_one_chunk_per_host_are_accepted(line):
+    assert RayClusterSettings(pbs={"extra_directives": line}).pbs.extra_directives == line
 
 
 @pytest.mark.parametrize(
@@ -799,6 +874,31 @@ def test_cli_dry_run_plan_contents(capsys):
     assert "nodes: 3" in out
     assert "token" not in env_text.replace("RAY_AUTH_MODE=token", "").replace("RAY_AUTH_TOKEN_PATH", "").replace(
         "/token\n", "\n")  # the token's path, never the token
+
+
+@pytest.mark.parametrize(
+    "select,nodes",
+    [("3:ncpus=1", 3), ("2:ncpus=4+1:ncpus=8:ngpus=1", 3), ("ncpus=4+4:ncpus=2", 5)],
+)
+def test_cli_dry_run_node_count_from_select(select, nodes, capsys):
+    rc, out, err = run_main(capsys, ["--scheduler", "pbs", "--pbs.select", select, "--dry-run"])
+    assert rc == 0, err
+    _, job = dry_run_sections(out)
+    assert f"scheduler: pbs; nodes: {nodes}\n" in out
+    assert f"# 5. wait for {nodes} node(s) alive" in out
+    assert f"#PBS -l select={select}\n" in job and "#PBS -l place=scatter\n" in job
+    assert f'"${{#nodes[@]}}" -ne {nodes} ]' in job  # the job's worker launch expects the same count
+
+
+def test_cli_dry_run_refuses_nodes_beside_a_select_that_says_otherwise(capsys, sandbox):
+    rc, out, err = run_main(capsys, ["--scheduler", "pbs", "--pbs.select", "3:ncpus=1", "--pbs.nodes", "2",
+                                     "--dry-run"])
+    assert rc == 2 and out == ""
+    assert "invalid input pbs:" in err and "pbs.nodes=2 but pbs.select asks for 3 chunks" in err
+    sandbox.assert_untouched()
+    rc, out, err = run_main(capsys, ["--scheduler", "pbs", "--pbs.select", "3:ncpus=1", "--pbs.nodes", "3",
+                                     "--dry-run"])
+    assert rc == 0 and "nodes: 3" in out, err
 
 
 def test_cli_flags_match_model_values():
