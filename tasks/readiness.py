@@ -8,7 +8,6 @@ import re
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import httpx
 from prefect import task
@@ -16,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.settings import RayClusterSettings
+from tasks.atomic_file import write_text_atomic
 from tasks.cluster import ClusterPlan, get_run_logger, token_block_name
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.transport import LocalTransport, SshTransport, Transport
@@ -250,7 +250,8 @@ async def publish_connection_info(
     )
     logger.info("\n%s", info.as_text())
     if info_file:
-        Path(info_file).expanduser().write_text(json.dumps(asdict(info), indent=2) + "\n")
+        # Atomically, 0600 (it names the token file): a reader polling it never sees half a file.
+        write_text_atomic(info_file, json.dumps(asdict(info), indent=2) + "\n", mode=0o600)
     await create_markdown_artifact(
         key=f"ray-cluster-{plan.cluster_id}",
         description="How to connect to the Ray cluster",

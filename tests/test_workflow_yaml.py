@@ -412,3 +412,144 @@ def test_connection_info_publishes_the_outputs_once_the_cluster_is_ready(tmp_pat
     (tmp_path / "ray-cluster.ended").touch()
     result = run_script(step["run"], env, tmp_path)
     assert result.returncode == 0 and "ended before the cluster was ready" in result.stdout
+
+
+# --------------------------------------------------------------------------- the connection info file, written atomically
+
+
+def big_info(round_: int) -> dict:
+    """Connection info large enough that a non-atomic write is seen half done (many nodes)."""
+    return {
+        "cluster_id": "ar-0123abcd", "scheduler": "pbs", "job_id": str(round_), "head_node": "c1",
+        "ray_address": "10.0.0.1:6379", "dashboard_url": "http://127.0.0.1:8265",
+        "tunnel_command": "ssh -N -L 8265:127.0.0.1:8265 login", "token_file": "/home/a/.activate-ray/x/token",
+        "nodes": [{"node": f"c{i}", "ip": f"10.0.{i // 250}.{i % 250}", "CPU": 64.0, "GPU": 0} for i in range(2000)],
+    }
+
+
+def test_info_file_rewritten_under_a_polling_reader_is_always_whole(tmp_path):
+    import threading
+
+    from tasks.atomic_file import write_text_atomic
+
+    path = tmp_path / "ray-cluster.json"
+    texts = [json.dumps(big_info(i), indent=2) + "\n" for i in range(2)]
+    write_text_atomic(path, texts[0])
+    stop, seen, bad = threading.Event(), [], []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                text = path.read_text()
+            except FileNotFoundError as exc:  # the final name must never go missing
+                bad.append(repr(exc))
+                continue
+            try:
+                seen.append(json.loads(text)["job_id"])
+            except ValueError as exc:
+                bad.append(f"{exc} after {len(text)} of {len(texts[0])} characters")
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for round_ in range(200):
+            assert write_text_atomic(path, texts[round_ % 2]) == path
+    finally:
+        stop.set()
+        thread.join(30)
+    assert bad == [], bad[:5]
+    assert len(seen) > 10 and set(seen) <= {"0", "1"}
+    assert (path.stat().st_mode & 0o777) == 0o600  # it names the token file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray-cluster.json"]  # no temp file left behind
+
+
+def test_info_file_mode_is_0600_whatever_the_umask_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    from tasks import atomic_file
+
+    path = tmp_path / "info.json"
+    path.write_text('{"old": true}\n')
+    path.chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        atomic_file.write_text_atomic(path, '{"new": true}\n')
+    finally:
+        os.umask(old_umask)
+    assert json.loads(path.read_text()) == {"new": True}
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic_file.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_file.write_text_atomic(path, '{"newer": true}\n')
+    assert json.loads(path.read_text()) == {"new": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["info.json"]
+
+
+def test_publish_connection_info_writes_the_info_file_atomically(tmp_path, monkeypatch):
+    import asyncio
+
+    import tasks.atomic_file
+    import tasks.readiness as readiness
+    from tasks.cluster import ClusterPlan
+    from tasks.schedulers import PbsScheduler
+    from tasks.transport import LocalTransport
+
+    async def no_artifact(*args, **kwargs):
+        return None
+
+    monkeypatch.setattr(readiness, "create_markdown_artifact", no_artifact)
+    monkeypatch.setattr(readiness, "create_table_artifact", no_artifact)
+    writes = []
+    real = tasks.atomic_file.write_text_atomic
+    monkeypatch.setattr(readiness, "write_text_atomic", lambda *a, **k: writes.append(a[0]) or real(*a, **k))
+    settings = RayClusterSettings(scheduler="pbs", pbs={"select": "2:ncpus=1"})
+    plan = ClusterPlan.new(settings, "/home/a/.activate-ray")
+    plan.job_id = "77.pbs"
+    head = readiness.HeadInfo("c1", "10.0.0.1", 6379, 8265, 10001)
+    nodes = [{"node_name": f"c{i}", "node_ip": f"10.0.0.{i}", "is_head_node": i == 1,
+              "resources_total": {"CPU": 1.0, "memory": 2 * 1024**3}} for i in (1, 2)]
+    info_file = tmp_path / "ray-cluster.json"
+    info = asyncio.run(readiness.publish_connection_info.fn(
+        LocalTransport(), PbsScheduler(settings), plan, head, 40001, nodes, str(info_file)))
+    assert writes == [str(info_file)]
+    written = json.loads(info_file.read_text())
+    assert written["cluster_id"] == info.cluster_id == plan.cluster_id
+    assert written["token_file"] == plan.token_path and len(written["nodes"]) == 2
+    assert plan.token.get_secret_value() not in info_file.read_text()
+    assert (info_file.stat().st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray-cluster.json"]
+
+
+def test_connection_info_job_reads_a_file_that_is_being_rewritten(tmp_path):
+    """The job polls until the file parses, then reads it again: with atomic writes both reads see a whole file."""
+    import threading
+
+    from tasks.atomic_file import write_text_atomic
+
+    step = WORKFLOW["jobs"]["connection_info"]["steps"][0]
+    path = tmp_path / "ray-cluster.json"
+    texts = [json.dumps(big_info(i), indent=2) + "\n" for i in range(2)]
+    write_text_atomic(path, texts[0])
+    stop = threading.Event()
+
+    def writer():
+        round_ = 0
+        while not stop.is_set():
+            round_ += 1
+            write_text_atomic(path, texts[round_ % 2])
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        outputs = tmp_path / "outputs"
+        env = {**os.environ, "PW_PARENT_JOB_DIR": str(tmp_path), "OUTPUTS": str(outputs), "WF_PYTHON": sys.executable}
+        result = run_script(step["run"], env, tmp_path)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    published = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+    assert published["cluster_id"] == "ar-0123abcd" and published["nodes"] == "2000"
+    assert published["job_id"] in ("0", "1")
