@@ -1,23 +1,35 @@
 # The body of every cluster, sourced by the job script after it defined
 # ar_launch_workers (how this scheduler starts the other nodes, all at once).
 # Runs on the head: head node, workers, then supervise until told to stop.
+# Exits 0 only when the flow asked the cluster to stop; otherwise non-zero, so
+# the scheduler's record (sacct, scontrol, qstat) says the cluster failed.
 
 # shellcheck disable=SC1091
 . "$AR_CLUSTER_DIR/bin/ray_lib.sh"
 mkdir -p "$AR_CLUSTER_DIR/logs" "$AR_CLUSTER_DIR/nodes"
 touch "$AR_CLUSTER_DIR/heartbeat"
 
+# Every node stops itself once the stop file exists (ar_run_node): workers
+# started over ssh included, which a signal here would not reach.
 ar_cleanup() {
+    local status="$1" _
     trap - EXIT TERM INT HUP USR1
+    touch "$AR_CLUSTER_DIR/stop" 2>/dev/null || true
     ar_stop_cluster_here
-    kill -- $(jobs -p) 2>/dev/null || true
+    # the worker launch (srun step, pbsdsh, ssh clients) ends once its nodes stopped
+    for _ in $(seq 1 100); do
+        [ -z "$(jobs -pr)" ] && break
+        sleep 0.1
+    done
+    kill -- $(jobs -pr) 2>/dev/null || true
     wait 2>/dev/null || true
-    ar_log "cluster $AR_CLUSTER_ID stopped"
+    ar_log "cluster $AR_CLUSTER_ID stopped (exit $status)"
     if [ "${AR_REMOVE_CLUSTER_DIR:-0}" = 1 ]; then
         rm -rf "$AR_CLUSTER_DIR"
     fi
+    exit "$status"
 }
-trap 'ar_cleanup; exit 0' EXIT
+trap 'ar_cleanup "$?"' EXIT
 trap 'ar_log "signal received"; exit 143' TERM INT HUP USR1
 
 ar_run_node head head &
@@ -27,5 +39,6 @@ for _ in $(seq 1 600); do
     kill -0 "$head_pid" 2>/dev/null || { echo "RAY_FAILED=head did not start" >>"$AR_CLUSTER_DIR/status"; exit 1; }
     sleep 0.1
 done
+[ -e "$AR_CLUSTER_DIR/head.env" ] || { echo "RAY_FAILED=head not up after 60s" >>"$AR_CLUSTER_DIR/status"; exit 1; }
 ar_launch_workers
 ar_supervise "$head_pid"

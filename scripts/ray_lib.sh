@@ -58,16 +58,39 @@ print(*ports)
 PY
 }
 
-ar_node_tmp() { printf '%s/%s-%s\n' "$AR_NODE_TMP" "$AR_CLUSTER_ID" "$1"; }
+# This host's short name: what a node's files in the shared cluster dir are keyed by.
+ar_host() { hostname -s; }
+
+# A node's private temp root: a fresh 0700 dir with an unpredictable name under
+# AR_NODE_TMP, so no other user can create or enter anything of the cluster's in
+# advance (Ray makes its own dirs 0777; they live inside this one).
+ar_make_node_tmp() {
+    local tmp
+    tmp="$(mktemp -d "$AR_NODE_TMP/$AR_CLUSTER_ID-$1.XXXXXXXX")"
+    chmod 700 "$tmp"
+    [ -O "$tmp" ] || { ar_log "temp dir $tmp is not ours"; return 1; }
+    printf '%s\n' "$tmp"
+}
+
+# Why this node should stop now (empty: keep going). Every node checks for itself,
+# so a node stops from its own host even when nothing can reach it from outside.
+ar_stop_reason() {
+    if [ ! -d "$AR_CLUSTER_DIR" ]; then echo "cluster dir removed"
+    elif [ -e "$AR_CLUSTER_DIR/stop" ]; then echo "stop requested"
+    elif [ "$(ar_heartbeat_age)" -gt "$AR_HEARTBEAT_TIMEOUT" ]; then
+        echo "no heartbeat from the flow for more than ${AR_HEARTBEAT_TIMEOUT}s (dead-man switch)"
+    fi
+}
 
 # Start one Ray node in a session of its own (its process group is then
-# exactly this node's processes) and block until it ends.
+# exactly this node's processes) and watch it until it ends or is told to stop;
+# then stop it and remove its temp dir, here, on its own host.
 # usage: ar_run_node head|worker NAME
 ar_run_node() {
-    local role="$1" name="$2" tmp ip args ports
-    tmp="$(ar_node_tmp "$name")"
+    local role="$1" name="$2" tmp ip args ports host
+    host="$(ar_host)"
+    tmp="$(ar_make_node_tmp "$name")"
     ip="$(ar_node_ip)"
-    mkdir -p "$tmp"
     read -r -a ports < <(ar_free_ports)
     args=(start --block --temp-dir="$tmp" --node-ip-address="$ip"
         --num-cpus="$AR_NUM_CPUS" --num-gpus="$AR_NUM_GPUS"
@@ -88,13 +111,15 @@ ar_run_node() {
     # Below Ray, bash must not re-read a login profile that puts another
     # python first (ssh-started nodes), so the venv leads PATH.
     unset SSH_CLIENT SSH_CONNECTION
-    export PATH="$(dirname "$AR_RAY"):$PATH"
+    PATH="$(dirname "$AR_RAY"):$PATH"
+    export PATH
     setsid "$AR_RAY" "${args[@]}" >"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
     local pgid=$!
-    printf '%s\n' "$pgid" >"$AR_CLUSTER_DIR/nodes/$name.pgid"
+    # host and group: only this host ever signals this group
+    printf '%s %s\n' "$host" "$pgid" >"$AR_CLUSTER_DIR/nodes/$name.pgid"
     if [ "$role" = head ]; then
         {
-            printf 'RAY_HEAD_NODE=%s\n' "$(hostname -s)"
+            printf 'RAY_HEAD_NODE=%s\n' "$host"
             printf 'RAY_HEAD_IP=%s\n' "$ip"
             printf 'RAY_GCS_PORT=%s\n' "${ports[0]}"
             printf 'RAY_DASHBOARD_PORT=%s\n' "${ports[1]}"
@@ -103,14 +128,32 @@ ar_run_node() {
         mv "$AR_CLUSTER_DIR/head.env.tmp" "$AR_CLUSTER_DIR/head.env"
         cat "$AR_CLUSTER_DIR/head.env"
     fi
+    local status=0 reason=""
     # shellcheck disable=SC2064
-    trap "ar_stop_group $pgid; rm -rf '$tmp'; exit 143" TERM INT HUP
-    local status=0
-    wait "$pgid" || status=$?
+    trap "ar_stop_node '$name' '$pgid' '$tmp' signal; exit 143" TERM INT HUP
+    while kill -0 -- "-$pgid" 2>/dev/null && kill -0 "$pgid" 2>/dev/null; do
+        reason="$(ar_stop_reason)"
+        [ -z "$reason" ] || break
+        # sleep in the background: a signal's trap runs at once, not after the sleep
+        sleep 0.5 &
+        wait $! || true
+    done
+    if [ -z "$reason" ]; then
+        wait "$pgid" || status=$?
+        reason="Ray ended (exit $status)"
+    fi
     trap - TERM INT HUP
+    ar_stop_node "$name" "$pgid" "$tmp" "$reason"
+    return "$status"
+}
+
+# Stop one node of this host and remove its temp dir; record that it stopped.
+ar_stop_node() {
+    local name="$1" pgid="$2" tmp="$3" reason="$4"
     ar_stop_group "$pgid"
     rm -rf "$tmp"
-    return "$status"
+    rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" 2>/dev/null || true
+    printf '%s %s\n' "$(ar_host)" "$reason" >"$AR_CLUSTER_DIR/nodes/$name.stopped" 2>/dev/null || true
 }
 
 # Stop one process group: TERM, a short grace, then KILL.
@@ -125,21 +168,38 @@ ar_stop_group() {
     kill -KILL -- "-$pgid" 2>/dev/null || true
 }
 
-# Stop every process of this cluster on this host: the recorded process
-# groups, then anything whose command line names one of its temp dirs.
+# Stop every process of this cluster on THIS host: the process groups recorded
+# by this host, then this user's processes whose command line names one of the
+# cluster's temp dirs here, then those temp dirs. Groups recorded by other hosts
+# are never signalled here (a PID means nothing outside its own host).
 # Never `ray stop`: that would stop other clusters of the same user.
 ar_stop_cluster_here() {
-    local file pids
+    local file host pgid pids here
+    here="$(ar_host)"
     for file in "$AR_CLUSTER_DIR"/nodes/*.pgid; do
-        [ -e "$file" ] && ar_stop_group "$(cat "$file")" &
+        [ -e "$file" ] || continue
+        read -r host pgid <"$file" || continue
+        [ "$host" = "$here" ] || continue
+        case "$pgid" in '' | *[!0-9]*) continue ;; esac
+        ar_stop_group "$pgid" &
     done
     wait
-    pids="$(pgrep -f -- "$AR_NODE_TMP/$AR_CLUSTER_ID-" || true)"
+    pids="$(pgrep -u "$(id -u)" -f -- "$AR_NODE_TMP/$AR_CLUSTER_ID-" || true)"
     if [ -n "$pids" ]; then
         # shellcheck disable=SC2086
         kill -KILL $pids 2>/dev/null || true
     fi
-    rm -rf "$AR_NODE_TMP/$AR_CLUSTER_ID"-*
+    find "$AR_NODE_TMP" -maxdepth 1 -user "$(id -u)" -name "$AR_CLUSTER_ID-*" -exec rm -rf {} + 2>/dev/null || true
+}
+
+# Nodes that recorded a process group but not that they stopped: "name@host" lines.
+ar_nodes_not_stopped() {
+    local file host pgid
+    for file in "$AR_CLUSTER_DIR"/nodes/*.pgid; do
+        [ -e "$file" ] || continue
+        read -r host pgid <"$file" || continue
+        printf '%s@%s\n' "$(basename "$file" .pgid)" "$host"
+    done
 }
 
 # Seconds since the controlling flow last touched the heartbeat file.
@@ -150,21 +210,25 @@ ar_heartbeat_age() {
 }
 
 # The cluster's main loop, on the head: runs until asked to stop, until the
-# flow goes silent (dead-man switch) or until the head's Ray ends.
+# flow goes silent (dead-man switch) or until the head's Ray ends. Returns 0
+# only for a stop the flow asked for; the job's exit status says the rest.
 ar_supervise() {
     local head_pid="$1" reason=""
     while :; do
-        if [ -e "$AR_CLUSTER_DIR/stop" ]; then reason="stop requested"; break; fi
-        if [ ! -d "$AR_CLUSTER_DIR" ]; then reason="cluster dir removed"; break; fi
-        if [ "$(ar_heartbeat_age)" -gt "$AR_HEARTBEAT_TIMEOUT" ]; then
-            reason="no heartbeat from the flow for more than ${AR_HEARTBEAT_TIMEOUT}s (dead-man switch)"
-            # nobody is left to remove the cluster's files: the cleanup does it
-            AR_REMOVE_CLUSTER_DIR=1
-            break
-        fi
+        reason="$(ar_stop_reason)"
+        [ -z "$reason" ] || break
         if ! kill -0 "$head_pid" 2>/dev/null; then reason="head node's Ray ended"; break; fi
-        sleep 1
+        sleep 1 &
+        wait $! || true
     done
     ar_log "stopping cluster $AR_CLUSTER_ID: $reason"
     printf 'STOP_REASON=%s\n' "$reason" >>"$AR_CLUSTER_DIR/status" 2>/dev/null || true
+    case "$reason" in
+        "stop requested") return 0 ;;
+        *dead-man*)
+            # nobody is left to remove the cluster's files: the cleanup does it
+            AR_REMOVE_CLUSTER_DIR=1
+            return 1 ;;
+        *) return 1 ;;
+    esac
 }

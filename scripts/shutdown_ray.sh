@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Stop this cluster's Ray processes on this host and remove its files.
+# Stop this cluster's Ray processes on THIS host and remove its files.
+# Every other host's nodes stop themselves once the stop file exists; this
+# script never signals a process recorded by another host.
 # Idempotent: safe on a half-started or already stopped cluster.
+# Prints RAY_NODE_NOT_STOPPED=name@host for nodes that did not say they stopped.
 # usage: shutdown_ray.sh CLUSTER_DIR [keep-dir]
 set -euo pipefail
 cluster_dir="$1"
@@ -11,9 +14,18 @@ cluster_dir="$1"
 . "$cluster_dir/bin/ray_lib.sh"
 touch "$AR_CLUSTER_DIR/stop"
 if [ -e "$AR_CLUSTER_DIR/supervisor.pid" ]; then
-    ar_stop_group "$(cat "$AR_CLUSTER_DIR/supervisor.pid")"
+    read -r host pgid <"$AR_CLUSTER_DIR/supervisor.pid"
+    if [ "$host" = "$(ar_host)" ]; then
+        ar_stop_group "$pgid"
+    fi
 fi
 ar_stop_cluster_here
+# other hosts' nodes: give them a moment to notice the stop file
+for _ in $(seq 1 50); do
+    [ -z "$(ar_nodes_not_stopped)" ] && break
+    sleep 0.2
+done
+ar_nodes_not_stopped | sed 's/^/RAY_NODE_NOT_STOPPED=/'
 if [ "${2:-}" != keep-dir ]; then
     rm -rf "$AR_CLUSTER_DIR"
 fi

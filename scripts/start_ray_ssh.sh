@@ -9,5 +9,5 @@ cluster_dir="$1"
 . "$cluster_dir/cluster.env"
 mkdir -p "$AR_CLUSTER_DIR/logs"
 setsid nohup bash "$AR_CLUSTER_DIR/bin/job.sh" >"$AR_CLUSTER_DIR/logs/supervisor.log" 2>&1 </dev/null &
-printf "%s\n" "$!" >"$AR_CLUSTER_DIR/supervisor.pid"
+printf "%s %s\n" "$(hostname -s)" "$!" >"$AR_CLUSTER_DIR/supervisor.pid"
 printf "RAY_SUPERVISOR_PID=%s\n" "$!"

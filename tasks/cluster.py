@@ -190,31 +190,54 @@ def forget_cluster_state(plan: ClusterPlan) -> None:
     (RUNS_DIR / f"{plan.cluster_id}.json").unlink(missing_ok=True)
 
 
+# How long the nodes get to stop themselves once asked, before the scheduler is told to kill.
+GRACEFUL_STOP_SECONDS = 20
+
+
+async def _wait_ended(target: Transport, scheduler: Scheduler, job_id: str, seconds: float):
+    """Poll the job with short backoff until it ended or the time is up; its last state."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    delay = 0.1
+    while True:
+        state = await scheduler.state(target, job_id)
+        if state.phase is JobPhase.ended or loop.time() > deadline:
+            return state
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
 @task(name="teardown-ray-cluster", cache_policy=NO_CACHE)
 async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> None:
-    """Idempotent: cancel the job, confirm it is gone, stop what remains of this cluster, remove its files."""
+    """Idempotent: ask every node to stop (each stops itself, on its own host), let the job
+    end, cancel it if it did not, then stop what remains on this host and remove the files."""
     logger = get_run_logger()
+    cluster_dir = shlex.quote(plan.cluster_dir)
+    await target.run(f"[ ! -d {cluster_dir} ] || touch {cluster_dir}/stop", check=False, timeout=30)
     if plan.job_id:
-        await scheduler.cancel(target, plan.job_id)
-        for _ in range(480):  # up to 2 minutes
-            state = await scheduler.state(target, plan.job_id)
-            if state.phase is JobPhase.ended:
-                break
-            await asyncio.sleep(0.25)
-        else:
-            logger.warning("job %s still %s after cancel", plan.job_id, state)
+        state = await _wait_ended(target, scheduler, plan.job_id, GRACEFUL_STOP_SECONDS)
+        if state.phase is not JobPhase.ended:
+            logger.warning("job %s still %s %ds after the stop request: cancelling it", plan.job_id, state,
+                           GRACEFUL_STOP_SECONDS)
+            await scheduler.cancel(target, plan.job_id)
+            state = await _wait_ended(target, scheduler, plan.job_id, 120)
+            if state.phase is not JobPhase.ended:
+                logger.warning("job %s still %s after cancel", plan.job_id, state)
+    shutdown = shlex.quote(plan.cluster_dir + "/bin/shutdown_ray.sh")
     result = await target.run(
-        f"if [ -e {shlex.quote(plan.cluster_dir + '/bin/shutdown_ray.sh')} ]; then "
-        f"bash {shlex.quote(plan.cluster_dir + '/bin/shutdown_ray.sh')} {shlex.quote(plan.cluster_dir)}; "
-        f"else rm -rf {shlex.quote(plan.cluster_dir)}; fi",
+        f"if [ -e {shutdown} ]; then bash {shutdown} {cluster_dir}; else rm -rf {cluster_dir}; fi",
         check=False,
         timeout=60,
     )
     if result.returncode != 0:
         logger.warning("shutdown script: %s", result.stderr.strip()[-500:])
-    leftover = await target.run(f"pgrep -f -- {shlex.quote(plan.node_tmp_prefix)}", check=False)
+    not_stopped = re.findall(r"^RAY_NODE_NOT_STOPPED=(.+)$", result.stdout, re.M)
+    if not_stopped:
+        logger.warning("node(s) of %s did not report that they stopped: %s", plan.cluster_id, ", ".join(not_stopped))
+    leftover = await target.run(f"pgrep -u \"$(id -u)\" -f -- {shlex.quote(plan.node_tmp_prefix)}", check=False)
     if leftover.stdout.strip():
-        logger.warning("Ray processes of %s still running: %s", plan.cluster_id, leftover.stdout.split())
+        logger.warning("Ray processes of %s still running on %s: %s", plan.cluster_id, target.label,
+                       leftover.stdout.split())
     forget_cluster_state(plan)
     await _delete_token_block(plan)
     logger.info("cluster %s torn down (job %s)", plan.cluster_id, plan.job_id or "never submitted")

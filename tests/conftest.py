@@ -1,23 +1,23 @@
-"""Session-wide real parts: one Prefect server, one loopback sshd, one Slurm/PBS bed."""
+"""Session-wide real parts: one Prefect server, one site-like Slurm/PBS/SSH bed.
+
+Every end-to-end test runs the product on the bed as its unprivileged user;
+helpers for that live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.bed import TestBed, skip_or_fail
-from tests.sshd import LoopbackSshd
+from tests.helpers import REPO, free_port
 
-REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-RAY_PROCESS_PATTERN = "raylet|gcs_server|ray/dashboard|ray::|default_worker.py"
+__all__ = ["REPO", "PYTHON"]
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,6 @@ def prefect_api(tmp_path_factory) -> str:
     home = tmp_path_factory.mktemp("prefect-home")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_API_HOST": "127.0.0.1"}
-    from tests.sshd import free_port
-
     port = free_port()
     log = open(home / "server.log", "w")
     server = subprocess.Popen(
@@ -64,17 +62,25 @@ def prefect_api(tmp_path_factory) -> str:
     server.wait(30)
 
 
-@pytest.fixture(scope="session")
-def loopback_sshd():
-    skip_or_fail(LoopbackSshd.missing())
-    sshd = LoopbackSshd().start()
-    yield sshd
-    sshd.stop()
+def bed_leftovers(bed: TestBed) -> list[str]:
+    """Anything of ours still on the bed: the session-end check."""
+    left = [f"process of {bed.user_name if uid == bed.user.uid else bed.other_name} on {host}: {pid} {cmd}"
+            for host, pid, uid, cmd in bed.processes() if uid in (bed.user.uid, bed.other.uid)]
+    left += [f"Ray process on {line}" for line in bed.ray_processes()]
+    left += [f"temp dir {path}" for path in bed.temp_dirs("ar-*")]
+    left += [f"job {line}" for line in bed.live_jobs()]
+    for user in (bed.user, bed.other):
+        runs = user.home / ".activate-ray" / "runs"
+        left += [f"state file {path}" for path in runs.glob("*.json")] if runs.is_dir() else []
+    return left
 
 
 @pytest.fixture(scope="session")
 def bed(prefect_api):
-    """The Slurm/PBS bed; the test Prefect server is relayed into its login namespace."""
+    """The site bed; the test Prefect server is relayed into its login namespace.
+
+    At the end of the session nothing of ours may be left on any host: a leak
+    that a test's own check missed fails the run here."""
     testbed = TestBed()
     skip_or_fail(testbed.requirements_missing())
     testbed.up()
@@ -82,63 +88,22 @@ def bed(prefect_api):
 
     port = int(prefect_api.rsplit(":", 1)[1].split("/")[0])
     relay = NamespaceRelay(f"/run/netns/{testbed.netns[testbed.login_host]}", port, port)
-    yield testbed
-    relay.close()
-    testbed.down()
+    try:
+        yield testbed
+        deadline = time.monotonic() + 20
+        while (left := bed_leftovers(testbed)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left == [], "left on the bed at the end of the session:\n" + "\n".join(left)
+    finally:
+        relay.close()
+        testbed.down()
 
 
-@dataclass
-class FlowRun:
-    returncode: int
-    output: str
-    info: dict | None
+@pytest.fixture
+def work(bed, request) -> Path:
+    """A fresh dir of the bed user's on the shared filesystem (its home), removed afterwards."""
+    path = bed.home_dir(request.node.name)
+    yield path
+    import shutil
 
-
-def run_flow(args: list[str], *, tmp: Path, api: str, wrap=None, timeout: int = 300,
-             env: dict | None = None) -> FlowRun:
-    """Run `python -m flows.ray_cluster` for real, as a user would."""
-    info_file = tmp / "info.json"
-    command = [PYTHON, "-m", "flows.ray_cluster", "--info-file", str(info_file), *args]
-    full_env = {**os.environ, "PREFECT_API_URL": api, **(env or {})}
-    result = subprocess.run(
-        wrap(command) if wrap else command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-    output = result.stdout + result.stderr
-    (tmp / "flow.log").write_text(output)
-    info = json.loads(info_file.read_text()) if info_file.exists() else None
-    return FlowRun(result.returncode, output, info)
-
-
-def ray_processes(pattern: str = RAY_PROCESS_PATTERN) -> list[str]:
-    result = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
-    return [line for line in result.stdout.splitlines() if "pgrep" not in line and "pytest" not in line]
-
-
-def assert_nothing_left(work_dir: Path, node_tmp: str = "/tmp", cluster_id: str | None = None) -> None:
-    """No Ray process, no cluster dir, no node temp dir of ours remains."""
-    deadline = time.monotonic() + 15
-    while ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray_processes() == [], "Ray processes left behind"
-    clusters = work_dir / "clusters"
-    assert not clusters.exists() or list(clusters.iterdir()) == [], f"cluster dirs left: {list(clusters.iterdir())}"
-    pattern = f"{cluster_id}-*" if cluster_id else "ar-*"
-    leftovers = [p for p in Path(node_tmp).glob(pattern) if p.is_dir() and not p.name.startswith(("ar-bed", "ar-sshd"))]
-    assert leftovers == [], f"temp dirs left: {leftovers}"
-    assert not (Path.home() / ".ray" / "auth_token").exists(), "a stray ~/.ray/auth_token would turn auth on for others"
-
-
-def live_jobs(bed) -> list[str]:
-    """Jobs still pending, running or completing (ended ones linger in squeue for MinJobAge)."""
-    result = bed.run_login(["squeue", "-h", "-a", "-o", "%i %T"], timeout=30)
-    assert result.returncode == 0, result.stderr
-    return [line for line in result.stdout.splitlines() if line.strip()]
-
-
-def batch_args(bed, work, *extra, scheduler: str = "slurm", readiness: int = 120) -> list[str]:
-    """Flow arguments for a SLURM or PBS cluster on the bed: small nodes, the bed's SSH material."""
-    return [
-        "--scheduler", scheduler, "--ssh-key-file", str(bed.ssh_key), "--known-hosts", str(bed.known_hosts),
-        "--work-dir", str(work), f"--{scheduler}.walltime", "00:10:00", "--readiness-timeout", str(readiness),
-        "--ray-memory-gb", "0.5", "--object-store-memory-gb", "0.25", *extra,
-    ]
+    shutil.rmtree(path, ignore_errors=True)

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.bed
+
 try:
     from tests.bed import TestBed, skip_or_fail
 except ImportError:  # tests/ itself on sys.path (rootdir-less pytest runs)
@@ -42,13 +44,6 @@ def bed(smoke_bed):
     return smoke_bed[0]
 
 
-@pytest.fixture(scope="module")
-def workdir(bed):
-    d = bed.root / "smoke"
-    d.mkdir(exist_ok=True)
-    return d
-
-
 def _ok(cp: subprocess.CompletedProcess) -> str:
     assert cp.returncode == 0, f"rc={cp.returncode}\nstdout:\n{cp.stdout}\nstderr:\n{cp.stderr}"
     return cp.stdout
@@ -57,7 +52,7 @@ def _ok(cp: subprocess.CompletedProcess) -> str:
 def test_bringup_fast(smoke_bed):
     bed, owned = smoke_bed
     if owned:
-        assert bed.bringup_seconds is not None and bed.bringup_seconds < 30
+        assert bed.bringup_seconds is not None and bed.bringup_seconds < 60
 
 
 def test_sinfo_three_idle_nodes(bed):
@@ -73,29 +68,47 @@ def test_hosts_and_isolation(bed):
     assert _ok(bed.run_node("node3", ["hostname"])).strip() == "node3"
     assert _ok(bed.run_node("node3", ["getent", "hosts", "login"])).split()[0] == bed.login_ip
     # no default route anywhere, no bed address in the root namespace
-    for argv in (bed.login_argv(["ip", "route"]), bed.node_argv("node1", ["ip", "route"])):
-        assert "default" not in _ok(subprocess.run(argv, capture_output=True, text=True))
+    for host in ("login", "node1"):
+        assert "default" not in _ok(bed.run_on(host, ["ip", "route"]))
     root_addrs = _ok(subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True))
     assert bed.subnet + "." not in root_addrs
 
 
-def test_sbatch_three_nodes(bed, workdir):
+def test_every_host_has_its_own_pid_space_and_tmp(bed):
+    marker = f"bed-smoke-{os.getpid()}"
+    _ok(bed.run_node("node1", ["touch", f"/tmp/{marker}"], user=bed.user))
+    assert (bed.node_tmp("node1") / marker).exists()
+    assert _ok(bed.run_node("node2", ["ls", "-a", "/tmp"])).split().count(marker) == 0
+    assert not pathlib.Path(f"/tmp/{marker}").exists()
+    (bed.node_tmp("node1") / marker).unlink()
+    # PID 1 of every host is its holder's tini; a host sees only its own processes
+    for host in bed.hosts:
+        assert _ok(bed.run_on(host, ["cat", "/proc/1/comm"])).strip() == "tini"
+        pids = _ok(bed.run_on(host, ["sh", "-c", "ls /proc | grep -c '^[0-9]'"]))
+        assert int(pids) < 60, f"{host} sees {pids} processes"
+    # the same user, the same shared home, everywhere
+    assert _ok(bed.run_node("node2", ["id", "-un"], user=bed.user)).strip() == bed.user_name
+    assert _ok(bed.run_node("node2", ["sh", "-c", "echo $HOME"], user=bed.user)).strip() == str(bed.user.home)
+
+
+def test_sbatch_three_nodes_as_the_user(bed):
+    workdir = bed.home_dir("smoke")
     script = workdir / "three.sh"
-    script.write_text("#!/bin/sh\nsrun --ntasks-per-node=1 sh -c 'echo \"$(hostname) $(hostname -I)\"'\n")
+    script.write_text("#!/bin/sh\nsrun --ntasks-per-node=1 sh -c 'echo \"$(hostname) $(id -un) $(hostname -I)\"'\n")
     out_file = workdir / "three.out"
     jobid = _ok(bed.run_login(["sbatch", "--parsable", "-N3", "-t", "2", "-o", str(out_file), str(script)],
-                              cwd=workdir)).strip()
+                              cwd=workdir, user=bed.user)).strip()
     assert jobid in bed.queue()
     assert bed.wait_job(jobid, timeout=60) == "COMPLETED", out_file.read_text()
     lines = [line.split() for line in out_file.read_text().splitlines() if line.strip()]
     assert len(lines) == 3, lines
-    names = {words[0] for words in lines}
-    ips = {ip for words in lines for ip in words[1:]}
-    assert names == set(bed.node_names)
-    assert ips == set(bed.node_ips.values())
+    assert {words[0] for words in lines} == set(bed.node_names)
+    assert {words[1] for words in lines} == {bed.user_name}
+    assert {ip for words in lines for ip in words[2:]} == set(bed.node_ips.values())
 
 
-def test_qsub_pbs_environment(bed, workdir):
+def test_qsub_pbs_environment(bed):
+    workdir = bed.home_dir("smoke-pbs")
     script = workdir / "pbs.sh"
     script.write_text(textwrap.dedent("""\
         #!/bin/sh
@@ -105,13 +118,12 @@ def test_qsub_pbs_environment(bed, workdir):
         sed 's/^/NODE=/' "$PBS_NODEFILE"
         """))
     jobid = _ok(bed.run_login(["qsub", "-l", "nodes=3,walltime=00:02:00", "-N", "pbssmoke", str(script)],
-                              cwd=workdir)).strip()
+                              cwd=workdir, user=bed.user)).strip()
     assert jobid.isdigit(), jobid  # the Slurm wrapper prints a bare number
-    assert jobid in bed.queue()
     out_file = workdir / f"pbssmoke.o{jobid}"
     deadline = time.monotonic() + 60
     while True:
-        state = _ok(bed.run_login(["qstat", "-f", jobid]))
+        state = _ok(bed.run_login(["qstat", "-f", jobid], user=bed.user))
         if "job_state = C" in state:
             break
         assert time.monotonic() < deadline, state
@@ -126,36 +138,21 @@ def test_qsub_pbs_environment(bed, workdir):
     assert set(values["NODE"]) == set(bed.node_names)
 
 
-def test_ssh_login_to_node2(bed):
-    argv = ["ssh", "-F", "/dev/null",
-            "-o", f"UserKnownHostsFile={bed.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-            "-i", str(bed.ssh_key), "root@node2", "hostname"]
-    assert _ok(bed.run_login(argv, timeout=30)).strip() == "node2"
-    # by IP too (known_hosts lists name and address), and the helper
-    assert _ok(bed.run_login(bed.ssh_argv(bed.node_ips["node3"], ["hostname"]), timeout=30)).strip() == "node3"
-    # Slurm and PBS client commands work in an ssh session on the login node
-    out = _ok(bed.run_login(bed.ssh_argv("login", ["sh", "-c", "hostname; sinfo -h -p debug -o %D; qstat"]),
-                            timeout=30)).split("\n")
+def test_ssh_between_hosts_with_site_defaults(bed):
+    """The user's key in ~/.ssh, host keys only in /etc/ssh/ssh_known_hosts: plain `ssh node2` works."""
+    assert not (bed.user.home / ".ssh" / "known_hosts").exists()
+    assert _ok(bed.run_login(bed.ssh_argv("node2", ["hostname"]), user=bed.user, timeout=30)).strip() == "node2"
+    assert _ok(bed.run_node("node1", bed.ssh_argv(bed.node_ips["node3"], ["hostname"]), user=bed.user,
+                            timeout=30)).strip() == "node3"
+    out = _ok(bed.run_node("node1", bed.ssh_argv("login", ["sh", "-c", "hostname; sinfo -h -p debug -o %D; qstat"]),
+                           user=bed.user, timeout=30)).split("\n")
     assert out[:2] == ["login", str(len(bed.node_names))]
-    # a wrong host key is refused
-    wrong = bed.root / "smoke" / "wrong_known_hosts"
-    wrong.write_text("node2 " + (bed.root / "ssh" / "node1" / "ssh_host_ed25519_key.pub").read_text())
-    argv[argv.index(f"UserKnownHostsFile={bed.known_hosts}")] = f"UserKnownHostsFile={wrong}"
-    assert bed.run_login(argv, timeout=30).returncode != 0
-
-
-def test_asyncssh_login_to_node1(bed):
-    code = textwrap.dedent(f"""\
-        import asyncio, asyncssh
-        async def main():
-            async with asyncssh.connect("node1", username="root", client_keys=[{str(bed.ssh_key)!r}],
-                                        known_hosts={str(bed.known_hosts)!r}) as conn:
-                r = await conn.run("hostname", check=True)
-                print(r.stdout.strip())
-        asyncio.run(main())
-        """)
-    assert _ok(bed.run_login([sys.executable, "-c", code], timeout=60)).strip() == "node1"
+    # a key nobody published is refused
+    with bed.host_key_changed("node2"):
+        assert bed.run_login(bed.ssh_argv("node2", ["hostname"]), user=bed.user, timeout=30).returncode != 0
+    # root cannot log in over ssh; the second user is not the first
+    assert bed.run_login(["ssh", "-o", "BatchMode=yes", "-i", str(bed.ssh_key), f"{bed.other_name}@node1", "true"],
+                         timeout=30).returncode != 0
 
 
 def _bed_leftovers(bed, root: pathlib.Path) -> list[str]:
@@ -170,7 +167,7 @@ def _bed_leftovers(bed, root: pathlib.Path) -> list[str]:
             cmd = pathlib.Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if comm in {"slurmctld", "slurmd", "slurmstepd"} or str(root) in cmd or "-bed-munged" in cmd:
+        if comm in {"slurmctld", "slurmd", "slurmstepd", "tini"} or str(root) in cmd or "-bed-munged" in cmd:
             left.append(f"process {entry} {comm} {cmd}")
     if root.exists():
         left.append(f"dir {root}")

@@ -1,10 +1,10 @@
-"""The shipped examples run as Ray jobs on a real local cluster (one flow run each)."""
+"""The shipped examples run as Ray jobs on a real local cluster (one flow run each, as the bed's user)."""
 
 import pytest
 
-from tests.conftest import REPO, assert_nothing_left, run_flow
+from tests.helpers import REPO, SMALL, assert_nothing_left, run_flow
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.bed, pytest.mark.timeout(300)]
 
 
 @pytest.mark.parametrize(
@@ -12,14 +12,12 @@ pytestmark = pytest.mark.timeout(300)
     [("distributed_compute.py", ["DISTRIBUTED_COMPUTE_OK", "pi ~= 3.1"]),
      ("gpu_workload.py", ["GPU_WORKLOAD_OK", "running on the CPU instead", "on cpu"])],
 )
-def test_example_runs(tmp_path, prefect_api, example, expect):
-    work = tmp_path / "work"
+def test_example_runs(work, prefect_api, bed, example, expect):
     run = run_flow(
-        ["--user-script", str(REPO / "examples" / example), "--direct-workers", "1", "--work-dir", str(work),
-         "--ray-memory-gb", "0.5", "--object-store-memory-gb", "0.25"],
-        tmp=tmp_path, api=prefect_api,
+        bed, ["--user-script", REPO / "examples" / example, "--direct-workers", "1", "--work-dir", work / "w", *SMALL],
+        work=work, api=prefect_api,
     )
     assert run.returncode == 0, run.output[-4000:]
     for text in expect:
         assert text in run.output
-    assert_nothing_left(work, cluster_id=run.info["cluster_id"])
+    assert_nothing_left(bed, run.cluster_id, work / "w")

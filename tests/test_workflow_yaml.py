@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import typing
@@ -314,7 +315,7 @@ def fake_cluster(work_dir: Path, node_tmp: Path, cluster_id: str) -> tuple[Path,
         f"export AR_CLUSTER_ID={cluster_id}\nexport AR_CLUSTER_DIR={cluster_dir}\nexport AR_NODE_TMP={node_tmp}\n"
     )
     node = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    (cluster_dir / "nodes" / "head.pgid").write_text(str(node.pid))
+    (cluster_dir / "nodes" / "head.pgid").write_text(f"{socket.gethostname().split('.')[0]} {node.pid}")
     return cluster_dir, node
 
 

@@ -1,0 +1,170 @@
+"""What the end-to-end tests share: run the flow on the site bed as its user, in the
+foreground or as a process to signal, and check that a cluster left nothing behind.
+
+Imported by test modules (never one test module from another)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_ID_RE = re.compile(r"\bcluster (ar-[0-9a-f]{8,32})\b")
+
+# Sizes for the bed's 2-CPU, 2000 MB nodes.
+SMALL = ["--ray-memory-gb", "0.5", "--object-store-memory-gb", "0.25"]
+
+SPREAD = textwrap.dedent(
+    """
+    import socket, time
+    import ray
+    ray.init()
+
+    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+    def host():
+        time.sleep(0.5)
+        return socket.gethostname()
+
+    hosts = sorted(set(ray.get([host.remote() for _ in range(9)])))
+    print("HOSTS=" + ",".join(hosts))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flow_env(api: str, env: dict | None = None) -> dict:
+    # the flow runs from the checkout, as `python -m flows.ray_cluster` in it would
+    return {"PREFECT_API_URL": api, "PYTHONPATH": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            **(env or {})}
+
+
+def flow_argv(bed, args: list[str], info_file: Path) -> list[str]:
+    return [bed.user_python, "-m", "flows.ray_cluster", "--info-file", str(info_file), *map(str, args)]
+
+
+@dataclass
+class FlowRun:
+    returncode: int
+    output: str
+    info: dict | None
+
+    @property
+    def cluster_id(self) -> str | None:
+        if self.info:
+            return self.info["cluster_id"]
+        match = CLUSTER_ID_RE.search(self.output)
+        return match.group(1) if match else None
+
+
+def run_flow(bed, args: list[str], *, work: Path, api: str, host: str = "login", timeout: int = 300,
+             env: dict | None = None) -> FlowRun:
+    """Run `python -m flows.ray_cluster` for real, as the bed's user on a bed host."""
+    info_file = work / "info.json"
+    result = bed.run_on(host, flow_argv(bed, args, info_file), user=bed.user, env=flow_env(api, env), cwd=REPO,
+                        timeout=timeout)
+    output = result.stdout + result.stderr
+    (work / "flow.log").write_text(output)
+    info = json.loads(info_file.read_text()) if info_file.exists() else None
+    return FlowRun(result.returncode, output, info)
+
+
+class BackgroundFlow:
+    """`python -m flows.ray_cluster` as the bed's user, as a process we can signal."""
+
+    def __init__(self, bed, args: list[str], work: Path, api: str, host: str = "login", env: dict | None = None):
+        self.bed = bed
+        self.info_file = work / "info.json"
+        self.log = work / "flow.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                bed.host_argv(host, flow_argv(bed, args, self.info_file), user=bed.user, env=flow_env(api, env),
+                              cwd=REPO),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        # nsenter does not pass signals on: signal the flow's own process
+        self.pid = bed.entered_pid(self.process.pid)
+
+    def wait_ready(self, timeout: float = 150) -> dict:
+        deadline = time.monotonic() + timeout
+        while not self.info_file.exists():
+            assert self.process.poll() is None, f"flow ended early:\n{self.output[-4000:]}"
+            assert time.monotonic() < deadline, f"not ready:\n{self.output[-4000:]}"
+            time.sleep(0.2)
+        return json.loads(self.info_file.read_text())
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 120) -> int:
+        return self.process.wait(timeout)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    @property
+    def cluster_id(self) -> str | None:
+        match = CLUSTER_ID_RE.search(self.output)
+        return match.group(1) if match else None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(30)
+
+
+def wait_for(condition, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"{what} not within {timeout}s"
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def cluster_leftovers(bed, cluster_id: str, work: Path | None = None) -> list[str]:
+    """Everything of one cluster that still exists, on any host of the bed."""
+    left = [f"process on {line}" for line in bed.cluster_processes(cluster_id)]
+    left += [f"job {line}" for line in bed.live_jobs(name=cluster_id)]
+    left += [f"temp dir {path}" for path in bed.temp_dirs(f"{cluster_id}-*")]
+    if work is not None and (work / "clusters" / cluster_id).exists():
+        left.append(f"cluster dir {work / 'clusters' / cluster_id}")
+    state = bed.user.home / ".activate-ray" / "runs" / f"{cluster_id}.json"
+    if state.exists():
+        left.append(f"state file {state}")
+    return left
+
+
+def assert_nothing_left(bed, cluster_id: str | None, work: Path | None = None, settle: float = 15) -> None:
+    """No process, job, temp dir, cluster dir or state file of this cluster remains
+    anywhere (a short grace for processes that are being reaped)."""
+    assert cluster_id, "the run must name its cluster (ids come from the info file or the log)"
+    deadline = time.monotonic() + settle
+    while (left := cluster_leftovers(bed, cluster_id, work)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert left == [], f"cluster {cluster_id} left behind:\n" + "\n".join(left)
+    assert not (bed.user.home / ".ray" / "auth_token").exists(), \
+        "a stray ~/.ray/auth_token would turn auth on for the user's other clusters"
+
+
+def batch_args(work: Path, *extra, scheduler: str = "slurm", readiness: int = 120) -> list[str]:
+    """Flow arguments for a SLURM or PBS cluster on the bed: small nodes, site SSH defaults."""
+    return [
+        "--scheduler", scheduler, "--work-dir", str(work), f"--{scheduler}.walltime", "00:10:00",
+        "--readiness-timeout", str(readiness), *SMALL, *extra,
+    ]
