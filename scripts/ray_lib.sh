@@ -131,7 +131,8 @@ ar_run_node() {
     local status=0 reason=""
     # shellcheck disable=SC2064
     trap "ar_stop_node '$name' '$pgid' '$tmp' signal; exit 143" TERM INT HUP
-    while kill -0 -- "-$pgid" 2>/dev/null && kill -0 "$pgid" 2>/dev/null; do
+    # the process, not its group: the group exists only once setsid has run
+    while kill -0 "$pgid" 2>/dev/null; do
         reason="$(ar_stop_reason)"
         [ -z "$reason" ] || break
         # sleep in the background: a signal's trap runs at once, not after the sleep
@@ -178,10 +179,15 @@ ar_stop_cluster_here() {
     here="$(ar_host)"
     for file in "$AR_CLUSTER_DIR"/nodes/*.pgid; do
         [ -e "$file" ] || continue
-        read -r host pgid <"$file" || continue
+        pgid=""
+        read -r host pgid <"$file" || [ -n "$pgid" ] || continue
         [ "$host" = "$here" ] || continue
         case "$pgid" in '' | *[!0-9]*) continue ;; esac
-        ar_stop_group "$pgid" &
+        {
+            ar_stop_group "$pgid"
+            rm -f "$file"
+            printf '%s %s\n' "$here" "stopped by its host's sweep" >"${file%.pgid}.stopped"
+        } &
     done
     wait
     pids="$(pgrep -u "$(id -u)" -f -- "$AR_NODE_TMP/$AR_CLUSTER_ID-" || true)"
@@ -197,7 +203,8 @@ ar_nodes_not_stopped() {
     local file host pgid
     for file in "$AR_CLUSTER_DIR"/nodes/*.pgid; do
         [ -e "$file" ] || continue
-        read -r host pgid <"$file" || continue
+        pgid=""
+        read -r host pgid <"$file" || [ -n "$pgid" ] || continue
         printf '%s@%s\n' "$(basename "$file" .pgid)" "$host"
     done
 }

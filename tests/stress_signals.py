@@ -45,6 +45,7 @@ PYTHON = sys.executable
 RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
 EXPECTED = {"INT": 130, "TERM": 143}
+CURRENT: list[subprocess.Popen] = []  # the flow being signalled, for a clean stop on Ctrl-C
 
 
 def free_port() -> int:
@@ -171,6 +172,7 @@ def one_run(number: int, signame: str, server: PrefectServer, root: Path, rng: r
         command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
         preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),
     )
+    CURRENT[:] = [process]
     startup = args.startup_every and number % args.startup_every == args.startup_every - 1
     phase = ""
     if startup:
@@ -196,8 +198,14 @@ def one_run(number: int, signame: str, server: PrefectServer, root: Path, rng: r
         phase = f"ready+{time.monotonic() - ready:.2f}s"
     signalled = time.monotonic()
     process.send_signal(getattr(signal, "SIG" + signame))
+    if args.second_after is not None:  # an impatient user: again, while it tears down
+        try:
+            process.wait(args.second_after)
+        except subprocess.TimeoutExpired:
+            process.send_signal(getattr(signal, "SIG" + signame))
+            phase += f" +again@{args.second_after:g}s"
     try:
-        process.wait(args.hang)
+        process.wait(max(0.0, args.hang - (time.monotonic() - signalled)))
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack into the log
         try:
@@ -232,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-max", type=float, default=12, help="latest startup signal, s after launch")
     parser.add_argument("--ready-timeout", type=float, default=180)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--second-after", type=float, default=None, metavar="S",
+                        help="send the signal a second time S s after the first (during the teardown)")
     parser.add_argument("--sigint-ignored", action="store_true",
                         help="start the flow with SIGINT ignored, as `cmd &` in a non-interactive shell does")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (flow logs) even when all is well")
@@ -258,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                   f" {run.cluster_id or '(no cluster)'}" + (f" LEFT: {run.leaks}" if run.leaks else ""), flush=True)
     except KeyboardInterrupt:
         print("stopped", flush=True)
+        for process in CURRENT:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
     finally:
         server.stop()
     ready = [r for r in runs if not r.startup and r.phase != "never ready"]

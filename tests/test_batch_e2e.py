@@ -56,6 +56,9 @@ def decoy():
     pid = os.fork()
     if pid == 0:
         os.setsid()
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
         os.setgid(gid)
         os.setuid(uid)
         os.execvp("sleep", ["sleep", "900"])
@@ -102,8 +105,7 @@ def test_teardown_never_signals_a_compute_nodes_pid_on_the_login_node(work, pref
         assert len(survivors) == len(decoys), f"decoys killed: {sorted(set(decoys) - set(survivors))[:20]}"
     finally:
         flow.kill()
-        if decoys:
-            bed.run_login(["kill", "-KILL", *decoys], user=bed.user)
+        bed.run_login(["pkill", "-KILL", "-u", bed.user_name, "-x", "sleep"])
 
 
 def alive_on_login(bed, pids) -> list[str]:

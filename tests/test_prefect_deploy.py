@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, assert_nothing_left
+from tests.helpers import REPO, assert_nothing_left, flow_env
 
 pytestmark = pytest.mark.timeout(120)  # the whole file runs in about 40 s
 
@@ -206,9 +206,12 @@ except ValueError as exc:
 # --------------------------------------------------------------------------- a real run through a worker
 
 
-def test_the_local_deployment_runs_through_a_process_worker(api, http, tmp_path):
-    work_dir = tmp_path / "work"
-    info_file = tmp_path / "info.json"
+@pytest.mark.bed
+def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work):
+    """The bed's user runs a process worker on the login node; the run starts a local
+    cluster there, as that user, and leaves nothing."""
+    work_dir = work / "w"
+    info_file = work / "info.json"
     settings = {
         "user_script": str(REPO / "examples/hello_ray.py"),
         "ray_memory_gb": 0.5,
@@ -224,11 +227,12 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, tmp_path)
     # this run's settings replace the deployment's default settings as a whole.
     assert run["parameters"] == {"settings": settings}
 
-    worker = subprocess.run(
-        [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--run-once", "--limit", "1"],
-        cwd=tmp_path, env=cli_env(api), capture_output=True, text=True, timeout=100,
+    worker_prefect = str(Path(bed.user_python).parent / "prefect")
+    worker = bed.run_login(
+        [worker_prefect, "worker", "start", "--pool", POOL, "--type", "process", "--run-once", "--limit", "1"],
+        user=bed.user, env=flow_env(api), cwd=REPO, timeout=150,
     )
-    (tmp_path / "worker.log").write_text(worker.stdout + worker.stderr)
+    (work / "worker.log").write_text(worker.stdout + worker.stderr)
     deadline = time.monotonic() + 15
     while True:
         state = http.get(f"/flow_runs/{run['id']}").json()["state"]
@@ -240,4 +244,4 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, tmp_path)
     assert "HELLO_RAY_OK" in worker.stdout + worker.stderr, logs
     info = json.loads(info_file.read_text())
     assert info["scheduler"] == "none" and len(info["nodes"]) == 1  # the deployment's direct_workers: 1 was replaced
-    assert_nothing_left(work_dir, cluster_id=info["cluster_id"])
+    assert_nothing_left(bed, info["cluster_id"], work_dir)
