@@ -45,14 +45,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flow_env(api: str, env: dict | None = None) -> dict:
+def flow_env(api: str, env: dict | None = None, repo: Path = REPO) -> dict:
     # the flow runs from the checkout, as `python -m flows.ray_cluster` in it would
-    return {"PREFECT_API_URL": api, "PYTHONPATH": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    return {"PREFECT_API_URL": api, "PYTHONPATH": str(repo), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             **(env or {})}
 
 
 def flow_argv(bed, args: list[str], info_file: Path) -> list[str]:
-    return [bed.user_python, "-m", "flows.ray_cluster", "--info-file", str(info_file), *map(str, args)]
+    """The flow's command line on the bed: paths into the checkout become paths into
+    the bed's copy of it (the one its users can read)."""
+    return [bed.user_python, "-m", "flows.ray_cluster", "--info-file", str(info_file), *map(bed.in_repo, args)]
 
 
 @dataclass
@@ -73,8 +75,8 @@ def run_flow(bed, args: list[str], *, work: Path, api: str, host: str = "login",
              env: dict | None = None) -> FlowRun:
     """Run `python -m flows.ray_cluster` for real, as the bed's user on a bed host."""
     info_file = work / "info.json"
-    result = bed.run_on(host, flow_argv(bed, args, info_file), user=bed.user, env=flow_env(api, env), cwd=REPO,
-                        timeout=timeout)
+    result = bed.run_on(host, flow_argv(bed, args, info_file), user=bed.user, env=flow_env(api, env, bed.repo),
+                        cwd=bed.repo, timeout=timeout)
     output = result.stdout + result.stderr
     (work / "flow.log").write_text(output)
     info = json.loads(info_file.read_text()) if info_file.exists() else None
@@ -90,8 +92,8 @@ class BackgroundFlow:
         self.log = work / "flow.log"
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                bed.host_argv(host, flow_argv(bed, args, self.info_file), user=bed.user, env=flow_env(api, env),
-                              cwd=REPO),
+                bed.host_argv(host, flow_argv(bed, args, self.info_file), user=bed.user,
+                              env=flow_env(api, env, bed.repo), cwd=bed.repo),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         # nsenter does not pass signals on: signal the flow's own process

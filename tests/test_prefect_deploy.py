@@ -39,9 +39,9 @@ def cli_env(api: str) -> dict[str, str]:
     return {**env, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
-def prefect(api: str, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+def prefect(api: str, *args: str, timeout: int = 60, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PREFECT, *args], cwd=REPO, env=cli_env(api), capture_output=True, text=True, timeout=timeout
+        [PREFECT, *args], cwd=cwd, env=cli_env(api), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -213,12 +213,15 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work
     work_dir = work / "w"
     info_file = work / "info.json"
     settings = {
-        "user_script": str(REPO / "examples/hello_ray.py"),
+        "user_script": str(bed.repo / "examples/hello_ray.py"),
         "ray_memory_gb": 0.5,
         "object_store_memory_gb": 0.25,
         "work_dir": str(work_dir),
         "info_file": str(info_file),
     }
+    # deployed again from the bed's copy of the checkout: its pull step is a dir the bed's user can enter
+    deployed = prefect(api, "deploy", "--name", "local", timeout=90, cwd=bed.repo)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     d = deployment(http, "local")
     response = http.post(f"/deployments/{d['id']}/create_flow_run", json={"parameters": {"settings": settings}})
     assert response.status_code == 201, response.text
@@ -230,7 +233,7 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work
     worker_prefect = str(Path(bed.user_python).parent / "prefect")
     worker = bed.run_login(
         [worker_prefect, "worker", "start", "--pool", POOL, "--type", "process", "--run-once", "--limit", "1"],
-        user=bed.user, env=flow_env(api), cwd=REPO, timeout=150,
+        user=bed.user, env=flow_env(api, repo=bed.repo), cwd=bed.repo, timeout=150,
     )
     (work / "worker.log").write_text(worker.stdout + worker.stderr)
     deadline = time.monotonic() + 15

@@ -250,6 +250,7 @@ class TestBed:
         self.user: User = None  # type: ignore[assignment]
         self.other: User = None  # type: ignore[assignment]
         self.user_venv: pathlib.Path = None  # type: ignore[assignment]
+        self.repo: pathlib.Path = None  # type: ignore[assignment]  # the checkout, readable by the bed's users
         self._daemons: list[subprocess.Popen] = []
         self._munged: subprocess.Popen | None = None
         self._up = False
@@ -497,6 +498,7 @@ class TestBed:
         try:
             self._cleanup_stale()
             self._make_dirs()
+            self._copy_repo()
             self._make_users()
             self._make_ssh_material()
             self._make_network()
@@ -671,6 +673,19 @@ class TestBed:
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
         lines += [f"{ip} {name}" for name, ip in self.ips.items()]
         (self.root / "hosts").write_text("\n".join(lines) + "\n")
+
+    def _copy_repo(self) -> None:
+        """The checkout as the bed's users see it: a copy on a path every user can read
+        on every host (CI may clone into a private dir, or into /tmp, which is per host)."""
+        self.repo = self.root / "repo"
+        shutil.copytree(REPO, self.repo, symlinks=True, ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".bench", "__pycache__", ".pytest_cache", "*.png"))
+        subprocess.run(["chmod", "-R", "a+rX,go-w", str(self.repo)], check=True)
+
+    def in_repo(self, value) -> str:
+        """A path under the checkout, as the same path in the bed's copy (others unchanged)."""
+        text = str(value)
+        return str(self.repo) + text[len(str(REPO)):] if text == str(REPO) or text.startswith(str(REPO) + "/") else text
 
     def _make_users(self) -> None:
         """Two unprivileged users with homes on the shared /home, unlocked for sshd."""
