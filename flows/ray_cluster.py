@@ -10,13 +10,97 @@ import json
 import os
 import signal
 import sys
+import threading
+
+
+class SignalStop:
+    """SIGINT and SIGTERM of the command line, one way each time.
+
+    The first one asks the running flow to stop: it cancels what is bringing the
+    cluster up or holding it, tears the cluster down, and the process exits with
+    128 + the signal. Later ones only say that the teardown is under way. The
+    handler never raises: a KeyboardInterrupt or Prefect's TerminationSignal
+    raised wherever the main thread happens to be can cut a teardown short, abort
+    asyncio.run's cleanup, or be swallowed by an event loop callback. It also
+    replaces a SIGINT inherited as ignored (`cmd &` in a non-interactive shell),
+    which Python, and so asyncio's own Ctrl-C handling, would keep ignoring.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.event: asyncio.Event | None = None
+        self._previous: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def install(self) -> bool:
+        """Take SIGINT and SIGTERM (main thread only); False if already taken."""
+        if self._previous is not None or threading.current_thread() is not threading.main_thread():
+            return False
+        self.signum, self.loop, self.event = None, None, None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return True
+
+    def uninstall(self) -> None:
+        for sig, handler in (self._previous or {}).items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = None
+
+    def attach(self) -> None:
+        """Called in the flow's event loop: from now on a signal sets self.event there."""
+        self.event = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        if self.signum is not None:
+            self.event.set()
+
+    def stop_event(self) -> asyncio.Event | None:
+        """The event to stop on, in the loop that attached (None elsewhere: a deployment run)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self.event if self.loop is running else None
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            _say(f"{name}: the cluster is being torn down; the flow exits when that is done")
+            return
+        self.signum = signum
+        _say(f"{name}: stopping, tearing the cluster down")
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._fire)
+            except RuntimeError:  # the loop is closed: the flow is over
+                pass
+
+    def _fire(self) -> None:
+        if self.event is not None:
+            self.event.set()
+
+
+def _say(text: str) -> None:
+    """For signal handlers: one write(2), no buffered stream that the handler may have interrupted."""
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass
+
+
+STOP = SignalStop()
+if __name__ == "__main__":
+    STOP.install()  # before the slow imports below: a signal in them is not lost
 
 # The temporary server's telemetry only fails offline; set before Prefect loads.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from dataclasses import asdict
 
 from prefect import flow
-from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run as current_flow_run
 from pydantic import Field, ValidationError
 from pydantic_settings import CliApp, SettingsConfigDict
@@ -85,14 +169,67 @@ def warn_about_insecure_choices(settings: RayClusterSettings, logger) -> None:
 
 
 async def _unless_a_node_dies(work, watcher: asyncio.Task):
-    """Run the work; a NodeLost from the watcher wins over it."""
+    """Run the work; a NodeLost from the watcher wins over it. Cancelled, it cancels the work."""
     job = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if watcher in done and watcher.exception() is not None:
-        job.cancel()
-        await asyncio.gather(job, return_exceptions=True)
-        raise watcher.exception()
-    return await job
+    try:
+        done, _ = await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if watcher in done and watcher.exception() is not None:
+            raise watcher.exception()
+        return await job
+    finally:
+        if not job.done():
+            job.cancel()
+            await asyncio.wait({job}, timeout=5)
+
+
+async def _until_stopped(up: asyncio.Task):
+    """The result of `up`, unless the command line's SIGINT/SIGTERM comes first: then
+    CancelledError (the run ends Crashed, as Prefect has it for an interrupt)."""
+    stop = STOP.stop_event()
+    if stop is None:  # not started by main(): Prefect's own signal handling applies
+        return await up
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({up, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if up.done():
+        return up.result()
+    raise asyncio.CancelledError(f"stopped by {STOP.name}")
+
+
+async def _settle(task: asyncio.Task, grace: float = 5.0) -> None:
+    """Cancel `task` and wait until it is over, so nothing it started races the teardown.
+    Cancelled again while it runs on: Python 3.11's wait_for can swallow a cancellation."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if task.done() and not task.cancelled():
+        task.exception()  # seen (raised, if at all, by whoever awaited it)
+    elif not task.done():
+        get_run_logger().warning("bring-up still running %.0fs after cancel; tearing down anyway", grace)
+
+
+async def _bring_up_and_hold(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, work_dir: str, background: list[asyncio.Task]
+) -> dict:
+    """Environment, start, readiness, connection info, then the user job and/or keep-alive."""
+    settings = plan.settings
+    plan.environment = await prepare_environment(target, settings, work_dir)
+    await start_cluster(target, scheduler, plan)
+    save_cluster_state(plan, str(current_flow_run.id or ""))
+    background.append(asyncio.create_task(beat(target, plan, every=max(2.0, settings.heartbeat_timeout / 4))))
+    head, local_port, nodes = await wait_until_ready(target, scheduler, plan)
+    info = await publish_connection_info(target, scheduler, plan, head, local_port, nodes, settings.info_file)
+    watcher = asyncio.create_task(watch_nodes(plan, local_port, nodes))
+    background.append(watcher)
+    if settings.user_script:
+        await _unless_a_node_dies(run_user_job(target, plan, local_port), watcher)
+    if settings.keep_alive or not settings.user_script:
+        await _unless_a_node_dies(keep_alive(plan, local_port, scheduler.walltime_seconds), watcher)
+    return asdict(info)
 
 
 @flow(
@@ -113,21 +250,13 @@ async def ray_cluster(settings: RayClusterSettings) -> dict:
         warn_about_insecure_choices(settings, logger)
         save_cluster_state(plan, str(current_flow_run.id or ""))
         background: list[asyncio.Task] = []
+        # Bring-up and hold run in a task of their own: a stop cancels that task and
+        # waits until it is over, and only then does this finally tear down, whole.
+        up = asyncio.ensure_future(_bring_up_and_hold(target, scheduler, plan, work_dir, background))
         try:
-            plan.environment = await prepare_environment(target, settings, work_dir)
-            await start_cluster(target, scheduler, plan)
-            save_cluster_state(plan, str(current_flow_run.id or ""))
-            background.append(asyncio.create_task(beat(target, plan, every=max(2.0, settings.heartbeat_timeout / 4))))
-            head, local_port, nodes = await wait_until_ready(target, scheduler, plan)
-            info = await publish_connection_info(target, scheduler, plan, head, local_port, nodes, settings.info_file)
-            watcher = asyncio.create_task(watch_nodes(plan, local_port, nodes))
-            background.append(watcher)
-            if settings.user_script:
-                await _unless_a_node_dies(run_user_job(target, plan, local_port), watcher)
-            if settings.keep_alive or not settings.user_script:
-                await _unless_a_node_dies(keep_alive(plan, local_port, scheduler.walltime_seconds), watcher)
-            return asdict(info)
+            return await _until_stopped(up)
         finally:
+            await _settle(up)
             for job in background:
                 job.cancel()
             await teardown_cluster(target, scheduler, plan)
@@ -179,31 +308,41 @@ def main(argv: list[str] | None = None) -> int:
     if cli.dry_run:
         print(render_plan(settings))
         return 0
-    # SIGTERM and Ctrl-C end the flow run as Crashed; its on_crashed hook tears the
-    # cluster down from the persisted state before the process exits. Prefect re-sends
-    # SIGTERM to the handler it found once it is done: make that one exit with 143.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # SIGINT and SIGTERM are STOP's, in the main thread, which only waits for the flow:
+    # the flow runs in a thread of its own, where Prefect installs no SIGTERM handler
+    # of its own (signal handlers are the main thread's) and asyncio none for SIGINT.
+    installed = STOP.install()
     try:
-        return asyncio.run(_run(settings))
-    except TerminationSignal:
-        print("terminated (SIGTERM): cluster torn down", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("interrupted: cluster torn down", file=sys.stderr)
-        return 130
+        if STOP.signum is not None:
+            print(f"interrupted ({STOP.name}) before the flow started: nothing to tear down", file=sys.stderr)
+            return 128 + STOP.signum
+        outcome: dict = {}
+        thread = threading.Thread(target=_run_flow, args=(settings, outcome), name="ray-cluster-flow")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+    finally:
+        if installed:
+            STOP.uninstall()
+    if "error" in outcome:
+        raise outcome["error"]
+    return 128 + STOP.signum if STOP.signum is not None else outcome["rc"]
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    print("terminated (SIGTERM): cluster torn down", file=sys.stderr)
-    raise SystemExit(143)
+def _run_flow(settings: RayClusterSettings, outcome: dict) -> None:
+    try:
+        outcome["rc"] = asyncio.run(_run(settings))
+    except BaseException as exc:  # handed to the main thread, which raises it
+        outcome["error"] = exc
 
 
 async def _run(settings: RayClusterSettings) -> int:
+    STOP.attach()
     try:
         info = await ray_cluster(settings=settings)
     except asyncio.CancelledError:
-        print("interrupted: cluster torn down", file=sys.stderr)
-        return 130
+        print(f"interrupted ({STOP.name or 'cancelled'}): cluster torn down", file=sys.stderr)
+        return 128 + (STOP.signum or signal.SIGINT)
     except Exception as exc:
         print(f"ray-cluster failed: {exc}", file=sys.stderr)
         return 1

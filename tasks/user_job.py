@@ -7,6 +7,7 @@ import shlex
 import time
 from pathlib import Path
 
+import httpx
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -63,28 +64,39 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int) ->
     return job_id
 
 
+async def _active_jobs(client: httpx.AsyncClient) -> int:
+    """How many Ray jobs are PENDING or RUNNING (the job API's list, as `ray job list` reads it)."""
+    response = await client.get("/api/jobs/")
+    response.raise_for_status()
+    return sum(1 for job in response.json() if str(job.get("status")).split(".")[-1] in ("PENDING", "RUNNING"))
+
+
 @task(name="keep-cluster-alive", cache_policy=NO_CACHE)
 async def keep_alive(plan: ClusterPlan, local_port: int, walltime_s: int | None) -> str:
-    """Hold the cluster until cancelled, idle for cluster_idle_timeout, or near the walltime."""
+    """Hold the cluster until cancelled, idle for cluster_idle_timeout, or near the walltime.
+
+    Polls the job API with an async client and a timeout, never in a worker thread: a
+    cancel ends it at once, and no blocked request can hold the process at exit."""
     logger = get_run_logger()
-    client = await asyncio.to_thread(_client, plan, local_port)
     idle_limit = plan.settings.cluster_idle_timeout * 60
     started = idle_since = time.monotonic()
     next_report = started
-    while True:
-        jobs = await asyncio.to_thread(client.list_jobs)
-        if any(str(job.status).split(".")[-1] in ("PENDING", "RUNNING") for job in jobs):
-            idle_since = time.monotonic()
-        now = time.monotonic()
-        if now - idle_since >= idle_limit:
-            logger.info("no Ray job for %d min: stopping the cluster", plan.settings.cluster_idle_timeout)
-            return "idle"
-        if walltime_s and now - started >= walltime_s - 60:
-            logger.info("walltime almost over: stopping the cluster")
-            return "walltime"
-        if now >= next_report:
-            left = idle_limit - (now - idle_since)
-            wall = f", walltime left {int(walltime_s - (now - started))}s" if walltime_s else ""
-            logger.info("cluster up; idle shutdown in %ds%s", left, wall)
-            next_report = now + 300
-        await asyncio.sleep(min(10, max(1, idle_limit / 10)))
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan), timeout=30
+    ) as client:
+        while True:
+            if await _active_jobs(client):
+                idle_since = time.monotonic()
+            now = time.monotonic()
+            if now - idle_since >= idle_limit:
+                logger.info("no Ray job for %d min: stopping the cluster", plan.settings.cluster_idle_timeout)
+                return "idle"
+            if walltime_s and now - started >= walltime_s - 60:
+                logger.info("walltime almost over: stopping the cluster")
+                return "walltime"
+            if now >= next_report:
+                left = idle_limit - (now - idle_since)
+                wall = f", walltime left {int(walltime_s - (now - started))}s" if walltime_s else ""
+                logger.info("cluster up; idle shutdown in %ds%s", left, wall)
+                next_report = now + 300
+            await asyncio.sleep(min(10, max(1, idle_limit / 10)))

@@ -20,6 +20,13 @@ THREE_NODES = {
 JOB_ID_RE = re.compile(r"submitted to (?:slurm|pbs): job (\d+)")
 
 
+def never_runs(work) -> str:
+    """A user script for runs that must fail before any job runs."""
+    script = work / "never.py"
+    script.write_text("print('NEVER_RUNS')\n")
+    return str(script)
+
+
 def job_id_of(output: str) -> str:
     match = JOB_ID_RE.search(output)
     assert match, output[-3000:]
@@ -119,7 +126,7 @@ def alive_on_login(bed, pids) -> list[str]:
 def test_a_cluster_whose_head_cannot_start_fails_and_the_job_record_says_so(work, prefect_api, bed, scheduler):
     """The head's temp dir cannot be made (node_tmp is not writable by the user): the
     job script exits non-zero, the flow fails, and the scheduler records a failure."""
-    run = run_flow(bed, batch_args(work / "w", "--node-tmp", "/root", "--user-script", work / "never.py",
+    run = run_flow(bed, batch_args(work / "w", "--node-tmp", "/root", "--user-script", never_runs(work),
                                    scheduler=scheduler, readiness=60), work=work, api=prefect_api)
     assert run.returncode == 1, run.output[-3000:]
     job = job_id_of(run.output)
@@ -131,14 +138,14 @@ def test_a_cluster_whose_head_cannot_start_fails_and_the_job_record_says_so(work
 
 def test_unknown_partition_is_a_clear_error_and_leaves_nothing(work, prefect_api, bed):
     run = run_flow(bed, batch_args(work / "w", "--slurm.partition", "nosuchpartition", "--user-script",
-                                   work / "never.py"), work=work, api=prefect_api)
+                                   never_runs(work)), work=work, api=prefect_api)
     assert run.returncode == 1
     assert "sbatch refused the job" in run.output and "partition" in run.output.lower()
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 
 def test_more_nodes_than_exist_is_a_clear_error(work, prefect_api, bed):
-    run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "5", "--user-script", work / "never.py"),
+    run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "5", "--user-script", never_runs(work)),
                    work=work, api=prefect_api)
     assert run.returncode == 1
     # Depending on EnforcePartLimits, sbatch refuses it or it pends forever: either way, said at once.
@@ -151,7 +158,7 @@ def test_more_nodes_than_exist_is_a_clear_error(work, prefect_api, bed):
 def test_job_stuck_pending_is_cancelled_at_readiness_timeout(work, prefect_api, bed):
     """A hold keeps the job PENDING: the flow must say why, cancel it, and leave nothing."""
     run = run_flow(bed, batch_args(work / "w", "--slurm.extra-directives", "#SBATCH --hold", "--user-script",
-                                   work / "never.py", readiness=8), work=work, api=prefect_api)
+                                   never_runs(work), readiness=8), work=work, api=prefect_api)
     assert run.returncode == 1
     assert "PENDING" in run.output and "not ready after 8s" in run.output
     assert_nothing_left(bed, run.cluster_id, work / "w")
