@@ -96,7 +96,10 @@ def bed(prefect_api):
         assert left == [], "left on the bed at the end of the session:\n" + "\n".join(left)
     finally:
         relay.close()
+        root = testbed.root
         testbed.down()
+    # the bed's own teardown leaves nothing either
+    assert testbed.leftovers(root) == []
 
 
 @pytest.fixture

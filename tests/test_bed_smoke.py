@@ -36,7 +36,10 @@ def smoke_bed():
         bed.up()
         yield bed, True
     finally:
+        root = bed.root
         bed.down()
+        bed.down()  # idempotent
+        assert bed.leftovers(root) == []
 
 
 @pytest.fixture(scope="module")
@@ -153,38 +156,3 @@ def test_ssh_between_hosts_with_site_defaults(bed):
     # root cannot log in over ssh; the second user is not the first
     assert bed.run_login(["ssh", "-o", "BatchMode=yes", "-i", str(bed.ssh_key), f"{bed.other_name}@node1", "true"],
                          timeout=30).returncode != 0
-
-
-def _bed_leftovers(bed, root: pathlib.Path) -> list[str]:
-    left = []
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    left += [f"netns {ns}" for ns in bed.netns.values() if ns in netns]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            comm = pathlib.Path(f"/proc/{entry}/comm").read_text().strip()
-            cmd = pathlib.Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if comm in {"slurmctld", "slurmd", "slurmstepd", "tini"} or str(root) in cmd or "-bed-munged" in cmd:
-            left.append(f"process {entry} {comm} {cmd}")
-    if root.exists():
-        left.append(f"dir {root}")
-    try:
-        if pathlib.Path("/etc/slurm/slurm.conf").read_text().startswith("# written by activate-ray TestBed"):
-            left.append("/etc/slurm/slurm.conf still the bed's")
-    except OSError:
-        pass
-    return left
-
-
-def test_teardown_leaves_nothing(smoke_bed):
-    """Last test of the module: tear the bed down and look for leftovers."""
-    bed, owned = smoke_bed
-    if not owned:
-        pytest.skip("the bed belongs to the session fixture; its teardown is checked when this module runs alone")
-    root = bed.root
-    bed.down()
-    bed.down()  # idempotent
-    assert _bed_leftovers(bed, root) == []

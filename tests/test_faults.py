@@ -91,8 +91,9 @@ def test_login_sshd_restarted_mid_run(work, prefect_api, bed):
 def test_second_cluster_on_the_same_host_survives_the_first_ones_teardown(work, prefect_api, bed):
     """Two clusters of one user on one host: tearing one down never touches the other;
     Ctrl-C then ends the first within 15 s."""
-    (work / "a").mkdir()
-    (work / "b").mkdir()
+    for name in ("a", "b"):
+        (work / name).mkdir()
+        os.chown(work / name, bed.user.uid, bed.user.gid)
     keeper = BackgroundFlow(bed, ["--keep-alive", "--work-dir", work / "a" / "w", *SMALL], work / "a", prefect_api)
     try:
         info_a = keeper.wait_ready()

@@ -577,6 +577,26 @@ class TestBed:
         if errors:
             raise BedError("teardown incomplete: " + "; ".join(errors))
 
+    def leftovers(self, root: pathlib.Path | None) -> list[str]:
+        """What of the bed still exists after down(): the bed's own teardown check."""
+        left = []
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        left += [f"netns {ns}" for ns in self.netns.values() if ns in netns]
+        for pid in _all_pids():
+            if pid == os.getpid():
+                continue
+            comm = (_read(f"/proc/{pid}/comm") or "").strip()
+            cmd = _cmdline(pid) or ""
+            if (comm in {"slurmctld", "slurmd", "slurmstepd", "tini"} or (root and str(root) in cmd)
+                    or "-bed-munged" in cmd or _uid(pid) in {u.uid for u in (self.user, self.other) if u}):
+                if _alive(pid):
+                    left.append(f"process {pid} {comm} {cmd}")
+        if root is not None and root.exists():
+            left.append(f"dir {root}")
+        if self._slurm_conf_is_ours():
+            left.append(f"{SLURM_CONF} still the bed's")
+        return left
+
     def _down_at_exit(self) -> None:
         try:
             self.down()
