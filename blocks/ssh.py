@@ -17,7 +17,7 @@ class SshConnection(Block):
     port: int = Field(22, ge=1, le=65535, title="Port")
     username: str = Field("", title="User", description="Empty: your local user name")
     private_key: SecretStr | None = Field(None, title="Private key", description="OpenSSH private key text")
-    known_hosts: str = Field("", title="known_hosts", description="known_hosts lines for the host (empty: ~/.ssh/known_hosts)")
+    known_hosts: str = Field("", title="known_hosts", description="known_hosts lines for the host, instead of ~/.ssh/known_hosts (/etc/ssh/ssh_known_hosts is read as well)")
 
     def ssh_params(self, accept_new_host_key: bool = False):
         from tasks.transport import SshParams

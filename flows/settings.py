@@ -369,10 +369,10 @@ class RayClusterSettings(BaseSettings):
         "", title="SSH private key file", description="Key file for the host (empty: the SSH agent and default keys)"
     )
     known_hosts: str = Field(
-        "", title="known_hosts file", description="Host keys to trust (empty: ~/.ssh/known_hosts)"
+        "", title="known_hosts file", description="Host keys to trust instead of ~/.ssh/known_hosts; /etc/ssh/ssh_known_hosts is read as well"
     )
     accept_new_host_key: bool = Field(
-        False, title="Accept unknown host keys", description="Trust a host key not in known_hosts (insecure; warns)"
+        False, title="Accept unknown host keys", description="Trust on first use: record an unknown host key in ~/.activate-ray/known_hosts (a changed key is always refused)"
     )
     # --- scheduler groups
     slurm: SlurmOptions = Field(
