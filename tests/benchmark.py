@@ -40,7 +40,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+from tests.helpers import PrefectServer, free_port, prefect_env
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -86,12 +87,6 @@ def log(message: str) -> None:
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05) -> float:
@@ -510,56 +505,6 @@ def poll_alive_main(argv: list[str]) -> int:
             return 0
         time.sleep(0.1)
     return 1
-
-
-# --------------------------------------------------------- Prefect server
-
-
-class PrefectServer:
-    def __init__(self, home: Path):
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.process: subprocess.Popen | None = None
-        self.start_s: float | None = None
-
-    def start(self) -> "PrefectServer":
-        env = {**prefect_env(self.home), "PREFECT_SERVER_API_HOST": "127.0.0.1"}
-        t0 = time.time()
-        self.process = subprocess.Popen(
-            [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, stdout=open(self.home / "server.log", "w"), stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-
-        def healthy() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError((self.home / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        self.start_s = wait_until(healthy, 120, "prefect server", 0.1) - t0
-        return self
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
-def prefect_env(home: Path, api: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_CLUSTER_"))}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    if api:
-        env["PREFECT_API_URL"] = api
-    return env
 
 
 # ------------------------------------------------------------ local section

@@ -6,7 +6,6 @@ helpers for that live in tests/helpers.py."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.bed import TestBed, skip_or_fail
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, PrefectServer
 
 PYTHON = sys.executable
 __all__ = ["REPO", "PYTHON"]
@@ -31,35 +30,11 @@ def _clean_env(monkeypatch):
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A real Prefect server on loopback for every flow the tests run, started once."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_API_HOST": "127.0.0.1"}
-    port = free_port()
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen(
-        [str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError((home / "server.log").read_text()[-3000:])
-        time.sleep(0.3)
-    else:
-        raise RuntimeError("prefect server did not start")
-    os.environ["PREFECT_API_URL"] = url
-    yield url
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home")).start()
+    os.environ["PREFECT_API_URL"] = server.url
+    yield server.url
     os.environ.pop("PREFECT_API_URL", None)
-    os.killpg(server.pid, 15)
-    server.wait(30)
+    server.stop()
 
 
 def bed_leftovers(bed: TestBed) -> list[str]:

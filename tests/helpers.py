@@ -11,8 +11,10 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def prefect_env(home: Path, api: str | None = None) -> dict:
+    """This process's environment with a Prefect home of its own: no PREFECT_* or
+    RAY_CLUSTER_* setting of the caller's leaks in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_CLUSTER_"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+class PrefectServer:
+    """`prefect server start` on loopback with a PREFECT_HOME of its own: the tests'
+    server, the benchmark's and the signal stress run's."""
+
+    def __init__(self, home: Path, prefect: Path = Path(sys.executable).parent / "prefect"):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.prefect = prefect
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.log = self.home / "server.log"
+        self.process: subprocess.Popen | None = None
+        self.start_s: float | None = None  # from launch to a healthy API
+
+    def start(self, timeout: float = 120) -> "PrefectServer":
+        t0 = time.monotonic()
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [str(self.prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env={**prefect_env(self.home), "PREFECT_SERVER_API_HOST": "127.0.0.1"},
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        while time.monotonic() - t0 < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(self.log.read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
+                    if response.status == 200:
+                        self.start_s = time.monotonic() - t0
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"prefect server did not start within {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
 
 
 def flow_env(api: str, env: dict | None = None, repo: Path = REPO) -> dict:

@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from tests.helpers import PrefectServer
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -46,54 +45,6 @@ RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
 EXPECTED = {"INT": 130, "TERM": 143}
 CURRENT: list[subprocess.Popen] = []  # the flow being signalled, for a clean stop on Ctrl-C
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrefectServer:
-    """`prefect server start` on loopback, with a PREFECT_HOME of its own."""
-
-    def __init__(self, root: Path):
-        self.home = root / "prefect-home"
-        self.home.mkdir()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.log = self.home / "server.log"
-        self.process: subprocess.Popen | None = None
-
-    def env(self) -> dict:
-        return {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_SERVER_API_HOST": "127.0.0.1"}
-
-    def start(self) -> "PrefectServer":
-        self.process = subprocess.Popen(
-            [str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env(), stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(self.log.read_text()[-3000:])
-            time.sleep(0.3)
-        raise RuntimeError("prefect server did not start within 120 s")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
 
 @dataclass
@@ -256,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
           + (", flow started with SIGINT ignored" if args.sigint_ignored else ""), flush=True)
     if token_before:
         print(f"warning: {AUTH_TOKEN} exists before the first run (not ours)", flush=True)
-    server = PrefectServer(root).start()
+    server = PrefectServer(root / "prefect-home").start()
     runs: list[Run] = []
     try:
         for number in range(args.runs):
