@@ -98,6 +98,9 @@ if __name__ == "__main__":
 
 # The temporary server's telemetry only fails offline; set before Prefect loads.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Its first start on a fresh PREFECT_HOME (database migrations) takes 20-30 s on a
+# loaded 2-core machine, beyond Prefect's 20 s default: `make demo` failed there.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from dataclasses import asdict
 
 from prefect import flow
