@@ -18,8 +18,19 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.settings import RayClusterSettings
-from tasks.schedulers import DirectScheduler, PbsScheduler, SlurmScheduler, scheduler_for
+from flows.settings import (
+    PBS_ALLOWED,
+    PBS_W_ALLOWED,
+    SLURM_ALLOWED,
+    SLURM_SHORT,
+    RayClusterSettings,
+)
+from tasks.schedulers import (
+    DirectScheduler,
+    PbsScheduler,
+    SlurmScheduler,
+    scheduler_for,
+)
 
 CLUSTER_ID = "ar-0123abcd"
 CLUSTER_DIR = "/home/alice/.activate-ray/clusters/ar-0123abcd"
@@ -65,7 +76,7 @@ def assert_directive_block_first(script: str, prefix: str) -> None:
 def assert_bash_syntax(script: str, tmp_path: Path) -> None:
     path = tmp_path / "job.sh"
     path.write_text(script)
-    result = subprocess.run([BASH, "-n", str(path)], capture_output=True, text=True, timeout=20)
+    result = subprocess.run([BASH, "-n", str(path)], check=False, capture_output=True, text=True, timeout=20)
     assert result.returncode == 0, result.stderr
 
 
@@ -155,7 +166,7 @@ def test_slurm_one_srun_for_all_workers(nodes, tmp_path):
     body = launch_function(script)
     assert len(re.findall(r"\bsrun\b", body)) == 1
     assert len(re.findall(r"\bsrun\b", script)) == 1
-    assert not re.search(r"^\s*(for|while|until)\b", body, re.M), "workers must start in one step, not a loop"
+    assert not re.search(r"^\s*(for|while|until)\b", body, re.MULTILINE), "workers must start in one step, not a loop"
     assert '--ntasks-per-node=1' in body and '--exclude="$SLURMD_NODENAME"' in body
     assert_bash_syntax(script, tmp_path)
 
@@ -180,7 +191,7 @@ def run_launch(script: str, tmp_path: Path, fake_bin: Path, env: dict[str, str],
     driver = tmp_path / "driver.sh"
     driver.write_text("set -euo pipefail\n" + prelude + launch_function(script) + "ar_launch_workers\nwait\n")
     full_env = {"PATH": str(fake_bin), "HOME": str(tmp_path), **env}
-    return subprocess.run([BASH, "--norc", "--noprofile", str(driver)], cwd=tmp_path, env=full_env,
+    return subprocess.run([BASH, "--norc", "--noprofile", str(driver)], check=False, cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=20)
 
 
@@ -245,6 +256,43 @@ def test_slurm_output_path_has_no_pattern_but_the_job_id():
     (output,) = [l for l in directive_lines(render(s, f"{s.work_dir}/clusters/{CLUSTER_ID}"), "#SBATCH")
                  if l.startswith("--output=")]
     assert re.findall(r"%.", output) == ["%j"]
+
+
+# Every allowed '#SBATCH' option, as a site would write it (short spellings included).
+SLURM_SAMPLE = [
+    "--account=proj42", "-A proj42", "--partition=gpu,gpu-long", "-p gpu", "--qos=high", "-q high",
+    "--reservation=maint-2026", "--licenses=fluent:2", "-L fluent:2", "--comment=ray-run", "--wckey=ml",
+    "--mail-type=END,FAIL", "--mail-user=alice@example.org", "--begin=now+60", "-b now+60",
+    "--deadline=2026-12-31T23:59:00", "--dependency=afterok:123:124", "-d afterok:123", "--priority=10",
+    "--nice=-5", "--hold", "-H", "--requeue", "--no-requeue",
+    "--constraint=a100", "-C a100", "-Ca100", "--cluster-constraint=east", "--prefer=hbm",
+    "--nodelist=node[1-4]", "-w node1", "--exclude=node7", "-x node7", "--switches=1@10:00", "--exclusive",
+    "--exclusive=user", "--oversubscribe", "-s", "--contiguous", "--spread-job", "--network=sn_single",
+    "--hint=nomultithread", "--core-spec=2", "-S 2", "--thread-spec=1", "--threads-per-core=1",
+    "--cores-per-socket=32", "--sockets-per-node=2", "--extra-node-info=2:32:1", "-B 2:32:1", "--mincpus=64",
+    "--mem=0", "--mem-per-cpu=4G", "--mem-per-gpu=40G", "--tmp=100G", "--gres=gpu:a100:4",
+    "--gres-flags=enforce-binding", "--gpus=8", "-G 8", "--gpus-per-node=a100:4", "--gpus-per-socket=2",
+    "--gpus-per-task=1", "--cpus-per-gpu=8", "--comment -dash-value",
+]
+
+
+def test_slurm_sample_covers_the_allowlist():
+    named = set()
+    for line in SLURM_SAMPLE:
+        word = line.split()[0]
+        named.add(word[2:].split("=")[0] if word.startswith("--") else SLURM_SHORT[word[1]])
+    assert named == set(SLURM_ALLOWED)
+
+
+def test_every_allowed_slurm_directive_reaches_the_job_script(tmp_path):
+    s = settings(scheduler="slurm", slurm={"nodes": 2, "extra_directives": "\n".join(f"#SBATCH {l}" for l in SLURM_SAMPLE)})
+    script = render(s)
+    lines = directive_lines(script, "#SBATCH")
+    ours = directive_lines(render(settings(scheduler="slurm", slurm={"nodes": 2})), "#SBATCH")
+    # the flow's directives first, then every extra one verbatim, in order, each on its own line
+    assert lines == ours + SLURM_SAMPLE
+    assert_directive_block_first(script, "#SBATCH")
+    assert_bash_syntax(script, tmp_path)
 
 
 # --------------------------------------------------------------------------- PBS
@@ -330,6 +378,42 @@ def test_pbs_names_only_when_set(option, flag):
 )
 def test_pbs_walltime_seconds(walltime, seconds):
     assert PbsScheduler(settings(scheduler="pbs", pbs={"walltime": walltime})).walltime_seconds == seconds
+
+
+# Every allowed '#PBS' option, as a site would write it (glued spellings included).
+PBS_SAMPLE = [
+    "-l filesystems=home:eagle", "-lfilesystems=home", "-l place=scatter:excl", "-l place=scatter:group=switch",
+    "-l gpu_type=a100,software=ansys", "-W depend=afterok:123.server", "-W group_list=g1@host1,g2@host2",
+    "-q workq", "-q gpuq@server2", "-A proj42", "-P project7", "-m abe", "-mn", "-M alice@example.org",
+    "-p -5", "-p10", "-r n", "-a 202612312359", "-h",
+]
+
+
+def test_pbs_sample_covers_the_allowlist():
+    assert {line[1] for line in PBS_SAMPLE} == set(PBS_ALLOWED)
+    assert {line.split()[1].split("=")[0] for line in PBS_SAMPLE if line.startswith("-W ")} == PBS_W_ALLOWED
+
+
+def test_every_allowed_pbs_directive_reaches_the_job_script(tmp_path):
+    s = settings(scheduler="pbs", pbs={"nodes": 3, "extra_directives": "\n".join(f"#PBS {l}" for l in PBS_SAMPLE)})
+    script = render(s)
+    lines = directive_lines(script, "#PBS")
+    ours = directive_lines(render(settings(scheduler="pbs", pbs={"nodes": 3})), "#PBS")
+    assert lines == ours + PBS_SAMPLE
+    # the flow's own node layout stays: its select and place=scatter are the only ones it wrote
+    assert [l for l in ours if l.startswith("-l ")] == ["-l walltime=01:00:00", f"-l select={PbsScheduler(s).select()}",
+                                                       "-l place=scatter"]
+    assert_directive_block_first(script, "#PBS")
+    assert_bash_syntax(script, tmp_path)
+
+
+@pytest.mark.parametrize("scheduler,line", [
+    ("slurm", "#SBATCH --output=/tmp/x"), ("slurm", "#SBATCH -so/tmp/x"), ("slurm", "#SBATCH --export=ALL"),
+    ("slurm", "#SBATCH --array=1-4"), ("pbs", "#PBS -o /tmp/x"), ("pbs", "#PBS -V"), ("pbs", "#PBS -W stageout=a@b:c"),
+])
+def test_refused_directive_never_reaches_a_job_script(scheduler, line):
+    with pytest.raises(ValidationError, match="is not allowed"):
+        settings(scheduler=scheduler, **{scheduler: {"extra_directives": line}})
 
 
 def test_pbs_launch_dedups_nodefile_in_order():
@@ -509,5 +593,5 @@ def test_cluster_dir_is_quoted(cls, tmp_path):
     script = cls(settings()).render(CLUSTER_ID, odd)
     assert_bash_syntax(script, tmp_path)
     export = next(l for l in script.splitlines() if l.startswith("export AR_CLUSTER_DIR="))
-    result = subprocess.run([BASH, "-c", f'{export}; printf %s "$AR_CLUSTER_DIR"'], capture_output=True, text=True)
+    result = subprocess.run([BASH, "-c", f'{export}; printf %s "$AR_CLUSTER_DIR"'], check=False, capture_output=True, text=True)
     assert result.stdout == odd

@@ -18,8 +18,25 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import flows.settings as settings_module
 from flows.ray_cluster import RayClusterCli, main
-from flows.settings import PbsOptions, RayClusterSettings, SlurmOptions, pbs_select_chunks
+from flows.settings import (
+    NO_VALUE,
+    OPTIONAL,
+    PBS_ALLOWED,
+    PBS_REFUSED,
+    PBS_RESOURCE_REFUSED,
+    PBS_W_ALLOWED,
+    PBS_W_REFUSED,
+    SLURM_ALLOWED,
+    SLURM_REFUSED,
+    SLURM_SHORT,
+    VALUE,
+    PbsOptions,
+    RayClusterSettings,
+    SlurmOptions,
+    pbs_select_chunks,
+)
 from tasks.cluster import ClusterPlan, RayEnvironment
 from tasks.schedulers import DirectScheduler, PbsScheduler, SlurmScheduler
 
@@ -105,7 +122,7 @@ class Sandbox:
 
     def bash(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [BASH, "--norc", "--noprofile", *args], cwd=self.cwd, env=self.env(), input=input,
+            [BASH, "--norc", "--noprofile", *args], check=False, cwd=self.cwd, env=self.env(), input=input,
             capture_output=True, timeout=20,
         )
 
@@ -426,12 +443,14 @@ def test_pbs_directives_keeping_one_chunk_per_host_are_accepted(line):
 
 
 @pytest.mark.parametrize(
-    "group,prefix", [("slurm", "#SBATCH"), ("pbs", "#PBS")],
+    "group,lines",
+    [("slurm", ["#SBATCH -x node7", "#SBATCH --mail-type=END,FAIL", "#SBATCH --gres=gpu:a100:4"]),
+     ("pbs", ["#PBS -m abe", "#PBS -M alice@example.org", "#PBS -l filesystems=home:eagle"])],
 )
-def test_extra_directives_normalised(group, prefix):
-    value = f"  {prefix} -x a\n\n{prefix} --mail-type=END,FAIL  \r\n{prefix} -l nodes=1:ppn=4\n"
+def test_extra_directives_normalised(group, lines):
+    value = f"  {lines[0]}\n\n{lines[1]}  \r\n{lines[2]}\n"
     got = getattr(RayClusterSettings(**{group: {"extra_directives": value}}), group).extra_directives
-    assert got == f"{prefix} -x a\n{prefix} --mail-type=END,FAIL\n{prefix} -l nodes=1:ppn=4"
+    assert got == "\n".join(lines)
 
 
 @pytest.mark.parametrize("group,prefix", [("slurm", "#SBATCH"), ("pbs", "#PBS")])
@@ -477,6 +496,270 @@ def test_pbs_prefix_is_not_slurm_prefix():
     assert_rejected({"slurm": {"extra_directives": "#PBS -l walltime=1"}}, "extra directive line")
 
 
+# --------------------------------------------------------------------------- directive allowlist
+#
+# Hostile or refused directives: (group, line, the option as the error names it, a piece of the reason).
+SET_BY_FLOW = "set by activate-ray"
+NOT_LISTED = "not in the allowlist"
+REFUSED_DIRECTIVES = [
+    # SLURM: where the job writes or reads
+    ("slurm", "#SBATCH --output=/tmp/x", "'--output'", "changes where the job writes its output"),
+    ("slurm", "#SBATCH --output /tmp/x", "'--output'", "changes where the job writes its output"),
+    ("slurm", "#SBATCH -o /tmp/x", "'-o' (--output)", "changes where the job writes its output"),
+    ("slurm", "#SBATCH -o/tmp/x", "'-o' (--output)", "changes where the job writes its output"),
+    ("slurm", "#SBATCH --error=/tmp/e", "'--error'", "changes where the job writes its output"),
+    ("slurm", "#SBATCH -e /tmp/e", "'-e' (--error)", "changes where the job writes its output"),
+    ("slurm", "#SBATCH --input=/etc/shadow", "'--input'", "standard input"),
+    ("slurm", "#SBATCH -i /etc/shadow", "'-i' (--input)", "standard input"),
+    ("slurm", "#SBATCH --open-mode=append", "'--open-mode'", "log files"),
+    ("slurm", "#SBATCH --chdir=/tmp", "'--chdir'", "working directory"),
+    ("slurm", "#SBATCH -D /tmp", "'-D' (--chdir)", "working directory"),
+    # SLURM: environment, interpreter, identity
+    ("slurm", "#SBATCH --export=ALL,LD_PRELOAD=/tmp/x.so", "'--export'", "environment"),
+    ("slurm", "#SBATCH --export-file=/tmp/env", "'--export-file'", "environment"),
+    ("slurm", "#SBATCH --get-user-env", "'--get-user-env'", "environment"),
+    ("slurm", "#SBATCH --propagate=ALL", "'--propagate'", "environment"),
+    ("slurm", "#SBATCH --container=/tmp/bundle", "'--container'", "container"),
+    ("slurm", "#SBATCH --uid=0", "'--uid'", "another user"),
+    ("slurm", "#SBATCH --gid=0", "'--gid'", "another group"),
+    ("slurm", "#SBATCH --wrap=id", "'--wrap'", "replaces the job script"),
+    ("slurm", "#SBATCH --bbf=/tmp/bb", "'--bbf'", "burst buffer"),
+    # SLURM: many copies, or a job the flow can not follow
+    ("slurm", "#SBATCH --array=1-100", "'--array'", "many copies"),
+    ("slurm", "#SBATCH -a 1-100", "'-a' (--array)", "many copies"),
+    ("slurm", "#SBATCH -a1-100%5", "'-a' (--array)", "many copies"),
+    ("slurm", "#SBATCH --wait", "'--wait'", "job id at once"),
+    ("slurm", "#SBATCH -W", "'-W' (--wait)", "job id at once"),
+    ("slurm", "#SBATCH --test-only", "'--test-only'", "not submit"),
+    ("slurm", "#SBATCH --clusters=other", "'--clusters'", "another cluster"),
+    ("slurm", "#SBATCH -M other", "'-M' (--clusters)", "another cluster"),
+    # SLURM: set by the flow
+    ("slurm", "#SBATCH --job-name=x", "'--job-name'", SET_BY_FLOW),
+    ("slurm", "#SBATCH -J x", "'-J' (--job-name)", SET_BY_FLOW),
+    ("slurm", "#SBATCH --nodes=4", "'--nodes'", "use slurm.nodes"),
+    ("slurm", "#SBATCH -N 4", "'-N' (--nodes)", "use slurm.nodes"),
+    ("slurm", "#SBATCH --ntasks=8", "'--ntasks'", "one task per node"),
+    ("slurm", "#SBATCH -n8", "'-n' (--ntasks)", "one task per node"),
+    ("slurm", "#SBATCH --ntasks-per-node=4", "'--ntasks-per-node'", "one task per node"),
+    ("slurm", "#SBATCH --cpus-per-task=8", "'--cpus-per-task'", "use num_cpus_per_node"),
+    ("slurm", "#SBATCH -c 8", "'-c' (--cpus-per-task)", "use num_cpus_per_node"),
+    ("slurm", "#SBATCH --time=10", "'--time'", "use slurm.walltime"),
+    ("slurm", "#SBATCH -t 10", "'-t' (--time)", "use slurm.walltime"),
+    ("slurm", "#SBATCH --time-min=5", "'--time-min'", SET_BY_FLOW),
+    ("slurm", "#SBATCH --signal=B:TERM@10", "'--signal'", "stops Ray cleanly"),
+    ("slurm", "#SBATCH --distribution=arbitrary", "'--distribution'", SET_BY_FLOW),
+    ("slurm", "#SBATCH --nodefile=/tmp/hosts", "'--nodefile'", SET_BY_FLOW),
+    # SLURM: smuggling a refused option past the parser
+    ("slurm", "#SBATCH -sC a100 -o/tmp/x", "'-o' (--output)", "changes where the job writes"),
+    ("slurm", "#SBATCH -so/tmp/x", "'-o' (--output)", "changes where the job writes"),
+    ("slurm", "#SBATCH -Hs -D/tmp", "'-D' (--chdir)", "working directory"),
+    ("slurm", "#SBATCH --comment=ok --output=/tmp/x", "'--output'", "changes where the job writes"),
+    ("slurm", "#SBATCH --exclusive --export=NONE", "'--export'", "environment"),
+    ("slurm", "#SBATCH --out=/tmp/x", "'--out'", NOT_LISTED),  # sbatch would take the abbreviation
+    ("slurm", "#SBATCH --exp=ALL", "'--exp'", NOT_LISTED),
+    ("slurm", "#SBATCH --OUTPUT=/tmp/x", "'--OUTPUT'", NOT_LISTED),
+    ("slurm", "#SBATCH -wrap=id", "'-wrap=id'", "--wrap is not allowed"),  # sbatch: -w rap=id
+    ("slurm", "#SBATCH -output=/tmp/x", "'-output=/tmp/x'", "--output is not allowed"),
+    ("slurm", "#SBATCH --nice -5", "'-5'", NOT_LISTED),  # optional value: only --nice=-5
+    ("slurm", "#SBATCH --exclusive /tmp/x", "'/tmp/x'", "is not an option"),
+    ("slurm", "#SBATCH -- --output=/tmp/x", "'--'", "is not an option"),
+    ("slurm", "#SBATCH --comment hetjob --comment -o/tmp/x", "'hetjob'", "heterogeneous job"),
+    ("slurm", "#SBATCH --gres=gpu:1 PACKJOB", "'PACKJOB'", "heterogeneous job"),
+    ("slurm", "#SBATCH --comment", "'--comment'", "needs a value on the same line"),
+    ("slurm", "#SBATCH -C", "'-C' (--constraint)", "needs a value on the same line"),
+    ("slurm", "#SBATCH --hold=yes", "'--hold'", "takes no value"),
+    ("slurm", "#SBATCH --verbose", "'--verbose'", NOT_LISTED),
+    ("slurm", "#SBATCH -Q", "'-Q'", NOT_LISTED),
+    ("slurm", "#SBATCH -h", "'-h'", NOT_LISTED),
+    ("slurm", "#SBATCH --reboot", "'--reboot'", NOT_LISTED),
+    ("slurm", "#SBATCH --ignore-pbs", "'--ignore-pbs'", NOT_LISTED),
+    # PBS: where the job writes, its environment and interpreter
+    ("pbs", "#PBS -o /tmp/x", "'-o'", "changes where the job writes its output"),
+    ("pbs", "#PBS -o/tmp/x", "'-o'", "changes where the job writes its output"),
+    ("pbs", "#PBS -e /tmp/x", "'-e'", "changes where the job writes its output"),
+    ("pbs", "#PBS -j n", "'-j'", "changes where the job writes its output"),
+    ("pbs", "#PBS -k oe", "'-k'", "home directory"),
+    ("pbs", "#PBS -v LD_PRELOAD=/tmp/x.so", "'-v'", "environment"),
+    ("pbs", "#PBS -V", "'-V'", "environment"),
+    ("pbs", "#PBS -S /bin/sh", "'-S'", "shell"),
+    ("pbs", "#PBS -C XPBS", "'-C'", "directive prefix"),
+    ("pbs", "#PBS -d /tmp", "'-d'", "working directory"),
+    ("pbs", "#PBS -w /tmp", "'-w'", "working directory"),
+    ("pbs", "#PBS -D /srv/root", "'-D'", "root directory"),
+    ("pbs", "#PBS -u root", "'-u'", "another user"),
+    ("pbs", "#PBS -T mine", "'-T'", "prologue"),
+    ("pbs", "#PBS -F arg1", "'-F'", "arguments"),
+    ("pbs", "#PBS -c dir=/tmp", "'-c'", "checkpoint"),
+    ("pbs", "#PBS -z", "'-z'", "job id"),
+    # PBS: many copies, interactive, set by the flow
+    ("pbs", "#PBS -J 1-10", "'-J'", "many copies"),
+    ("pbs", "#PBS -t 1-10", "'-t'", "many copies"),
+    ("pbs", "#PBS -I", "'-I'", "interactive"),
+    ("pbs", "#PBS -X", "'-X'", "interactive"),
+    ("pbs", "#PBS -N other", "'-N'", SET_BY_FLOW),
+    # PBS -W attributes
+    ("pbs", "#PBS -W stageout=/x@host:/y", "'-W stageout='", "copies files"),
+    ("pbs", "#PBS -W stagein=/x@host:/y", "'-W stagein='", "copies files"),
+    ("pbs", "#PBS -W umask=000", "'-W umask='", "permissions"),
+    ("pbs", "#PBS -W block=true", "'-W block='", "job id at once"),
+    ("pbs", "#PBS -W sandbox=PRIVATE", "'-W sandbox='", "working directory"),
+    ("pbs", "#PBS -W depend=afterok:1,umask=000", "'-W umask='", "permissions"),
+    ("pbs", "#PBS -Wumask=000", "'-W umask='", "permissions"),
+    ("pbs", "#PBS -W x=NODESET:ONEOF", "'-W x='", NOT_LISTED),
+    # PBS -l resources
+    ("pbs", "#PBS -l walltime=100:00:00", "'-l walltime='", "use pbs.walltime"),
+    ("pbs", "#PBS -l filesystems=home,walltime=99:00:00", "'-l walltime='", "use pbs.walltime"),
+    ("pbs", "#PBS -l max_walltime=99:00:00", "'-l max_walltime='", "use pbs.walltime"),
+    ("pbs", "#PBS -l select=4:ncpus=1", "'-l select='", "use pbs.select"),
+    ("pbs", "#PBS -lselect=4", "'-l select='", "use pbs.select"),
+    ("pbs", "#PBS -l place=pack", "-l place=pack", "place=scatter"),
+    ("pbs", "#PBS -l nodes=4:ppn=2", "'-l nodes='", "use pbs.nodes or pbs.select"),
+    ("pbs", "#PBS -l ncpus=64", "'-l ncpus='", "num_cpus_per_node"),
+    ("pbs", "#PBS -l epilogue=/tmp/x.sh", "'-l epilogue='", "script of your choice"),
+    ("pbs", "#PBS -l prologue=/tmp/x.sh", "'-l prologue='", "script of your choice"),
+    ("pbs", "#PBS -l filesystems", "-l 'filesystems'", "not a resource"),
+    ("pbs", "#PBS -l bad-name=1", "-l 'bad-name=1'", "not a resource"),
+    # PBS: smuggling
+    ("pbs", "#PBS -hV", "'-V'", "environment"),
+    ("pbs", "#PBS -mabe -V", "'-V'", "environment"),
+    ("pbs", "#PBS -m abe -o /tmp/x", "'-o'", "changes where the job writes"),
+    ("pbs", "#PBS -l", "'-l'", "needs a value on the same line"),
+    ("pbs", "#PBS --version", "'--version'", "single letters"),
+    ("pbs", "#PBS -l mem=1gb extra", "'extra'", "is not an option"),
+    ("pbs", "#PBS -Z", "'-Z'", NOT_LISTED),
+]
+
+
+@pytest.mark.parametrize("group,line,option,reason", REFUSED_DIRECTIVES, ids=[c[1] for c in REFUSED_DIRECTIVES])
+def test_refused_directive_names_the_option_and_the_reason(group, line, option, reason):
+    exc = assert_rejected({group: {"extra_directives": line}}, "extra directive line 1")
+    assert [e["loc"] for e in exc.errors()] == [(group, "extra_directives")]
+    message = exc.errors()[0]["msg"]
+    assert option in message, message
+    assert reason in message, message
+    # also on a later line, after an allowed one: the line number is the offending one
+    prefix = "#SBATCH" if group == "slurm" else "#PBS"
+    exc = assert_rejected({group: {"extra_directives": f"{prefix} {'--comment=ok' if group == 'slurm' else '-m n'}\n{line}"}},
+                          "extra directive line 2")
+    assert option in exc.errors()[0]["msg"]
+
+
+def test_refused_corpus_is_large_and_covers_every_refused_option():
+    assert len(REFUSED_DIRECTIVES) >= 30
+    lines = " ".join(line for _, line, _, _ in REFUSED_DIRECTIVES)
+    for name in SLURM_REFUSED:
+        letters = [letter for letter, long in SLURM_SHORT.items() if long == name]
+        spelled = [f"--{name}"] + [f"-{letter}" for letter in letters]
+        if not any(re.search(rf"(?<![\w-]){re.escape(s)}(?![\w-])", lines) for s in spelled):
+            # every refused option is refused (the corpus above names the main ones)
+            exc = assert_rejected({"slurm": {"extra_directives": f"#SBATCH --{name}=1"}}, f"'--{name}'")
+            assert "is not allowed: " + SLURM_REFUSED[name] in str(exc)
+    for letter, reason in PBS_REFUSED.items():
+        exc = assert_rejected({"pbs": {"extra_directives": f"#PBS -{letter} x"}}, f"'-{letter}'")
+        assert "is not allowed: " + reason in str(exc)
+    for name, reason in PBS_W_REFUSED.items():
+        exc = assert_rejected({"pbs": {"extra_directives": f"#PBS -W {name}=x"}}, f"'-W {name}='")
+        assert reason in str(exc)
+    for name, reason in PBS_RESOURCE_REFUSED.items():
+        exc = assert_rejected({"pbs": {"extra_directives": f"#PBS -l {name}=1"}}, f"'-l {name}='")
+        assert reason in str(exc)
+
+
+def test_allowlists_are_disjoint_and_short_options_are_known():
+    assert not SLURM_ALLOWED.keys() & SLURM_REFUSED.keys()
+    assert not PBS_ALLOWED.keys() & PBS_REFUSED.keys()
+    assert not PBS_W_ALLOWED & PBS_W_REFUSED.keys()
+    assert set(SLURM_SHORT.values()) <= SLURM_ALLOWED.keys() | SLURM_REFUSED.keys()
+    assert all(len(letter) == 1 for letter in [*SLURM_SHORT, *PBS_ALLOWED, *PBS_REFUSED])
+    assert set(SLURM_ALLOWED.values()) | set(PBS_ALLOWED.values()) <= {VALUE, OPTIONAL, NO_VALUE}
+
+
+def slurm_spellings() -> list[str]:
+    """Every allowed SLURM option, in every spelling sbatch reads the same way."""
+    lines = []
+    for name, takes in SLURM_ALLOWED.items():
+        if takes == VALUE:
+            lines += [f"--{name}=v1", f"--{name} v1"]
+        elif takes == OPTIONAL:
+            lines += [f"--{name}", f"--{name}=v1"]
+        else:
+            lines.append(f"--{name}")
+    for letter, name in SLURM_SHORT.items():
+        if name in SLURM_ALLOWED:
+            lines += [f"-{letter} v1", f"-{letter}v1"] if SLURM_ALLOWED[name] == VALUE else [f"-{letter}"]
+    return lines
+
+
+def pbs_spellings() -> list[str]:
+    samples = {"l": "filesystems=home:eagle", "W": "depend=afterok:123"}
+    lines = []
+    for letter, takes in PBS_ALLOWED.items():
+        if takes == VALUE:
+            value = samples.get(letter, "v1")
+            lines += [f"-{letter} {value}", f"-{letter}{value}"]
+        else:
+            lines.append(f"-{letter}")
+    return lines
+
+
+@pytest.mark.parametrize("line", slurm_spellings())
+def test_allowed_slurm_directive_accepted(line):
+    value = f"#SBATCH {line}"
+    assert RayClusterSettings(slurm={"extra_directives": value}).slurm.extra_directives == value
+    assert SlurmOptions(extra_directives=value).extra_directives == value
+
+
+@pytest.mark.parametrize("line", pbs_spellings())
+def test_allowed_pbs_directive_accepted(line):
+    value = f"#PBS {line}"
+    assert RayClusterSettings(pbs={"extra_directives": value}).pbs.extra_directives == value
+    assert PbsOptions(extra_directives=value).extra_directives == value
+
+
+@pytest.mark.parametrize(
+    "group,line",
+    [
+        # a required value is the next word, also when it starts with '-' (as getopt reads it)
+        ("slurm", "#SBATCH --comment -W"),
+        ("slurm", "#SBATCH --comment -o/tmp/x"),
+        ("slurm", "#SBATCH -C -o"),
+        ("slurm", "#SBATCH --nice=-5"),
+        ("slurm", "#SBATCH --exclusive=user"),
+        ("slurm", "#SBATCH --requeue"),
+        ("slurm", "#SBATCH -sHC a100 --exclusive"),  # clustered flags, then a value
+        ("slurm", "#SBATCH --partition=gpu,gpu-long --qos=high"),
+        ("slurm", "#SBATCH --nodelist=node[1-4] --exclude=node7"),
+        ("slurm", "#SBATCH --dependency=afterok:123:124"),
+        ("slurm", "#SBATCH --mail-user=alice@example.org --mail-type=END,FAIL"),
+        ("slurm", "#SBATCH --gpus-per-node=4 --cpus-per-gpu=8 --mem-per-gpu=40G"),
+        ("slurm", "#SBATCH --hold"),  # the bed's stuck-pending test
+        ("pbs", "#PBS -p -5"),
+        ("pbs", "#PBS -l place=scatter:excl,filesystems=home:eagle"),
+        ("pbs", "#PBS -W group_list=g1@host1,g2@host2"),
+        ("pbs", "#PBS -W depend=afterok:123.server:124.server"),
+        ("pbs", "#PBS -hm abe"),
+        ("pbs", "#PBS -r n -a 202612312359 -P proj -A acct -q workq"),
+    ],
+)
+def test_allowed_directive_spellings(group, line):
+    assert getattr(RayClusterSettings(**{group: {"extra_directives": line}}), group).extra_directives == line
+
+
+def test_unknown_option_error_lists_the_allowlist():
+    exc = assert_rejected({"slurm": {"extra_directives": "#SBATCH --bogus=1"}}, "'--bogus'")
+    assert NOT_LISTED in str(exc) and "--constraint" in str(exc) and "--gres" in str(exc)
+    exc = assert_rejected({"pbs": {"extra_directives": "#PBS -Z"}}, "'-Z'")
+    assert NOT_LISTED in str(exc) and "-l" in exc.errors()[0]["msg"]
+
+
+@pytest.mark.parametrize("group,line,option,reason", REFUSED_DIRECTIVES[::7], ids=[c[1] for c in REFUSED_DIRECTIVES[::7]])
+def test_refused_directive_cli_exit_2(group, line, option, reason, capsys, sandbox):
+    rc, out, err = run_main(capsys, ["--scheduler", group, f"--{group}.extra-directives", line, "--dry-run"])
+    assert rc == 2 and out == ""
+    assert f"invalid input {group}.extra_directives" in err and option in err and reason in err
+    sandbox.assert_untouched()
+
+
 # --------------------------------------------------------------------------- local files
 
 
@@ -495,6 +778,176 @@ def test_local_files_expand_home(tmp_path, monkeypatch):
     assert RayClusterSettings(user_script="~/job.py").user_script == "~/job.py"
 
 
+# Local files the flow reads: pseudo-files, devices and anything but a regular file you can
+# read are refused, by name, and no error ever shows a file's contents.
+FILE_FIELD_NAMES = ["user_script", "requirements", "ssh_key_file", "known_hosts"]
+SECRET = "AR-SECRET-7f3a9c"  # in the environment of the test process, and in files below
+HOSTILE_PATHS = {
+    "proc-environ": ("/proc/self/environ", "under /proc"),
+    "proc-cmdline": ("/proc/self/cmdline", "under /proc"),
+    "proc-pid1-environ": ("/proc/1/environ", "under /proc"),
+    "proc-fd": ("/proc/self/fd/0", "under /proc"),
+    "proc-mem": ("/proc/self/mem", "under /proc"),
+    "proc-dir": ("/proc", "under /proc"),
+    "proc-double-slash": ("//proc/self/environ", "under /proc"),
+    "proc-dotdot": ("/proc/../proc/self/environ", "under /proc"),
+    "proc-dot": ("/./proc/self/status", "under /proc"),
+    "proc-via-etc": ("/etc/../proc/self/environ", "under /proc"),
+    "dev-stdin": ("/dev/stdin", "under /dev"),  # a symlink into /proc
+    "dev-zero": ("/dev/zero", "under /dev"),
+    "dev-null": ("/dev/null", "under /dev"),
+    "dev-urandom": ("/dev/urandom", "under /dev"),
+    "dev-tty": ("/dev/tty", "under /dev"),
+    "dev-shm": ("/dev/shm/ar-does-not-matter", "under /dev"),
+    "sys-dir": ("/sys", "under /sys"),
+    "sys-file": ("/sys/kernel/uevent_seqnum", "under /sys"),
+    "missing": ("/nonexistent/ar/job.py", "No such file"),
+    "directory": ("/etc", "a directory, device, pipe or socket"),
+    "nul-byte": ("job\0.py", "invalid name"),
+    "too-long": ("a" * 5000, "too long"),
+}
+
+
+@pytest.mark.parametrize("field", FILE_FIELD_NAMES)
+@pytest.mark.parametrize("label", HOSTILE_PATHS)
+def test_hostile_local_path_refused(field, label, monkeypatch):
+    monkeypatch.setenv("AR_TEST_SECRET", SECRET)
+    value, reason = HOSTILE_PATHS[label]
+    exc = assert_rejected({field: value}, field)
+    message = exc.errors()[0]["msg"]
+    assert "is not a readable regular file" in message and reason in message, message
+    assert SECRET not in str(exc)
+
+
+@pytest.fixture
+def odd_files(tmp_path, monkeypatch) -> dict[str, tuple[Path, str]]:
+    """Local paths that look like files: (path, what the error says)."""
+    import socket
+
+    monkeypatch.setenv("AR_TEST_SECRET", SECRET)
+    found = {}
+    for name, target, reason in [("environ", "/proc/self/environ", "under /proc"), ("zero", "/dev/zero", "under /dev"),
+                                 ("stdin", "/dev/stdin", "under /"), ("kernel", "/sys/kernel/uevent_seqnum", "under /sys")]:
+        link = tmp_path / f"link-to-{name}.py"
+        link.symlink_to(target)
+        found[f"symlink-to-{name}"] = (link, reason)
+    chain = tmp_path / "chain.py"
+    chain.symlink_to(found["symlink-to-environ"][0])
+    found["symlink-chain-to-environ"] = (chain, "under /proc")
+    loop = tmp_path / "loop.py"
+    loop.symlink_to(loop)
+    found["symlink-loop"] = (loop, "symbolic links")
+    dangling = tmp_path / "dangling.py"
+    dangling.symlink_to(tmp_path / "gone.py")
+    found["dangling-symlink"] = (dangling, "No such file")
+    fifo = tmp_path / "fifo.py"
+    os.mkfifo(fifo)
+    found["fifo"] = (fifo, "a directory, device, pipe or socket")
+    sock_path = tmp_path / "sock.py"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    found["unix-socket"] = (sock_path, "a directory, device, pipe or socket")
+    (tmp_path / "dir.py").mkdir()
+    found["directory"] = (tmp_path / "dir.py", "a directory, device, pipe or socket")
+    yield found
+    sock.close()
+
+
+ODD_FILE_LABELS = ["symlink-to-environ", "symlink-to-zero", "symlink-to-stdin", "symlink-to-kernel",
+                   "symlink-chain-to-environ", "symlink-loop", "dangling-symlink", "fifo", "unix-socket", "directory"]
+
+
+@pytest.mark.parametrize("field", FILE_FIELD_NAMES)
+@pytest.mark.parametrize("label", ODD_FILE_LABELS)
+def test_local_path_that_is_no_regular_file_refused(field, label, odd_files):
+    path, reason = odd_files[label]
+    exc = assert_rejected({field: str(path)}, field)
+    message = exc.errors()[0]["msg"]
+    assert reason in message, message
+    assert SECRET not in str(exc)
+
+
+def test_symlink_under_home_to_proc_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AR_TEST_SECRET", SECRET)
+    (tmp_path / "job.py").symlink_to("/proc/self/environ")
+    exc = assert_rejected({"user_script": "~/job.py"}, "user_script")
+    assert "under /proc" in str(exc) and SECRET not in str(exc)
+
+
+def test_a_symlink_to_a_regular_file_is_fine(tmp_path):
+    real = tmp_path / "real.py"
+    real.write_text("print(1)\n")
+    (tmp_path / "link.py").symlink_to(real)
+    assert RayClusterSettings(user_script=str(tmp_path / "link.py")).user_script == str(tmp_path / "link.py")
+
+
+def test_another_mount_of_proc_is_refused(tmp_path, monkeypatch):
+    """A file on the file system of /proc (procfs mounted elsewhere, a bind mount) is refused
+    by its device, not only by its name."""
+    real = tmp_path / "looks-fine.py"
+    real.write_text("print(1)\n")
+    proc_dev = os.stat("/proc").st_dev
+    real_stat = os.stat
+
+    def stat_on_procfs(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if str(path) == str(real):
+            return os.stat_result((result.st_mode, result.st_ino, proc_dev, *tuple(result)[3:]))
+        return result
+
+    monkeypatch.setattr(settings_module.os, "stat", stat_on_procfs)
+    exc = assert_rejected({"user_script": str(real)}, "user_script")
+    assert "on the file system of /proc" in str(exc)
+
+
+@pytest.mark.parametrize("field", FILE_FIELD_NAMES)
+def test_unreadable_file_refused_without_its_contents(field, tmp_path, monkeypatch):
+    secret = tmp_path / "secret.py"
+    secret.write_text(f"{SECRET}\n")
+    real_access = os.access
+    monkeypatch.setattr(settings_module.os, "access",
+                        lambda path, mode, **kw: False if str(path) == str(secret) else real_access(path, mode, **kw))
+    exc = assert_rejected({field: str(secret)}, field)
+    assert "no read permission" in str(exc)
+    assert SECRET not in str(exc)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_file_refused_for_real(tmp_path):
+    secret = tmp_path / "secret.py"
+    secret.write_text(f"{SECRET}\n")
+    secret.chmod(0)
+    exc = assert_rejected({"user_script": str(secret)}, "user_script")
+    assert "no read permission" in str(exc) and SECRET not in str(exc)
+
+
+def test_local_file_check_never_reads_the_file(tmp_path, monkeypatch):
+    import builtins
+    import io
+
+    script = tmp_path / "job.py"
+    script.write_text(f"{SECRET}\n")
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("the settings read a local file")
+
+    monkeypatch.setattr(builtins, "open", no_open)
+    monkeypatch.setattr(io, "open", no_open)
+    monkeypatch.setattr(os, "open", no_open)
+    assert RayClusterSettings(user_script=str(script)).user_script == str(script)
+
+
+@pytest.mark.parametrize("value", ["/proc/self/environ", "/dev/stdin", "/proc/self/fd/0"])
+def test_hostile_local_path_cli_exit_2_without_contents(value, capsys, monkeypatch, sandbox):
+    monkeypatch.setenv("AR_TEST_SECRET", SECRET)
+    rc, out, err = run_main(capsys, ["--user-script", value, "--dry-run"])
+    assert rc == 2 and out == ""
+    assert "user_script" in err and "not a readable regular file" in err
+    assert SECRET not in err
+    sandbox.assert_untouched()
+
+
 # --------------------------------------------------------------------------- known validator gaps (bugs)
 
 
@@ -505,7 +958,7 @@ def test_overlong_file_name_is_a_validation_error(field):
 
 
 def test_overlong_file_name_cli_exit_2(capsys):
-    rc, out, err = run_main(capsys, ["--user-script", "a" * 300, "--dry-run"])
+    rc, _, err = run_main(capsys, ["--user-script", "a" * 300, "--dry-run"])
     assert rc == 2 and "user_script" in err
 
 # Fields whose validator is a `^...$` regex. Python's `$` also matches just before a
@@ -771,7 +1224,7 @@ def test_bad_environment_is_rejected(monkeypatch, name, value, where, sandbox, c
 @pytest.fixture(scope="module")
 def help_text() -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "flows.ray_cluster", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "flows.ray_cluster", "--help"], check=False, cwd=REPO, capture_output=True, text=True, timeout=60,
         env={k: v for k, v in os.environ.items() if not k.upper().startswith("RAY_CLUSTER_")},
     )
     assert result.returncode == 0, result.stderr
@@ -840,7 +1293,7 @@ def test_cli_dry_run_starts_nothing(monkeypatch, capsys, sandbox):
     import asyncio
 
     import flows.ray_cluster as cli_module
-    import tasks.transport as transport
+    from tasks import transport
 
     def forbidden(*a, **k):
         raise AssertionError("--dry-run started something")
@@ -867,10 +1320,10 @@ def test_cli_dry_run_plan_contents(capsys):
     assert rc == 0, err
     env_text, job = dry_run_sections(out)
     assert "export AR_NUM_CPUS=8\n" in env_text
-    assert re.search(r"^export AR_CLUSTER_DIR=/scratch/ar/clusters/ar-[0-9a-f]{8}$", env_text, re.M)
+    assert re.search(r"^export AR_CLUSTER_DIR=/scratch/ar/clusters/ar-[0-9a-f]{8}$", env_text, re.MULTILINE)
     assert "#PBS -q workq\n" in job
     assert "#PBS -l select=3:ncpus=8:mem=3072mb\n" in job
-    assert re.search(r"^cd /scratch/ar/clusters/ar-[0-9a-f]{8} && qsub bin/job\.sh$", out, re.M)
+    assert re.search(r"^cd /scratch/ar/clusters/ar-[0-9a-f]{8} && qsub bin/job\.sh$", out, re.MULTILINE)
     assert "nodes: 3" in out
     assert "token" not in env_text.replace("RAY_AUTH_MODE=token", "").replace("RAY_AUTH_TOKEN_PATH", "").replace(
         "/token\n", "\n")  # the token's path, never the token
