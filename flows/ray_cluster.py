@@ -105,10 +105,12 @@ from dataclasses import asdict
 
 from prefect import flow
 from prefect.runtime import flow_run as current_flow_run
+from prefect.settings import get_current_settings
 from pydantic import Field, ValidationError
 from pydantic_settings import CliApp, SettingsConfigDict
 
 from flows.settings import RayClusterSettings
+from tasks.atomic_file import write_text_atomic
 from tasks.cluster import (
     ClusterPlan,
     beat,
@@ -159,6 +161,23 @@ async def teardown_saved_clusters(flow, flow_run, state) -> None:
         logger.info("hook (%s): tearing down cluster %s", state.name, plan.cluster_id)
         async with await open_target(plan.settings) as target:
             await teardown_cluster.fn(target, scheduler_for(plan.settings), plan)
+
+
+def refuse_token_block_without_a_server(settings: RayClusterSettings) -> None:
+    """Prefect's temporary server has no authentication and listens on loopback, where
+    every user of the machine reaches it: a token saved there is everyone's."""
+    if settings.publish_token_block and not get_current_settings().api.url:
+        raise ValueError(
+            "publish_token_block needs a configured Prefect server (PREFECT_API_URL): Prefect's temporary "
+            "server has no authentication, and every user of this machine could read the token from it"
+        )
+
+
+def write_state_file(path: str, plan: ClusterPlan, scheduler: Scheduler) -> None:
+    """What a cleanup step needs when the flow could not tear down: one KEY=value per line."""
+    if path:
+        text = f"cluster_id={plan.cluster_id}\nscheduler={scheduler.name}\njob_id={plan.job_id}\n"
+        write_text_atomic(path, text, 0o600)
 
 
 def warn_about_insecure_choices(settings: RayClusterSettings, logger) -> None:
@@ -223,6 +242,7 @@ async def _bring_up_and_hold(
     plan.environment = await prepare_environment(target, settings, work_dir)
     await start_cluster(target, scheduler, plan)
     save_cluster_state(plan, str(current_flow_run.id or ""))
+    write_state_file(settings.state_file, plan, scheduler)
     background.append(asyncio.create_task(beat(target, plan, every=max(2.0, settings.heartbeat_timeout / 4))))
     head, local_port, nodes = await wait_until_ready(target, scheduler, plan)
     info = await publish_connection_info(target, scheduler, plan, head, local_port, nodes, settings.info_file)
@@ -245,6 +265,7 @@ async def ray_cluster(settings: RayClusterSettings) -> dict:
     """Start a Ray cluster on the host (directly, or as a SLURM/PBS job), wait until
     every node is up, show how to connect, run the user's script, and always tear down."""
     logger = get_run_logger()
+    refuse_token_block_without_a_server(settings)
     scheduler = scheduler_for(settings)
     async with await open_target(settings) as target:
         work_dir = await target_work_dir(target, settings)
@@ -252,6 +273,7 @@ async def ray_cluster(settings: RayClusterSettings) -> dict:
         logger.info("cluster %s on %s (%s, %d node(s))", plan.cluster_id, target.label, scheduler.name, settings.nodes)
         warn_about_insecure_choices(settings, logger)
         save_cluster_state(plan, str(current_flow_run.id or ""))
+        write_state_file(settings.state_file, plan, scheduler)
         background: list[asyncio.Task] = []
         # Bring-up and hold run in a task of their own: a stop cancels that task and
         # waits until it is over, and only then does this finally tear down, whole.
@@ -308,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"invalid input {where}: {error['msg']}", file=sys.stderr)
         return 2
     settings = RayClusterSettings.model_validate(cli.model_dump(exclude={"dry_run"}))
+    try:
+        refuse_token_block_without_a_server(settings)
+    except ValueError as exc:
+        print(f"invalid input publish_token_block: {exc}", file=sys.stderr)
+        return 2
     if cli.dry_run:
         print(render_plan(settings))
         return 0

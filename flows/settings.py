@@ -40,6 +40,20 @@ PBS_SELECT_RE = re.compile(r"^" + _PBS_CHUNK + r"(\+" + _PBS_CHUNK + r")*$", re.
 # Paths on the target that reach scripts: no quotes, no shell syntax.
 TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9_.~/+@\-]{1,200}$", re.ASCII)
 BIND_HOST_RE = re.compile(r"^(\d{1,3}\.){3}\d{1,3}$", re.ASCII)
+# A node's private temp dir is <node_tmp>/<first NODE_TMP_ID_CHARS of the cluster id>.XXXXXX,
+# Ray's temp dir is r/ in it, and Ray puts unix sockets below that
+# (session_<date>_<time>_<us>_<pid>/sockets/dash_TaskEventsHead), which Linux limits to
+# 107 bytes: what is left for node_tmp.
+NODE_TMP_ID_CHARS = 11
+
+
+def node_tmp_name(cluster_id: str) -> str:
+    """What every node temp dir of a cluster is named with, before mktemp's random part."""
+    return cluster_id[:NODE_TMP_ID_CHARS] + "."
+
+NODE_TMP_MAX_LEN = 107 - len("/ar-01234567.XXXXXX/r") - len("/session_2026-12-02_03-01-57_632069_4194304") - len(
+    "/sockets/dash_TaskEventsHead"
+)
 
 
 class Scheduler(str, Enum):
@@ -593,12 +607,18 @@ class RayClusterSettings(BaseSettings):
     node_tmp: str = Field(
         "/tmp",
         title="Node temp root",
-        description="Node-local directory for Ray's temp dirs (at most 40 characters)",
-        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern, "maxLength": 40},
+        description=f"Node-local directory for Ray's temp dirs (at most {NODE_TMP_MAX_LEN} characters: "
+        "Ray's unix sockets live below it)",
+        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern, "maxLength": NODE_TMP_MAX_LEN},
     )
     # --- cluster behaviour
     dashboard_port: int = Field(
-        8265, ge=1024, le=65535, title="Dashboard port", description="Preferred dashboard port on the head (a free one if taken)"
+        0,
+        ge=0,
+        le=65535,
+        title="Dashboard port",
+        description="Dashboard port on the head: 0 = a free one (two clusters on a node never race for one port); "
+        "else 1024-65535, preferred (a free one if taken). The tunnel maps it to local port 8265 either way",
     )
     dashboard_host: str = Field(
         "127.0.0.1",
@@ -608,6 +628,18 @@ class RayClusterSettings(BaseSettings):
     )
     token_auth: bool = Field(
         True, title="Ray token authentication", description="A fresh token per cluster; turn off only for Ray without it"
+    )
+    publish_token_block: bool = Field(
+        False,
+        title="Publish the token as a Prefect Secret block",
+        description="For UI users of a configured Prefect server: EVERY user of that server can read it. "
+        "Never done with Prefect's temporary server (no authentication, on a shared loopback)",
+    )
+    metrics: bool = Field(
+        False,
+        title="Ray metrics endpoints",
+        description="Open Ray's Prometheus endpoints for a scraper: they answer WITHOUT the token, "
+        "on every interface of each node (off: not opened at all)",
     )
     cluster_idle_timeout: float = Field(
         30, gt=0, le=100000, title="Idle timeout (minutes)", description="Keep-alive clusters stop after this idle time"
@@ -633,6 +665,12 @@ class RayClusterSettings(BaseSettings):
     )
     info_file: str = Field(
         "ray-cluster.json", title="Connection info file", description="Where to write connection info as JSON (no secrets)"
+    )
+    state_file: str = Field(
+        "",
+        title="Cluster state file",
+        description="Where to write cluster_id=, scheduler=, job_id= lines as soon as each is known "
+        "(for a cleanup step that runs when the flow could not tear down; empty: none)",
     )
     # --- SSH
     ssh_key_file: str = Field(
@@ -673,6 +711,13 @@ class RayClusterSettings(BaseSettings):
             raise ValueError(f"{info.field_name} {value!r}: use letters, digits and _.~/+@- only")
         return value
 
+    @field_validator("dashboard_port")
+    @classmethod
+    def _dashboard_port(cls, value: int) -> int:
+        if 0 < value < 1024:
+            raise ValueError(f"dashboard_port {value}: use 0 (a free port) or 1024-65535")
+        return value
+
     @field_validator("dashboard_host")
     @classmethod
     def _bind(cls, value: str) -> str:
@@ -687,8 +732,11 @@ class RayClusterSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> RayClusterSettings:
-        if self.node_tmp and len(self.node_tmp) > 40:
-            raise ValueError("node_tmp must be at most 40 characters (Ray's unix socket paths are limited)")
+        if self.publish_token_block and not self.token_auth:
+            raise ValueError("publish_token_block needs token_auth: there is no token to publish")
+        if self.node_tmp and len(self.node_tmp) > NODE_TMP_MAX_LEN:
+            raise ValueError(f"node_tmp must be at most {NODE_TMP_MAX_LEN} characters "
+                             "(Ray's unix socket paths below it are limited to 107 bytes)")
         return self
 
     @property

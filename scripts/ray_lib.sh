@@ -2,7 +2,8 @@
 # Every script first sources the cluster's env file, which the flow writes
 # with each value shell-quoted: AR_CLUSTER_ID, AR_CLUSTER_DIR, AR_NODE_TMP,
 # AR_PYTHON, AR_RAY, AR_NUM_CPUS, AR_NUM_GPUS, AR_MEMORY, AR_OBJECT_STORE,
-# AR_DASHBOARD_HOST, AR_DASHBOARD_PORT, AR_HEARTBEAT_TIMEOUT, RAY_AUTH_MODE...
+# AR_DASHBOARD_HOST, AR_DASHBOARD_PORT, AR_HEARTBEAT_TIMEOUT, AR_NODE_TMP_NAME,
+# AR_METRICS, RAY_AUTH_MODE...
 
 ar_log() { printf '%s [%s] %s\n' "$(date +%H:%M:%S)" "$(hostname -s)" "$*" >&2; }
 
@@ -24,7 +25,8 @@ ar_node_ip() {
 
 # Free ports for one Ray node, held open together while chosen so they are
 # distinct: gcs dashboard client node_manager object_manager metrics
-# agent_http agent_grpc runtime_env worker_min worker_max.
+# agent_http agent_grpc runtime_env worker_min worker_max dashboard_metrics
+# autoscaler_metrics.
 ar_free_ports() {
     "$AR_PYTHON" - "$AR_DASHBOARD_PORT" <<'PY'
 import random, socket, sys
@@ -54,6 +56,7 @@ for _ in range(200):
     del held[mark:]
 else:
     sys.exit("no free worker port range")
+ports += [grab(), grab()]
 print(*ports)
 PY
 }
@@ -63,12 +66,15 @@ ar_host() { hostname -s; }
 
 # A node's private temp root: a fresh 0700 dir with an unpredictable name under
 # AR_NODE_TMP, so no other user can create or enter anything of the cluster's in
-# advance (Ray makes its own dirs 0777; they live inside this one).
+# advance (Ray makes its temp dir and its own dirs 0777: they live inside this one). The name is
+# short (Ray's unix sockets live below it, 107 bytes at most); it is recorded as
+# "host path" in nodes/NAME.tmp, which is how this host's sweep finds it.
 ar_make_node_tmp() {
     local tmp
-    tmp="$(mktemp -d "$AR_NODE_TMP/$AR_CLUSTER_ID-$1.XXXXXXXX")"
+    tmp="$(mktemp -d "$AR_NODE_TMP/$AR_NODE_TMP_NAME.XXXXXX")"
     chmod 700 "$tmp"
-    [ -O "$tmp" ] || { ar_log "temp dir $tmp is not ours"; return 1; }
+    [ -O "$tmp" ] && [ ! -L "$tmp" ] || { ar_log "temp dir $tmp is not ours"; return 1; }
+    printf '%s %s\n' "$(ar_host)" "$tmp" >"$AR_CLUSTER_DIR/nodes/$1.tmp"
     printf '%s\n' "$tmp"
 }
 
@@ -92,7 +98,8 @@ ar_run_node() {
     tmp="$(ar_make_node_tmp "$name")"
     ip="$(ar_node_ip)"
     read -r -a ports < <(ar_free_ports)
-    args=(start --block --temp-dir="$tmp" --node-ip-address="$ip"
+    # Ray makes its temp dir 0777: it is a child of the private dir, never the private dir itself
+    args=(start --block --temp-dir="$tmp/r" --node-ip-address="$ip"
         --num-cpus="$AR_NUM_CPUS" --num-gpus="$AR_NUM_GPUS"
         --memory="$AR_MEMORY" --object-store-memory="$AR_OBJECT_STORE"
         --node-manager-port="${ports[3]}" --object-manager-port="${ports[4]}"
@@ -100,9 +107,16 @@ ar_run_node() {
         --dashboard-agent-grpc-port="${ports[7]}" --runtime-env-agent-port="${ports[8]}"
         --min-worker-port="${ports[9]}" --max-worker-port="${ports[10]}"
         --disable-usage-stats)
+    local launch=("$AR_RAY")
     if [ "$role" = head ]; then
         args+=(--head --port="${ports[0]}" --dashboard-host="$AR_DASHBOARD_HOST"
             --dashboard-port="${ports[1]}" --ray-client-server-port="${ports[2]}")
+        # this cluster's own ports, never Ray's fixed 44227/44217 that every cluster on a host shares
+        export DASHBOARD_METRIC_PORT="${ports[11]}" AUTOSCALER_METRIC_PORT="${ports[12]}"
+        if [ "${AR_METRICS:-0}" != 1 ]; then
+            # held on loopback, so Ray's unauthenticated servers there never open
+            launch=("$AR_PYTHON" "$AR_CLUSTER_DIR/bin/exec_holding_ports.py" "${ports[11]}" "${ports[12]}" -- "$AR_RAY")
+        fi
     else
         # shellcheck disable=SC1091
         . "$AR_CLUSTER_DIR/head.env"
@@ -113,7 +127,7 @@ ar_run_node() {
     unset SSH_CLIENT SSH_CONNECTION
     PATH="$(dirname "$AR_RAY"):$PATH"
     export PATH
-    setsid "$AR_RAY" "${args[@]}" >"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
+    setsid "${launch[@]}" "${args[@]}" >"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
     local pgid=$!
     # host and group: only this host ever signals this group
     printf '%s %s\n' "$host" "$pgid" >"$AR_CLUSTER_DIR/nodes/$name.pgid"
@@ -153,7 +167,7 @@ ar_stop_node() {
     local name="$1" pgid="$2" tmp="$3" reason="$4"
     ar_stop_group "$pgid"
     rm -rf "$tmp"
-    rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" 2>/dev/null || true
+    rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" "$AR_CLUSTER_DIR/nodes/$name.tmp" 2>/dev/null || true
     printf '%s %s\n' "$(ar_host)" "$reason" >"$AR_CLUSTER_DIR/nodes/$name.stopped" 2>/dev/null || true
 }
 
@@ -171,11 +185,12 @@ ar_stop_group() {
 
 # Stop every process of this cluster on THIS host: the process groups recorded
 # by this host, then this user's processes whose command line names one of the
-# cluster's temp dirs here, then those temp dirs. Groups recorded by other hosts
-# are never signalled here (a PID means nothing outside its own host).
+# cluster's temp dirs recorded by this host, then those temp dirs. Whatever
+# other hosts recorded is never acted on here (a PID or a /tmp path means
+# nothing outside its own host).
 # Never `ray stop`: that would stop other clusters of the same user.
 ar_stop_cluster_here() {
-    local file host pgid pids here
+    local file host pgid pids here tmp
     here="$(ar_host)"
     for file in "$AR_CLUSTER_DIR"/nodes/*.pgid; do
         [ -e "$file" ] || continue
@@ -190,12 +205,22 @@ ar_stop_cluster_here() {
         } &
     done
     wait
-    pids="$(pgrep -u "$(id -u)" -f -- "$AR_NODE_TMP/$AR_CLUSTER_ID-" || true)"
-    if [ -n "$pids" ]; then
-        # shellcheck disable=SC2086
-        kill -KILL $pids 2>/dev/null || true
-    fi
-    find "$AR_NODE_TMP" -maxdepth 1 -user "$(id -u)" -name "$AR_CLUSTER_ID-*" -exec rm -rf {} + 2>/dev/null || true
+    for file in "$AR_CLUSTER_DIR"/nodes/*.tmp; do
+        [ -e "$file" ] || continue
+        tmp=""
+        read -r host tmp <"$file" || [ -n "$tmp" ] || continue
+        [ "$host" = "$here" ] || continue
+        # only a dir of ours, directly under the node temp root, named as we name them
+        case "$tmp" in "$AR_NODE_TMP/$AR_NODE_TMP_NAME."*) ;; *) continue ;; esac
+        case "${tmp#"$AR_NODE_TMP/"}" in */*) continue ;; esac
+        pids="$(pgrep -u "$(id -u)" -f -- "$tmp/" || true)"
+        if [ -n "$pids" ]; then
+            # shellcheck disable=SC2086
+            kill -KILL $pids 2>/dev/null || true
+        fi
+        if [ -d "$tmp" ] && [ -O "$tmp" ] && [ ! -L "$tmp" ]; then rm -rf "$tmp"; fi
+        rm -f "$file"
+    done
 }
 
 # Nodes that recorded a process group but not that they stopped: "name@host" lines.

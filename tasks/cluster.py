@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import re
 import secrets
 import shlex
@@ -17,8 +19,9 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger as _get_run_logger
 from pydantic import SecretStr
 
-from flows.settings import RayClusterSettings, Scheduler as SchedulerName
-from tasks.schedulers import JobPhase, Scheduler
+from flows.settings import TARGET_PATH_RE, RayClusterSettings, node_tmp_name
+from tasks.atomic_file import write_text_atomic
+from tasks.schedulers import JobPhase, Scheduler, scheduler_for
 from tasks.transport import LocalTransport, Transport
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
@@ -35,7 +38,10 @@ def get_run_logger():
 
         return logging.getLogger("activate_ray")
 
-CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh")
+CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh",
+                   "exec_holding_ports.py")
+# 128 random bits: a cluster's id (and so its dir, job name and temp dir prefix) cannot be guessed.
+CLUSTER_ID_RE = re.compile(r"^ar-[0-9a-f]{32}$")
 GIB = 1024**3
 
 
@@ -59,7 +65,7 @@ class ClusterPlan:
 
     @classmethod
     def new(cls, settings: RayClusterSettings, work_dir: str) -> "ClusterPlan":
-        cluster_id = "ar-" + secrets.token_hex(4)
+        cluster_id = "ar-" + secrets.token_hex(16)
         return cls(cluster_id, f"{work_dir}/clusters/{cluster_id}", settings, SecretStr(secrets.token_hex(32)))
 
     @property
@@ -68,7 +74,8 @@ class ClusterPlan:
 
     @property
     def node_tmp_prefix(self) -> str:
-        return f"{self.settings.node_tmp}/{self.cluster_id}-"
+        """What every node's temp dir of this cluster starts with (see ar_make_node_tmp)."""
+        return f"{self.settings.node_tmp}/{node_tmp_name(self.cluster_id)}"
 
     def env_file(self) -> str:
         s, env = self.settings, self.environment
@@ -86,6 +93,10 @@ class ClusterPlan:
             "AR_DASHBOARD_PORT": s.dashboard_port,
             "AR_HEARTBEAT_TIMEOUT": s.heartbeat_timeout,
             "AR_DIRECT_WORKERS": s.direct_workers,
+            "AR_NODE_TMP_NAME": node_tmp_name(self.cluster_id).rstrip("."),
+            "AR_METRICS": int(s.metrics),
+            # Off unless asked for: the agents' metrics export answers without the token.
+            "RAY_enable_metrics_collection": int(s.metrics),
             # Explicit on every node: a stray token file must not switch it on
             # for the head only (workers would then fail to join).
             "RAY_AUTH_MODE": "token" if s.token_auth else "disabled",
@@ -121,7 +132,9 @@ async def prepare_environment(target: Transport, settings: RayClusterSettings, w
         remote_req = f"{work_dir}/requirements-{req_hash}.txt"
         await target.put_file(Path(settings.requirements).expanduser(), remote_req)
         env_prefix = f"AR_REQUIREMENTS={shlex.quote(remote_req)} AR_REQ_HASH={req_hash} "
-    await target.put_file(SCRIPTS_DIR / "setup_ray.sh", f"{work_dir}/bin/setup_ray.sh", 0o755)
+    # The work dir holds venvs and every cluster's token: the user's alone.
+    await target.run(f"mkdir -p {shlex.quote(work_dir)} && chmod 700 {shlex.quote(work_dir)}")
+    await target.put_file(SCRIPTS_DIR / "setup_ray.sh", f"{work_dir}/bin/setup_ray.sh", 0o700)
     command = env_prefix + shlex.join(
         ["bash", f"{work_dir}/bin/setup_ray.sh", settings.ray_version, work_dir, *candidates]
     )
@@ -137,14 +150,17 @@ async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPl
     """Upload the cluster's scripts, env and token, then submit the job. Returns the job id."""
     logger = get_run_logger()
     bin_dir = f"{plan.cluster_dir}/bin"
-    await target.run(shlex.join(["mkdir", "-p", bin_dir, f"{plan.cluster_dir}/logs", f"{plan.cluster_dir}/nodes"]))
-    await target.run(f"chmod 700 {shlex.quote(plan.cluster_dir)}")
-    await asyncio.gather(*(target.put_file(SCRIPTS_DIR / name, f"{bin_dir}/{name}", 0o755) for name in CLUSTER_SCRIPTS))
+    # A plain mkdir of the cluster dir: an id collision (or a dir made in advance) fails, never shared.
+    clusters = shlex.quote(plan.cluster_dir.rsplit("/", 1)[0])
+    await target.run(f"mkdir -p {clusters} && mkdir -m 700 {shlex.quote(plan.cluster_dir)} && "
+                     + shlex.join(["mkdir", bin_dir, f"{plan.cluster_dir}/logs", f"{plan.cluster_dir}/nodes"]))
+    await asyncio.gather(*(target.put_file(SCRIPTS_DIR / name, f"{bin_dir}/{name}", 0o700) for name in CLUSTER_SCRIPTS))
     await target.write_text(f"{plan.cluster_dir}/cluster.env", plan.env_file(), 0o600)
     if plan.settings.token_auth:
         await target.write_text(plan.token_path, plan.token.get_secret_value(), 0o600)
-        await _save_token_block(plan)
-    await target.write_text(f"{bin_dir}/job.sh", scheduler.render(plan.cluster_id, plan.cluster_dir), 0o755)
+        if plan.settings.publish_token_block:
+            await _save_token_block(plan)
+    await target.write_text(f"{bin_dir}/job.sh", scheduler.render(plan.cluster_id, plan.cluster_dir), 0o700)
     await target.run(f"touch {shlex.quote(plan.cluster_dir + '/heartbeat')}")
     plan.job_id = await scheduler.submit(target, plan.cluster_dir)
     logger.info("cluster %s submitted to %s: job %s", plan.cluster_id, scheduler.name, plan.job_id)
@@ -153,36 +169,64 @@ async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPl
 
 def save_cluster_state(plan: ClusterPlan, flow_run_id: str) -> Path:
     """Persist what teardown needs (no secrets), for the on_cancellation/on_crashed hooks."""
-    import json
+    RUNS_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    RUNS_DIR.chmod(0o700)
+    state = {
+        "flow_run_id": flow_run_id,
+        "cluster_id": plan.cluster_id,
+        "cluster_dir": plan.cluster_dir,
+        "job_id": plan.job_id,
+        "settings": plan.settings.model_dump(mode="json"),
+    }
+    return write_text_atomic(RUNS_DIR / f"{plan.cluster_id}.json", json.dumps(state), 0o600)
 
-    RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RUNS_DIR / f"{plan.cluster_id}.json"
-    path.write_text(
-        json.dumps(
-            {
-                "flow_run_id": flow_run_id,
-                "cluster_id": plan.cluster_id,
-                "cluster_dir": plan.cluster_dir,
-                "job_id": plan.job_id,
-                "settings": plan.settings.model_dump(mode="json"),
-            }
-        )
-    )
-    return path
+
+class StateRefused(ValueError):
+    """A saved cluster state that teardown must not act on."""
+
+
+def checked_cluster_state(path: Path, data: dict) -> ClusterPlan:
+    """The plan a state file describes, only if it is what this package writes:
+    a file of the user's own that others cannot write, a cluster id of ours, its
+    dir exactly <work_dir>/clusters/<id>, a job id of the scheduler's own form.
+    A teardown then acts on nothing else (no other dir removed, no other job cancelled)."""
+    info = path.lstat()
+    if not path.is_file() or path.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise StateRefused(f"{path}: not a regular file of yours that only you can write")
+    cluster_id, cluster_dir, job_id = data.get("cluster_id"), data.get("cluster_dir"), data.get("job_id")
+    if not isinstance(cluster_id, str) or not CLUSTER_ID_RE.fullmatch(cluster_id) or path.stem != cluster_id:
+        raise StateRefused(f"{path}: cluster id {str(cluster_id)[:60]!r} is not one of ours")
+    settings = RayClusterSettings.model_validate(data.get("settings"))
+    work_dir = settings.work_dir.rstrip("/")
+    if not isinstance(cluster_dir, str) or not TARGET_PATH_RE.fullmatch(cluster_dir) or ".." in cluster_dir.split("/"):
+        raise StateRefused(f"{path}: cluster dir {str(cluster_dir)[:120]!r} is not a plain path")
+    expected_tail = f"/clusters/{cluster_id}"
+    if work_dir.startswith("~"):  # expanded on the target: the same path below some home
+        fits = cluster_dir.startswith("/") and cluster_dir.endswith(work_dir[1:] + expected_tail)
+    else:
+        fits = cluster_dir == work_dir + expected_tail
+    if not fits:
+        raise StateRefused(f"{path}: cluster dir {cluster_dir!r} is not {settings.work_dir}{expected_tail}")
+    scheduler_class = type(scheduler_for(settings))
+    if not isinstance(job_id, str) or (job_id and not scheduler_class.job_id_re.fullmatch(job_id)):
+        raise StateRefused(f"{path}: job id {str(job_id)[:60]!r} is not a {scheduler_class.name} job id")
+    return ClusterPlan(cluster_id, cluster_dir, settings, SecretStr(""), job_id=job_id)
 
 
 def load_cluster_states(flow_run_id: str) -> list[ClusterPlan]:
-    import json
-
+    """The clusters a flow run saved; a state file that fails the checks is reported, never acted on."""
     plans = []
     for path in RUNS_DIR.glob("ar-*.json"):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if data.get("flow_run_id") == flow_run_id:
-            settings = RayClusterSettings.model_validate(data["settings"])
-            plans.append(ClusterPlan(data["cluster_id"], data["cluster_dir"], settings, SecretStr(""), job_id=data["job_id"]))
+        if not isinstance(data, dict) or data.get("flow_run_id") != flow_run_id:
+            continue
+        try:
+            plans.append(checked_cluster_state(path, data))
+        except (StateRefused, ValueError) as exc:
+            get_run_logger().error("not tearing down from a state file that fails its checks: %s", exc)
     return plans
 
 

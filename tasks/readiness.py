@@ -47,7 +47,7 @@ class ConnectionInfo:
     tunnel_command: str
     job_submit_example: str
     token_file: str
-    token_block: str  # Prefect Secret block holding the token while the cluster lives
+    token_block: str  # Prefect Secret block holding the token while the cluster lives (only if published)
     nodes: list[dict] = field(default_factory=list)
 
     def as_text(self) -> str:
@@ -62,7 +62,8 @@ class ConnectionInfo:
                 "  then open        http://127.0.0.1:8265",
                 f"  submit a job   : {self.job_submit_example}",
             ]
-            + ([f"  Ray token      : {self.token_file} (0600) or Prefect Secret block '{self.token_block}'"]
+            + ([f"  Ray token      : {self.token_file} (0600)"
+                + (f" or Prefect Secret block '{self.token_block}'" if self.token_block else "")]
                if self.token_file else ["  Ray token      : OFF (token_auth disabled)"])
         )
 
@@ -89,7 +90,9 @@ async def alive_nodes(client: httpx.AsyncClient) -> list[dict]:
 
 
 def _tunnel_command(settings: RayClusterSettings, target: Transport, head: HeadInfo, head_is_target: bool) -> str:
-    forward = f"-L 8265:127.0.0.1:{head.dashboard_port}"
+    # ExitOnForwardFailure: fail when local port 8265 is taken (perhaps by another user's
+    # listener, which would then get the requests and the token) instead of running on without it.
+    forward = f"-o ExitOnForwardFailure=yes -L 8265:127.0.0.1:{head.dashboard_port}"
     if isinstance(target, SshTransport):
         p = target.params
         login = (f"{p.username}@" if p.username else "") + p.host
@@ -235,7 +238,7 @@ async def publish_connection_info(
             + "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python my_script.py"
         ),
         token_file=plan.token_path if settings.token_auth else "",
-        token_block=token_block_name(plan) if settings.token_auth else "",
+        token_block=token_block_name(plan) if settings.token_auth and settings.publish_token_block else "",
         nodes=[
             {
                 "node": n.get("node_name") or n.get("node_ip"),

@@ -43,6 +43,9 @@ class JobState:
 class Scheduler(ABC):
     name: ClassVar[str]
     directive_prefix: ClassVar[str] = ""
+    # What this scheduler's job ids look like: anything else (a crafted state file,
+    # a log line) is never passed to its cancel or state commands.
+    job_id_re: ClassVar[re.Pattern]
 
     def __init__(self, settings: RayClusterSettings):
         self.settings = settings
@@ -93,6 +96,7 @@ class DirectScheduler(Scheduler):
     """No batch system: the whole cluster runs on the host under one supervisor."""
 
     name = "none"
+    job_id_re = re.compile(r"^[1-9][0-9]{0,9}$")  # the supervisor's process group on the host
 
     def launch_workers(self) -> str:
         return (
@@ -147,6 +151,7 @@ def pbs_seconds(walltime: str) -> int:
 class SlurmScheduler(Scheduler):
     name = "slurm"
     directive_prefix = "#SBATCH"
+    job_id_re = re.compile(r"^[0-9]{1,12}$")
 
     def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
         s, slurm = self.settings, self.settings.slurm
@@ -191,7 +196,10 @@ class SlurmScheduler(Scheduler):
         result = await target.run(self.submit_command(cluster_dir), check=False)
         if result.returncode != 0:
             raise SchedulerRejected(f"sbatch refused the job: {(result.stderr or result.stdout).strip()}")
-        return result.stdout.strip().split(";")[0]
+        job_id = result.stdout.strip().split(";")[0]
+        if not self.job_id_re.match(job_id):
+            raise SchedulerRejected(f"sbatch printed no job id: {result.stdout.strip()[:200]!r}")
+        return job_id
 
     async def state(self, target: "Transport", job_id: str) -> JobState:
         quoted = shlex.quote(job_id)
@@ -254,9 +262,14 @@ class SchedulerRejected(RuntimeError):
     """The scheduler refused the job (bad partition, too many nodes, ...)."""
 
 
+# 1234, 1234.server, 1234[].server (an array: never ours, but a valid id)
+PBS_JOB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.\-]+)?$")
+
+
 class PbsScheduler(Scheduler):
     name = "pbs"
     directive_prefix = "#PBS"
+    job_id_re = PBS_JOB_ID_RE
 
     @property
     def chunks(self) -> int:
@@ -323,7 +336,7 @@ class PbsScheduler(Scheduler):
     async def submit(self, target: "Transport", cluster_dir: str) -> str:
         result = await target.run(self.submit_command(cluster_dir), check=False)
         job_id = result.stdout.strip()
-        if result.returncode != 0 or not PBS_JOB_ID_RE.match(job_id):
+        if result.returncode != 0 or not self.job_id_re.match(job_id):
             raise SchedulerRejected(f"qsub refused the job: {(result.stderr or result.stdout).strip()}")
         return job_id
 
@@ -342,7 +355,6 @@ class PbsScheduler(Scheduler):
         await target.query(f"qdel {shlex.quote(job_id)}")
 
 
-PBS_JOB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.\-]+)?$")
 # OpenPBS/Torque job_state letters.
 PBS_PHASES = {
     "Q": JobPhase.pending, "H": JobPhase.pending, "W": JobPhase.pending, "T": JobPhase.pending,

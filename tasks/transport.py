@@ -13,7 +13,6 @@ import fcntl
 import logging
 import os
 import shlex
-import shutil
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -309,10 +308,10 @@ class Transport(ABC):
     async def run(self, command: str, *, check: bool = True, timeout: float | None = 120) -> CommandResult: ...
 
     @abstractmethod
-    async def write_text(self, path: str, text: str, mode: int = 0o644) -> None: ...
+    async def write_text(self, path: str, text: str, mode: int = 0o600) -> None: ...
 
     @abstractmethod
-    async def put_file(self, local: Path, path: str, mode: int = 0o644) -> None: ...
+    async def put_file(self, local: Path, path: str, mode: int = 0o600) -> None: ...
 
     @abstractmethod
     async def forward_to(self, host: str, port: int) -> int:
@@ -351,6 +350,14 @@ class Transport(ABC):
         await self.close()
 
 
+def _write_private(target: Path, data: bytes, mode: int) -> None:
+    """Write with the final mode from the first byte (fchmod before writing: an existing file keeps its old one)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(fd, mode)
+        handle.write(data)
+
+
 class LocalTransport(Transport):
     """This machine. Reaching a *different* node's loopback still needs SSH."""
 
@@ -375,19 +382,15 @@ class LocalTransport(Transport):
             raise CommandError(command, result)
         return result
 
-    async def write_text(self, path: str, text: str, mode: int = 0o644) -> None:
+    async def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
         target = Path(os.path.expanduser(path))
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(target, mode)
+        _write_private(target, text.encode(), mode)
 
-    async def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
+    async def put_file(self, local: Path, path: str, mode: int = 0o600) -> None:
         target = Path(os.path.expanduser(path))
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, target)
-        os.chmod(target, mode)
+        _write_private(target, local.read_bytes(), mode)
 
     async def forward_to(self, host: str, port: int) -> int:
         if host in ("127.0.0.1", "localhost") or await _is_local_address(host):
@@ -441,7 +444,7 @@ class SshTransport(Transport):
             raise CommandError(command, result)
         return result
 
-    async def write_text(self, path: str, text: str, mode: int = 0o644) -> None:
+    async def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
         path = await self._absolute(path)
         await self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))}")
         async with (await self._connection()).start_sftp_client() as sftp:
@@ -449,7 +452,7 @@ class SshTransport(Transport):
                 await handle.write(text)
             await sftp.chmod(path, mode)
 
-    async def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
+    async def put_file(self, local: Path, path: str, mode: int = 0o600) -> None:
         path = await self._absolute(path)
         await self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))}")
         async with (await self._connection()).start_sftp_client() as sftp:

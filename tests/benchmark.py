@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from flows.settings import node_tmp_name
 from tests.helpers import PrefectServer, free_port, prefect_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -352,7 +353,7 @@ def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict
 
     def cluster_id() -> str:
         for _, line in clock.lines:
-            if m := re.search(r"cluster (ar-[0-9a-f]{8}) on ", line):
+            if m := re.search(r"cluster (ar-[0-9a-f]{32}) on ", line):
                 return m[1]
         return ""
 
@@ -386,7 +387,7 @@ def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict
         # teardown: SIGTERM, as a batch system or a Prefect worker would send
         sigterm = time.time()
         process.send_signal(signal.SIGTERM)
-        marker = f"/{run.cluster_id}-"
+        marker = f"/{node_tmp_name(run.cluster_id)}"
 
         def gone() -> bool:
             if process.poll() is not None and run.exit_s is None:
@@ -411,7 +412,7 @@ def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict
                 process.wait()
         run.cluster_id = run.cluster_id or cluster_id()
         if run.cluster_id:
-            kill_marker(f"/{run.cluster_id}-")
+            kill_marker(f"/{node_tmp_name(run.cluster_id)}")
     finally:
         memory.sample()
         memory.stop()

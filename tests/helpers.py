@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.settings import node_tmp_name
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_ID_RE = re.compile(r"\bcluster (ar-[0-9a-f]{8,32})\b")
 
@@ -105,8 +107,9 @@ class PrefectServer:
 
 def flow_env(api: str, env: dict | None = None, repo: Path = REPO) -> dict:
     # the flow runs from the checkout, as `python -m flows.ray_cluster` in it would
-    return {"PREFECT_API_URL": api, "PYTHONPATH": str(repo), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            **(env or {})}
+    # api "": no PREFECT_API_URL, so the flow runs on Prefect's temporary server
+    return {**({"PREFECT_API_URL": api} if api else {}), "PYTHONPATH": str(repo),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
 
 
 def flow_argv(bed, args: list[str], info_file: Path) -> list[str]:
@@ -201,7 +204,7 @@ def cluster_leftovers(bed, cluster_id: str, work: Path | None = None) -> list[st
     """Everything of one cluster that still exists, on any host of the bed."""
     left = [f"process on {line}" for line in bed.cluster_processes(cluster_id)]
     left += [f"job {line}" for line in bed.live_jobs(name=cluster_id)]
-    left += [f"temp dir {path}" for path in bed.temp_dirs(f"{cluster_id}-*")]
+    left += [f"temp dir {path}" for path in bed.temp_dirs(node_tmp_name(cluster_id) + "*")]
     if work is not None and (work / "clusters" / cluster_id).exists():
         left.append(f"cluster dir {work / 'clusters' / cluster_id}")
     state = bed.user.home / ".activate-ray" / "runs" / f"{cluster_id}.json"

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.settings import node_tmp_name
 from tests.helpers import PrefectServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ class Run:
 
 
 def cluster_processes(cluster_id: str) -> list[str]:
-    result = subprocess.run(["pgrep", "-af", f"/{cluster_id}-"], capture_output=True, text=True)
+    result = subprocess.run(["pgrep", "-af", f"/{node_tmp_name(cluster_id)}"], capture_output=True, text=True)
     return [line for line in result.stdout.splitlines() if "pgrep" not in line]
 
 
@@ -72,7 +73,7 @@ def cluster_id_of(info_file: Path, log: Path) -> str:
         return json.loads(info_file.read_text())["cluster_id"]
     except (OSError, ValueError, KeyError):
         pass
-    match = re.search(r"cluster (ar-[0-9a-f]{8}) on ", log.read_text(errors="replace"))
+    match = re.search(r"cluster (ar-[0-9a-f]{32}) on ", log.read_text(errors="replace"))
     return match.group(1) if match else ""
 
 
@@ -82,7 +83,7 @@ def leftovers(cluster_id: str, work: Path, node_tmp: str = "/tmp") -> list[str]:
         found += [f"process {line[:160]}" for line in cluster_processes(cluster_id)]
         if (work / "clusters" / cluster_id).exists():
             found.append(f"cluster dir {work / 'clusters' / cluster_id}")
-        found += [f"node temp dir {p}" for p in Path(node_tmp).glob(f"{cluster_id}-*")]
+        found += [f"node temp dir {p}" for p in Path(node_tmp).glob(node_tmp_name(cluster_id) + "*")]
         if (RUNS_DIR / f"{cluster_id}.json").exists():
             found.append(f"teardown state {RUNS_DIR / (cluster_id + '.json')}")
     elif (work / "clusters").exists() and any((work / "clusters").iterdir()):
@@ -100,7 +101,7 @@ def clean_up(cluster_id: str, work: Path, node_tmp: str = "/tmp") -> None:
                 os.kill(int(line.split()[0]), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
-        for path in Path(node_tmp).glob(f"{cluster_id}-*"):
+        for path in Path(node_tmp).glob(node_tmp_name(cluster_id) + "*"):
             shutil.rmtree(path, ignore_errors=True)
         (RUNS_DIR / f"{cluster_id}.json").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)

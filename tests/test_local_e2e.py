@@ -18,7 +18,7 @@ def test_local_cluster_runs_hello_ray_and_leaves_nothing(work, prefect_api, bed)
     assert "2 node(s), 2 CPUs" in run.output
     assert run.info["scheduler"] == "none" and len(run.info["nodes"]) == 2
     assert run.info["dashboard_url"].startswith("http://127.0.0.1:")
-    assert "ssh -N -L 8265:127.0.0.1:" in run.info["tunnel_command"]
+    assert "ssh -N -o ExitOnForwardFailure=yes -L 8265:127.0.0.1:" in run.info["tunnel_command"]
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.settings import NODE_TMP_MAX_LEN
 from tests.helpers import REPO, assert_nothing_left, flow_env
 
 pytestmark = pytest.mark.timeout(120)  # the whole file runs in about 40 s
@@ -118,8 +119,8 @@ def test_the_parameter_schema_is_a_clean_form(http):
     settings = definitions["RayClusterSettings"]["properties"]
     assert settings["scheduler"]["$ref"] == "#/definitions/Scheduler"
     assert settings["num_cpus_per_node"]["minimum"] == 1
-    assert settings["dashboard_port"]["minimum"] == 1024 and settings["dashboard_port"]["maximum"] == 65535
-    assert settings["node_tmp"]["maxLength"] == 40
+    assert settings["dashboard_port"]["minimum"] == 0 and settings["dashboard_port"]["maximum"] == 65535
+    assert settings["node_tmp"]["maxLength"] == NODE_TMP_MAX_LEN
     assert "pattern" in definitions["SlurmOptions"]["properties"]["walltime"]
     assert "pattern" in definitions["PbsOptions"]["properties"]["walltime"]
 

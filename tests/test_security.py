@@ -93,6 +93,7 @@ def test_no_secret_in_logs_artifacts_or_files(work, prefect_api, bed):
     script = work / "job.py"
     script.write_text("import os, ray\nray.init()\nprint('JOB_SEES_TOKEN_FILE', os.path.exists(os.environ['RAY_AUTH_TOKEN_PATH']))\n")
     flow = BackgroundFlow(bed, ["--host", block, "--python", bed.user_python, "--work-dir", work / "w", "--keep-alive",
+                                "--publish-token-block",
                                 "--cluster-idle-timeout", "0.1", "--user-script", script, *SMALL], work, prefect_api)
     try:
         info = flow.wait_ready()
@@ -116,6 +117,6 @@ def test_no_secret_in_logs_artifacts_or_files(work, prefect_api, bed):
     key_body = "".join(key_text.strip().splitlines()[1:-1])
     assert key_body[:40] not in everything.replace("\n", "")
     assert token not in everything
-    # The token block lived while the cluster did, and is gone with it.
+    # Published on request (a configured server): the block lived while the cluster did, and is gone with it.
     assert info["token_block"] and info["token_block"] not in json.dumps(blocks)
     assert_nothing_left(bed, info["cluster_id"], work / "w")

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 import flows.settings as settings_module
 from flows.ray_cluster import RayClusterCli, main
 from flows.settings import (
+    NODE_TMP_MAX_LEN,
     NO_VALUE,
     OPTIONAL,
     PBS_ALLOWED,
@@ -233,7 +234,7 @@ def test_pbs_walltime_rejected(value):
         ({"ray_memory_gb": -1.5}, "ray_memory_gb"),
         ({"object_store_memory_gb": 0}, "object_store_memory_gb"),
         ({"dashboard_port": 1023}, "dashboard_port"),
-        ({"dashboard_port": 0}, "dashboard_port"),
+        ({"dashboard_port": 1}, "dashboard_port"),
         ({"dashboard_port": 65536}, "dashboard_port"),
         ({"readiness_timeout": 4}, "readiness_timeout"),
         ({"heartbeat_timeout": 9}, "heartbeat_timeout"),
@@ -260,6 +261,7 @@ def test_counts_rejected(kwargs, name):
         {"direct_workers": 0},
         {"direct_workers": 64},
         {"dashboard_port": 1024},
+        {"dashboard_port": 0},
         {"dashboard_port": 65535},
         {"ray_memory_gb": 0.25},
         {"readiness_timeout": 5},
@@ -297,7 +299,7 @@ def test_host_rejected(value):
 
 
 @pytest.mark.parametrize("field", ["python", "work_dir", "node_tmp"])
-@pytest.mark.parametrize("value", ["/opt/conda/envs/ray", "~/venvs/ray-2.60.0", "relative/dir", "/a+b@c~e-f_g.h"])
+@pytest.mark.parametrize("value", ["/opt/conda/ray", "~/venvs/ray-2.6", "relative/dir", "/a+b@c~e-f_g.h"])
 def test_target_paths_ok(field, value):
     assert getattr(RayClusterSettings(**{field: value}), field) == value
 
@@ -310,9 +312,11 @@ def test_target_paths_rejected(field, value):
 
 
 def test_node_tmp_length_limit():
-    RayClusterSettings(node_tmp="/" + "a" * 39)
-    exc = assert_rejected({"node_tmp": "/" + "a" * 40}, "node_tmp")
-    assert "40" in str(exc)
+    """What Ray's 107-byte unix socket paths leave for it, below the private temp dir."""
+    assert NODE_TMP_MAX_LEN >= len("/local/scratch")
+    RayClusterSettings(node_tmp="/" + "a" * (NODE_TMP_MAX_LEN - 1))
+    exc = assert_rejected({"node_tmp": "/" + "a" * NODE_TMP_MAX_LEN}, "node_tmp")
+    assert str(NODE_TMP_MAX_LEN) in str(exc)
 
 
 @pytest.mark.parametrize("value", ["127.0.0.1", "0.0.0.0", "10.1.2.3", "255.255.255.255"])
@@ -1320,10 +1324,10 @@ def test_cli_dry_run_plan_contents(capsys):
     assert rc == 0, err
     env_text, job = dry_run_sections(out)
     assert "export AR_NUM_CPUS=8\n" in env_text
-    assert re.search(r"^export AR_CLUSTER_DIR=/scratch/ar/clusters/ar-[0-9a-f]{8}$", env_text, re.MULTILINE)
+    assert re.search(r"^export AR_CLUSTER_DIR=/scratch/ar/clusters/ar-[0-9a-f]{32}$", env_text, re.MULTILINE)
     assert "#PBS -q workq\n" in job
     assert "#PBS -l select=3:ncpus=8:mem=3072mb\n" in job
-    assert re.search(r"^cd /scratch/ar/clusters/ar-[0-9a-f]{8} && qsub bin/job\.sh$", out, re.MULTILINE)
+    assert re.search(r"^cd /scratch/ar/clusters/ar-[0-9a-f]{32} && qsub bin/job\.sh$", out, re.MULTILINE)
     assert "nodes: 3" in out
     assert "token" not in env_text.replace("RAY_AUTH_MODE=token", "").replace("RAY_AUTH_TOKEN_PATH", "").replace(
         "/token\n", "\n")  # the token's path, never the token

@@ -43,7 +43,10 @@ EXCLUDED = {
     "known_hosts": "the workspace's ~/.ssh/known_hosts, which ACTIVATE manages",
     "dashboard_host": "stays 127.0.0.1: the dashboard is reached through the SSH tunnel; binding it wider exposes "
     "an unauthenticated job API",
-    "info_file": "set by the workflow to <job dir>/ray-cluster.json: the connection_info outputs and the cleanup read it",
+    "info_file": "set by the workflow to <job dir>/ray-cluster.json: the connection_info job reads it",
+    "state_file": "set by the workflow to <job dir>/ray-cluster.state: the cleanup reads it",
+    "publish_token_block": "the workflow runs the flow with Prefect's temporary server, where a token block is "
+    "refused (every user of the machine could read it)",
 }
 # Inputs that do not map 1:1 onto one `opt/flag --x "$WF_X"` line of the script.
 SPECIAL = {
@@ -313,6 +316,7 @@ def fake_cluster(work_dir: Path, node_tmp: Path, cluster_id: str) -> tuple[Path,
         shutil.copy(REPO / "scripts" / name, cluster_dir / "bin" / name)
     (cluster_dir / "cluster.env").write_text(
         f"export AR_CLUSTER_ID={cluster_id}\nexport AR_CLUSTER_DIR={cluster_dir}\nexport AR_NODE_TMP={node_tmp}\n"
+        f"export AR_NODE_TMP_NAME={cluster_id[:11]}\n"
     )
     node = subprocess.Popen(["sleep", "300"], start_new_session=True)
     (cluster_dir / "nodes" / "head.pgid").write_text(f"{socket.gethostname().split('.')[0]} {node.pid}")
@@ -324,17 +328,28 @@ def cleanup_env(tmp: Path, work_dir: str) -> dict[str, str]:
     return {**env, "PW_PARENT_JOB_DIR": str(tmp / "job"), "WF_HOST": "", "WF_WORK_DIR": work_dir, "HOME": str(tmp)}
 
 
-def test_cleanup_tears_down_the_cluster_named_in_the_connection_info(tmp_path):
+def new_cluster_id() -> str:
+    return "ar-" + os.urandom(16).hex()
+
+
+def write_state(job_dir: Path, text: str) -> Path:
+    path = job_dir / "ray-cluster.state"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize("job_id", ["4242", ""], ids=["submitted", "before-submission"])
+def test_cleanup_tears_down_the_cluster_named_in_the_state_file(tmp_path, job_id):
     (tmp_path / "job").mkdir()
-    cluster_id = "ar-" + os.urandom(4).hex()
+    cluster_id = new_cluster_id()
     cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id)
-    info = {"cluster_id": cluster_id, "scheduler": "none", "job_id": "4242", "dashboard_url": "http://127.0.0.1:8265"}
-    (tmp_path / "job" / "ray-cluster.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_state(tmp_path / "job", f"cluster_id={cluster_id}\nscheduler=none\njob_id={job_id}\n")
     env = cleanup_env(tmp_path, "~/work")  # ~ is the target's home
     try:
         result = run_script(CLEANUP, env, tmp_path / "job")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert f"tearing down cluster {cluster_id} (scheduler none, job 4242)" in result.stdout
+        assert f"tearing down cluster {cluster_id} (scheduler none, job {job_id or 'none'})" in result.stdout
         assert "RAY_STOPPED=yes" in result.stdout
         assert node.wait(timeout=10) is not None, "the cluster's node process survived"
         assert not cluster_dir.exists()
@@ -345,24 +360,65 @@ def test_cleanup_tears_down_the_cluster_named_in_the_connection_info(tmp_path):
             node.kill()
 
 
-def test_cleanup_finds_a_cluster_that_never_got_ready_in_the_log(tmp_path):
+def test_cleanup_never_takes_a_cluster_from_the_log_or_the_connection_info(tmp_path):
+    """Both can hold text a job wrote (its output is logged): without the flow's own state file, nothing is done."""
     (tmp_path / "job").mkdir()
-    cluster_id = "ar-" + os.urandom(4).hex()
+    cluster_id = new_cluster_id()
     cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id)
     (tmp_path / "job" / "ray-cluster.log").write_text(
-        f"22:10:59.823 | INFO | Flow run 'x' - cluster {cluster_id} on localhost (none, 1 node(s))\n"
-        f"22:10:59.948 | INFO | Task run 'start-ray-cluster' - cluster {cluster_id} submitted to none: job 4793\n"
+        f"INFO | Flow run 'x' - cluster {cluster_id} on localhost (none, 1 node(s))\n"
+        f"INFO | Task run 'start-ray-cluster' - cluster {cluster_id} submitted to none: job 4793\n"
     )
+    info = {"cluster_id": cluster_id, "scheduler": "none", "job_id": "4242"}
+    (tmp_path / "job" / "ray-cluster.json").write_text(json.dumps(info, indent=2) + "\n")
     try:
         result = run_script(CLEANUP, cleanup_env(tmp_path, str(tmp_path / "work")), tmp_path / "job")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert f"tearing down cluster {cluster_id} (scheduler none, job 4793)" in result.stdout
-        assert "RAY_STOPPED=yes" in result.stdout
-        assert node.wait(timeout=10) is not None
-        assert not cluster_dir.exists()
+        assert "no cluster of this run to tear down" in result.stdout
+        assert cluster_dir.exists() and node.poll() is None
     finally:
-        if node.poll() is None:
-            node.kill()
+        node.kill()
+
+
+CRAFTED_STATES = {
+    "job id as an option": "cluster_id={id}\nscheduler=slurm\njob_id=--user=someone\n",
+    "job id with a leading dash": "cluster_id={id}\nscheduler=pbs\njob_id=-1\n",
+    "job id with shell": "cluster_id={id}\nscheduler=slurm\njob_id=12;rm -rf ~\n",
+    "pbs id for slurm": "cluster_id={id}\nscheduler=slurm\njob_id=12.server\n",
+    "short cluster id": "cluster_id=ar-1234abcd\nscheduler=none\njob_id=\n",
+    "cluster id with a path": "cluster_id=../../{id}\nscheduler=none\njob_id=\n",
+    "unknown scheduler": "cluster_id={id}\nscheduler=lsf\njob_id=12\n",
+}
+
+
+@pytest.mark.parametrize("text", CRAFTED_STATES.values(), ids=CRAFTED_STATES.keys())
+def test_cleanup_refuses_a_crafted_state_file(tmp_path, text):
+    (tmp_path / "job").mkdir()
+    cluster_id = new_cluster_id()
+    cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id)
+    write_state(tmp_path / "job", text.format(id=cluster_id))
+    try:
+        result = run_script(CLEANUP, cleanup_env(tmp_path, str(tmp_path / "work")), tmp_path / "job")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "not tearing down" in result.stderr
+        assert "tearing down cluster" not in result.stdout
+        assert cluster_dir.exists() and node.poll() is None, "a refused state file must not act"
+    finally:
+        node.kill()
+
+
+def test_cleanup_ignores_a_state_file_that_is_a_symlink(tmp_path):
+    (tmp_path / "job").mkdir()
+    cluster_id = new_cluster_id()
+    cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id)
+    elsewhere = write_state(tmp_path, f"cluster_id={cluster_id}\nscheduler=none\njob_id=\n")
+    (tmp_path / "job" / "ray-cluster.state").symlink_to(elsewhere)
+    try:
+        result = run_script(CLEANUP, cleanup_env(tmp_path, str(tmp_path / "work")), tmp_path / "job")
+        assert "no cluster of this run to tear down" in result.stdout
+        assert cluster_dir.exists() and node.poll() is None
+    finally:
+        node.kill()
 
 
 def test_cleanup_without_a_cluster_does_nothing(tmp_path):

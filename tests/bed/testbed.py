@@ -54,6 +54,8 @@ import tempfile
 import time
 import tomllib
 
+from flows.settings import node_tmp_name
+
 __all__ = ["TestBed", "BedError"]
 
 SLURM_CONF = pathlib.Path("/etc/slurm/slurm.conf")
@@ -479,7 +481,7 @@ class TestBed:
         names the cluster."""
         needle = f"AR_CLUSTER_ID={cluster_id}".encode()
         return [f"{h} {p} {c}" for h, p, _, c in self.processes()
-                if f"/{cluster_id}-" in c or process_env_has(p, needle)]
+                if f"/{node_tmp_name(cluster_id)}" in c or process_env_has(p, needle)]
 
     def temp_dirs(self, pattern: str = "ar-*") -> list[pathlib.Path]:
         """Entries matching pattern in every host's private /tmp."""
