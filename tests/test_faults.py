@@ -55,6 +55,34 @@ def test_sigkill_fires_the_dead_man_switch(work, prefect_api, bed):
         flow.kill()
 
 
+def test_workflow_cleanup_tears_down_after_the_flow_was_killed(work, prefect_api, bed):
+    """workflow.yaml's cleanup, as the user on the login node, from the state file the
+    flow wrote: the job is cancelled and nothing is left, long before the dead-man switch."""
+    import yaml
+
+    cleanup = yaml.safe_load((REPO / "workflow.yaml").read_text())["jobs"]["ray_cluster"]["cleanup"][0]["run"]
+    job_dir = work / "job"
+    bed.run_on("login", ["mkdir", str(job_dir)], user=bed.user, check=True)
+    state_file = job_dir / "ray-cluster.state"
+    flow = BackgroundFlow(bed, keep_alive_args(work, "--slurm.nodes", "2", "--state-file", state_file), work,
+                          prefect_api)
+    try:
+        info = flow.wait_ready()
+        state = state_file.read_text()
+        assert f"cluster_id={info['cluster_id']}\nscheduler=slurm\njob_id={info['job_id']}\n" == state
+        flow.kill()
+        env = {"PW_PARENT_JOB_DIR": str(job_dir), "WF_HOST": "", "WF_WORK_DIR": str(work / "w")}
+        result = bed.run_on("login", ["bash", "-c", cleanup], user=bed.user, env=env, cwd=job_dir, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"tearing down cluster {info['cluster_id']} (scheduler slurm, job {info['job_id']})" in result.stdout
+        wait_for(lambda: bed.live_jobs(name=info["cluster_id"]) == [], 30, "job cancelled")
+        # the flow's own hook never ran: its runs state stays for the next run's cleanup
+        (bed.user.home / ".activate-ray" / "runs" / f"{info['cluster_id']}.json").unlink(missing_ok=True)
+        assert_nothing_left(bed, info["cluster_id"], work / "w")
+    finally:
+        flow.kill()
+
+
 def test_worker_node_killed_mid_run_is_reported_and_cluster_stopped(work, prefect_api, bed):
     flow = BackgroundFlow(bed, keep_alive_args(work, "--slurm.nodes", "3", "--node-failure", "stop"),
                           work, prefect_api)
