@@ -3,7 +3,7 @@
 A site holds what stays the same between runs on one machine: the login node,
 the scheduler, the default account and partition/queue, the Python (a conda env
 or venv that already has Ray) and the shared work dir. It turns into the
-`settings` parameter of the ray-cluster flow:
+parameters of the ray-cluster flow:
 
     from blocks.site import HpcSite
     site = HpcSite.load("my-hpc")
@@ -24,7 +24,13 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, model_validator
 
-from flows.settings import HOST_RE, NAME_RE, TARGET_PATH_RE, RayClusterSettings, Scheduler
+from flows.settings import (
+    HOST_RE,
+    NAME_RE,
+    TARGET_PATH_RE,
+    RayClusterSettings,
+    Scheduler,
+)
 
 
 class HpcSite(Block):
@@ -133,9 +139,9 @@ class HpcSite(Block):
         return run_deployment(name, parameters=self.parameters(**overrides), timeout=0)
 
     def parameters(self, **overrides: Any) -> dict[str, Any]:
-        """Flow-run parameters for a ray-cluster deployment: {"settings": {...}}, every field spelled out
-        (a run's `settings` replaces the deployment's default `settings` as a whole)."""
-        return {"settings": self.to_settings(**overrides).model_dump(mode="json")}
+        """Flow-run parameters for this site's ray-cluster deployment: the groups of its
+        scheduler's flow, every field spelled out (a run's group replaces the deployment's)."""
+        return self.to_settings(**overrides).deployment_parameters()
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -104,12 +105,23 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from dataclasses import asdict
 
 from prefect import flow
+from prefect.exceptions import CancelledRun
 from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import get_current_settings
-from pydantic import Field, ValidationError
-from pydantic_settings import CliApp, SettingsConfigDict
+from prefect.states import Cancelled
+from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from flows.settings import RayClusterSettings
+from flows.settings import (
+    GROUPS,
+    AdvancedOptions,
+    ClusterOptions,
+    EnvironmentOptions,
+    PbsOptions,
+    RayClusterSettings,
+    SlurmOptions,
+)
+from flows.settings import Scheduler as SchedulerName
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import (
     ClusterPlan,
@@ -204,9 +216,13 @@ async def _unless_a_node_dies(work, watcher: asyncio.Task):
             await asyncio.wait({job}, timeout=5)
 
 
+class StoppedOnPurpose(Exception):
+    """SIGINT/SIGTERM to the command line: the user stopped the cluster (the run ends Cancelled)."""
+
+
 async def _until_stopped(up: asyncio.Task):
     """The result of `up`, unless the command line's SIGINT/SIGTERM comes first: then
-    CancelledError (the run ends Crashed, as Prefect has it for an interrupt)."""
+    StoppedOnPurpose, once `up` is cancelled by the caller's teardown."""
     stop = STOP.stop_event()
     if stop is None:  # not started by main(): Prefect's own signal handling applies
         return await up
@@ -217,7 +233,7 @@ async def _until_stopped(up: asyncio.Task):
         stopper.cancel()
     if up.done():
         return up.result()
-    raise asyncio.CancelledError(f"stopped by {STOP.name}")
+    raise StoppedOnPurpose(f"stopped by {STOP.name}")
 
 
 async def _settle(task: asyncio.Task, grace: float = 5.0) -> None:
@@ -255,15 +271,8 @@ async def _bring_up_and_hold(
     return asdict(info)
 
 
-@flow(
-    name="ray-cluster",
-    log_prints=False,
-    on_cancellation=[teardown_saved_clusters],
-    on_crashed=[teardown_saved_clusters],
-)
-async def ray_cluster(settings: RayClusterSettings) -> dict:
-    """Start a Ray cluster on the host (directly, or as a SLURM/PBS job), wait until
-    every node is up, show how to connect, run the user's script, and always tear down."""
+async def run_cluster(settings: RayClusterSettings) -> dict:
+    """The pipeline, whichever entry point: one cluster, from start to teardown."""
     logger = get_run_logger()
     refuse_token_block_without_a_server(settings)
     scheduler = scheduler_for(settings)
@@ -279,25 +288,168 @@ async def ray_cluster(settings: RayClusterSettings) -> dict:
         # waits until it is over, and only then does this finally tear down, whole.
         up = asyncio.ensure_future(_bring_up_and_hold(target, scheduler, plan, work_dir, background))
         try:
-            return await _until_stopped(up)
-        finally:
-            await _settle(up)
-            for job in background:
-                job.cancel()
-            await teardown_cluster(target, scheduler, plan)
+            try:
+                return await _until_stopped(up)
+            finally:
+                await _settle(up)
+                for job in background:
+                    job.cancel()
+                await teardown_cluster(target, scheduler, plan)
+        except StoppedOnPurpose as stop:
+            # on purpose, and torn down: Cancelled, not Crashed (a failure stays Failed)
+            return Cancelled(message=f"{stop}: cluster {plan.cluster_id} torn down")
 
 
-class RayClusterCli(RayClusterSettings):
-    """Start a Ray cluster on an HPC resource, run a job on it, tear it down."""
+def run_name_for(scheduler: SchedulerName | None):
+    """A flow run name that says where its cluster runs: ray-slurm-hpc-login-4n."""
 
-    model_config = SettingsConfigDict(
-        cli_prog_name="python -m flows.ray_cluster",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        cli_enforce_required=False,
-    )
+    def run_name() -> str:
+        try:
+            settings = settings_from_parameters(current_flow_run.parameters, scheduler)
+            where = re.sub(r"[^A-Za-z0-9.-]+", "-", settings.host.rsplit("@", 1)[-1].split(":")[0]) or "local"
+            return f"ray-{settings.scheduler.value}-{where}-{settings.nodes}n"
+        except Exception:  # a name never fails a run: invalid inputs are reported by the run itself
+            return "ray-cluster"
 
-    dry_run: bool = Field(False, description="Validate the inputs, print what would run on the target, start nothing")
+    return run_name
+
+
+def settings_from_parameters(parameters: dict, scheduler: SchedulerName | None = None) -> RayClusterSettings:
+    """The flow's parameter groups as one RayClusterSettings, checked across fields."""
+    values = {key: value.model_dump(exclude_unset=False) if isinstance(value, BaseModel) else value
+              for key, value in parameters.items()}
+    if scheduler is not None:
+        values["scheduler"] = scheduler
+    return RayClusterSettings.model_validate(values)
+
+
+FLOW_OPTIONS = dict(
+    name="ray-cluster",
+    log_prints=False,
+    on_cancellation=[teardown_saved_clusters],
+    on_crashed=[teardown_saved_clusters],
+)
+
+
+@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(None))
+async def ray_cluster(
+    user_script: str = "",
+    host: str = "",
+    scheduler: SchedulerName = SchedulerName.none,
+    cluster: ClusterOptions = ClusterOptions(),
+    slurm: SlurmOptions = SlurmOptions(),
+    pbs: PbsOptions = PbsOptions(),
+    environment: EnvironmentOptions = EnvironmentOptions(),
+    advanced: AdvancedOptions = AdvancedOptions(),
+) -> dict:
+    """Start a Ray cluster on the host (directly, or as a SLURM/PBS job), wait until
+    every node is up, show how to connect, run the user's script, and always tear down.
+
+    Args:
+        user_script: A Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        host: Where to run: empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block (the login node for SLURM/PBS)
+        scheduler: none (head and workers on the host itself), slurm or pbs (a batch job, one Ray node per allocated node)
+        cluster: Node sizes and how long the cluster lives
+        slurm: SLURM job options (scheduler slurm only)
+        pbs: PBS job options (scheduler pbs only)
+        environment: Ray version, Python and the shared work dir on the target
+        advanced: Ports, timeouts, security and SSH
+    """
+    return await run_cluster(settings_from_parameters(locals()))
+
+
+@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.slurm))
+async def ray_cluster_slurm(
+    user_script: str = "",
+    host: str = "",
+    cluster: ClusterOptions = ClusterOptions(),
+    slurm: SlurmOptions = SlurmOptions(),
+    environment: EnvironmentOptions = EnvironmentOptions(),
+    advanced: AdvancedOptions = AdvancedOptions(),
+) -> dict:
+    """A Ray cluster as one SLURM job through the login node: one Ray node per allocated node.
+
+    Args:
+        user_script: A Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        host: The login node: user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
+        cluster: Node sizes and how long the cluster lives
+        slurm: Nodes, walltime, account, partition, QOS and extra directives of the job
+        environment: Ray version, Python and the shared work dir (visible on every node)
+        advanced: Ports, timeouts, security and SSH
+    """
+    return await run_cluster(settings_from_parameters(locals(), SchedulerName.slurm))
+
+
+@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.pbs))
+async def ray_cluster_pbs(
+    user_script: str = "",
+    host: str = "",
+    cluster: ClusterOptions = ClusterOptions(),
+    pbs: PbsOptions = PbsOptions(),
+    environment: EnvironmentOptions = EnvironmentOptions(),
+    advanced: AdvancedOptions = AdvancedOptions(),
+) -> dict:
+    """A Ray cluster as one PBS job through the login node: one Ray node per chunk.
+
+    Args:
+        user_script: A Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        host: The login node: user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
+        cluster: Node sizes and how long the cluster lives
+        pbs: Chunks (select) or nodes, walltime, account, queue and extra directives of the job
+        environment: Ray version, Python and the shared work dir (visible on every node)
+        advanced: Ports, timeouts, security and SSH
+    """
+    return await run_cluster(settings_from_parameters(locals(), SchedulerName.pbs))
+
+
+@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.none))
+async def ray_cluster_direct(
+    user_script: str = "",
+    host: str = "",
+    cluster: ClusterOptions = ClusterOptions(),
+    environment: EnvironmentOptions = EnvironmentOptions(),
+    advanced: AdvancedOptions = AdvancedOptions(),
+) -> dict:
+    """A Ray cluster directly on one host (this machine or one over SSH), no scheduler.
+
+    Args:
+        user_script: A Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        host: Empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
+        cluster: Node sizes (extra workers beside the head) and how long the cluster lives
+        environment: Ray version, Python and the work dir on the host
+        advanced: Ports, timeouts, security and SSH
+    """
+    return await run_cluster(settings_from_parameters(locals(), SchedulerName.none))
+
+
+def _cli_model() -> type[BaseSettings]:
+    """The command line: every field by its flat name (--num-cpus-per-node, --slurm.nodes), read
+    from the environment too (RAY_CLUSTER_*). The fields are the groups' own definitions; the
+    values are validated by RayClusterSettings, as a flow run's are."""
+    top = RayClusterSettings.model_fields
+    fields: dict = {name: (top[name].annotation, top[name]) for name in ("host", "scheduler", "user_script")}
+    for model in GROUPS.values():
+        fields.update({name: (info.annotation, info) for name, info in model.model_fields.items()})
+    fields.update({name: (top[name].annotation, top[name]) for name in ("slurm", "pbs")})
+    fields["dry_run"] = (bool, Field(False, description="Validate the inputs, print what would run on the target, start nothing"))
+
+    class CliBase(BaseSettings):
+        """Start a Ray cluster on an HPC resource, run a job on it, tear it down."""
+
+        model_config = SettingsConfigDict(
+            env_prefix="RAY_CLUSTER_",
+            env_nested_delimiter="__",
+            extra="forbid",
+            cli_prog_name="python -m flows.ray_cluster",
+            cli_kebab_case=True,
+            cli_implicit_flags=True,
+            cli_enforce_required=False,
+        )
+
+    return create_model("RayClusterCli", __base__=CliBase, **fields)
+
+
+RayClusterCli = _cli_model()
 
 
 def render_plan(settings: RayClusterSettings) -> str:
@@ -324,12 +476,15 @@ def render_plan(settings: RayClusterSettings) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         cli = CliApp.run(RayClusterCli, cli_args=sys.argv[1:] if argv is None else argv)
+        settings = RayClusterSettings.model_validate(cli.model_dump(exclude={"dry_run"}))
     except ValidationError as exc:
         for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "input"
+            loc = error["loc"]
+            if len(loc) > 1 and loc[0] in GROUPS:  # the command line's flat name: --ray-version
+                loc = loc[1:]
+            where = ".".join(str(part) for part in loc) or "input"
             print(f"invalid input {where}: {error['msg']}", file=sys.stderr)
         return 2
-    settings = RayClusterSettings.model_validate(cli.model_dump(exclude={"dry_run"}))
     try:
         refuse_token_block_without_a_server(settings)
     except ValueError as exc:
@@ -369,8 +524,8 @@ def _run_flow(settings: RayClusterSettings, outcome: dict) -> None:
 async def _run(settings: RayClusterSettings) -> int:
     STOP.attach()
     try:
-        info = await ray_cluster(settings=settings)
-    except asyncio.CancelledError:
+        info = await ray_cluster(**settings.parameters())
+    except (asyncio.CancelledError, CancelledRun):
         print(f"interrupted ({STOP.name or 'cancelled'}): cluster torn down", file=sys.stderr)
         return 128 + (STOP.signum or signal.SIGINT)
     except Exception as exc:

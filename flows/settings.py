@@ -16,7 +16,6 @@ import stat
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_RAY_VERSION = "2.60.0"
 
@@ -398,6 +397,16 @@ def check_local_file(value: str, what: str) -> str:
     return value
 
 
+def _positioned(model: type[BaseModel]) -> type[BaseModel]:
+    """Give every field of a group its place in the form: the order it is declared in."""
+    for position, field in enumerate(model.model_fields.values()):
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        field.json_schema_extra = {**extra, "position": position}
+    model.model_rebuild(force=True)
+    return model
+
+
+@_positioned
 class SlurmOptions(BaseModel):
     """Where and how long the SLURM job runs."""
 
@@ -450,6 +459,7 @@ class SlurmOptions(BaseModel):
         return _check_directives(value, "#SBATCH")
 
 
+@_positioned
 class PbsOptions(BaseModel):
     """Where and how long the PBS job runs."""
 
@@ -540,34 +550,15 @@ class PbsOptions(BaseModel):
         return self
 
 
-class RayClusterSettings(BaseSettings):
-    """Start a Ray cluster on an HPC resource, run a job on it, tear it down."""
+@_positioned
+class ClusterOptions(BaseModel):
+    """How big each Ray node is and how long the cluster lives."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="RAY_CLUSTER_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        validate_default=True,
-        title="Ray cluster",
-    )
+    model_config = ConfigDict(extra="forbid", title="Cluster")
 
-    # --- cluster
-    host: str = Field(
-        "",
-        title="Host",
-        description="Where to run: empty = this machine; else user@host:port, an ~/.ssh/config alias, "
-        "or the name of a saved SSH connection block (the login node for SLURM/PBS)",
-        json_schema_extra={"pattern": "^$|" + HOST_RE.pattern},
-    )
-    scheduler: Scheduler = Field(
-        Scheduler.none,
-        title="Scheduler",
-        description="none: head and workers on the host itself; slurm or pbs: a batch job, one Ray node per node",
-    )
     direct_workers: int = Field(
         0, ge=0, le=64, title="Extra workers (no scheduler)", description="Worker nodes beside the head on the host"
     )
-    # --- resources
     num_cpus_per_node: int = Field(
         1, ge=1, le=4096, title="CPUs per node", description="Ray --num-cpus on every node (head and workers)"
     )
@@ -580,7 +571,23 @@ class RayClusterSettings(BaseSettings):
     object_store_memory_gb: float = Field(
         0.5, gt=0, le=65536, title="Object store per node (GB)", description="Ray --object-store-memory: shared memory for objects"
     )
-    # --- environment
+    cluster_idle_timeout: float = Field(
+        30, gt=0, le=100000, title="Idle timeout (minutes)", description="Keep-alive clusters stop after this idle time"
+    )
+    keep_alive: bool = Field(False, title="Keep alive", description="Keep the cluster up after the user job")
+    node_failure: NodeFailure = Field(
+        NodeFailure.continue_,
+        title="When a node dies",
+        description="continue: report it and go on; stop: report it and tear the cluster down (the flow fails)",
+    )
+
+
+@_positioned
+class EnvironmentOptions(BaseModel):
+    """The Python and Ray the nodes run, and where the cluster's files live."""
+
+    model_config = ConfigDict(extra="forbid", title="Environment")
+
     ray_version: str = Field(
         DEFAULT_RAY_VERSION,
         title="Ray version",
@@ -593,25 +600,42 @@ class RayClusterSettings(BaseSettings):
         description="An interpreter, venv or conda env on the target that already has this Ray (empty: find or build one)",
         json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern},
     )
-    requirements: str = Field(
-        "",
-        title="requirements.txt",
-        description="Extra packages to install: a requirements file on the machine that runs the flow (empty: none)",
-    )
     work_dir: str = Field(
         "~/.activate-ray",
         title="Work dir on the target",
         description="Shared directory for venvs and cluster state (must be visible on every node)",
         json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern},
     )
-    node_tmp: str = Field(
-        "/tmp",
-        title="Node temp root",
-        description=f"Node-local directory for Ray's temp dirs (at most {NODE_TMP_MAX_LEN} characters: "
-        "Ray's unix sockets live below it)",
-        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern, "maxLength": NODE_TMP_MAX_LEN},
+    requirements: str = Field(
+        "",
+        title="requirements.txt",
+        description="Extra packages to install: a requirements file on the machine that runs the flow (empty: none)",
     )
-    # --- cluster behaviour
+
+    @field_validator("ray_version")
+    @classmethod
+    def _ray_version(cls, value: str) -> str:
+        if not RAY_VERSION_RE.fullmatch(value):
+            raise ValueError(f"ray_version {value!r} is not a Ray release such as {DEFAULT_RAY_VERSION}")
+        return value
+
+    @field_validator("python", "work_dir")
+    @classmethod
+    def _target_path(cls, value: str, info) -> str:
+        return _check_target_path(value, info.field_name)
+
+    @field_validator("requirements")
+    @classmethod
+    def _local_file(cls, value: str, info) -> str:
+        return check_local_file(value, info.field_name)
+
+
+@_positioned
+class AdvancedOptions(BaseModel):
+    """Ports, timeouts, security and SSH: the defaults suit most sites."""
+
+    model_config = ConfigDict(extra="forbid", title="Advanced")
+
     dashboard_port: int = Field(
         0,
         ge=0,
@@ -625,6 +649,19 @@ class RayClusterSettings(BaseSettings):
         title="Dashboard bind address",
         description="Keep 127.0.0.1 and use the SSH tunnel; anything else exposes an RCE endpoint",
         json_schema_extra={"pattern": BIND_HOST_RE.pattern},
+    )
+    node_tmp: str = Field(
+        "/tmp",
+        title="Node temp root",
+        description=f"Node-local directory for Ray's temp dirs (at most {NODE_TMP_MAX_LEN} characters: "
+        "Ray's unix sockets live below it)",
+        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern, "maxLength": NODE_TMP_MAX_LEN},
+    )
+    readiness_timeout: int = Field(
+        300, ge=5, le=86400, title="Readiness timeout (s)", description="Give up when not every node is up after this long"
+    )
+    heartbeat_timeout: int = Field(
+        120, ge=10, le=86400, title="Dead-man timeout (s)", description="The cluster stops itself when the flow is silent this long"
     )
     token_auth: bool = Field(
         True, title="Ray token authentication", description="A fresh token per cluster; turn off only for Ray without it"
@@ -641,27 +678,14 @@ class RayClusterSettings(BaseSettings):
         description="Open Ray's Prometheus endpoints for a scraper: they answer WITHOUT the token, "
         "on every interface of each node (off: not opened at all)",
     )
-    cluster_idle_timeout: float = Field(
-        30, gt=0, le=100000, title="Idle timeout (minutes)", description="Keep-alive clusters stop after this idle time"
+    accept_new_host_key: bool = Field(
+        False, title="Accept unknown host keys", description="Trust on first use: record an unknown host key in ~/.activate-ray/known_hosts (a changed key is always refused)"
     )
-    keep_alive: bool = Field(False, title="Keep alive", description="Keep the cluster up after the user job")
-    node_failure: NodeFailure = Field(
-        NodeFailure.continue_,
-        title="When a node dies",
-        description="continue: report it and go on; stop: report it and tear the cluster down (the flow fails)",
+    ssh_key_file: str = Field(
+        "", title="SSH private key file", description="Key file for the host (empty: the SSH agent and default keys)"
     )
-    readiness_timeout: int = Field(
-        300, ge=5, le=86400, title="Readiness timeout (s)", description="Give up when not every node is up after this long"
-    )
-    heartbeat_timeout: int = Field(
-        120, ge=10, le=86400, title="Dead-man timeout (s)", description="The cluster stops itself when the flow is silent this long"
-    )
-    # --- job
-    user_script: str = Field(
-        "",
-        title="User script",
-        description="A Python file on the machine that runs the flow, submitted as a Ray job "
-        "(empty: keep the cluster up until idle)",
+    known_hosts: str = Field(
+        "", title="known_hosts file", description="Host keys to trust instead of ~/.ssh/known_hosts; /etc/ssh/ssh_known_hosts is read as well"
     )
     info_file: str = Field(
         "ray-cluster.json", title="Connection info file", description="Where to write connection info as JSON (no secrets)"
@@ -672,43 +696,14 @@ class RayClusterSettings(BaseSettings):
         description="Where to write cluster_id=, scheduler=, job_id= lines as soon as each is known "
         "(for a cleanup step that runs when the flow could not tear down; empty: none)",
     )
-    # --- SSH
-    ssh_key_file: str = Field(
-        "", title="SSH private key file", description="Key file for the host (empty: the SSH agent and default keys)"
-    )
-    known_hosts: str = Field(
-        "", title="known_hosts file", description="Host keys to trust instead of ~/.ssh/known_hosts; /etc/ssh/ssh_known_hosts is read as well"
-    )
-    accept_new_host_key: bool = Field(
-        False, title="Accept unknown host keys", description="Trust on first use: record an unknown host key in ~/.activate-ray/known_hosts (a changed key is always refused)"
-    )
-    # --- scheduler groups
-    slurm: SlurmOptions = Field(
-        default_factory=SlurmOptions, title="SLURM", description="Used when the scheduler is slurm"
-    )
-    pbs: PbsOptions = Field(default_factory=PbsOptions, title="PBS", description="Used when the scheduler is pbs")
 
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        if value and not HOST_RE.fullmatch(value):
-            raise ValueError(f"host {value!r} is not user@host[:port], an ssh alias or a block name")
-        if ":" in value and not 0 < int(value.rsplit(":", 1)[1]) < 65536:
-            raise ValueError(f"host {value!r}: port out of range 1-65535")
-        return value
-
-    @field_validator("ray_version")
-    @classmethod
-    def _ray_version(cls, value: str) -> str:
-        if not RAY_VERSION_RE.fullmatch(value):
-            raise ValueError(f"ray_version {value!r} is not a Ray release such as {DEFAULT_RAY_VERSION}")
-        return value
-
-    @field_validator("python", "work_dir", "node_tmp")
+    @field_validator("node_tmp")
     @classmethod
     def _target_path(cls, value: str, info) -> str:
-        if value and not TARGET_PATH_RE.fullmatch(value):
-            raise ValueError(f"{info.field_name} {value!r}: use letters, digits and _.~/+@- only")
+        value = _check_target_path(value, info.field_name)
+        if value and len(value) > NODE_TMP_MAX_LEN:
+            raise ValueError(f"node_tmp must be at most {NODE_TMP_MAX_LEN} characters "
+                             "(Ray's unix socket paths below it are limited to 107 bytes)")
         return value
 
     @field_validator("dashboard_port")
@@ -725,18 +720,126 @@ class RayClusterSettings(BaseSettings):
             raise ValueError(f"dashboard_host {value!r} is not an IPv4 address")
         return value
 
-    @field_validator("user_script", "requirements", "ssh_key_file", "known_hosts")
+    @field_validator("ssh_key_file", "known_hosts")
     @classmethod
     def _local_file(cls, value: str, info) -> str:
         return check_local_file(value, info.field_name)
 
     @model_validator(mode="after")
-    def _consistent(self) -> RayClusterSettings:
+    def _consistent(self) -> AdvancedOptions:
         if self.publish_token_block and not self.token_auth:
             raise ValueError("publish_token_block needs token_auth: there is no token to publish")
-        if self.node_tmp and len(self.node_tmp) > NODE_TMP_MAX_LEN:
-            raise ValueError(f"node_tmp must be at most {NODE_TMP_MAX_LEN} characters "
-                             "(Ray's unix socket paths below it are limited to 107 bytes)")
+        return self
+
+
+def _check_target_path(value: str, name: str) -> str:
+    if value and not TARGET_PATH_RE.fullmatch(value):
+        raise ValueError(f"{name} {value!r}: use letters, digits and _.~/+@- only")
+    return value
+
+
+# The flow's parameter groups, in the order of the form and of workflow.yaml's inputs.
+GROUPS: dict[str, type[BaseModel]] = {
+    "cluster": ClusterOptions,
+    "environment": EnvironmentOptions,
+    "advanced": AdvancedOptions,
+}
+# flat name (the command line's --num-cpus-per-node, RAY_CLUSTER_NUM_CPUS_PER_NODE) -> its group
+GROUP_OF: dict[str, str] = {name: group for group, model in GROUPS.items() for name in model.model_fields}
+
+
+class RayClusterSettings(BaseModel):
+    """Start a Ray cluster on an HPC resource, run a job on it, tear it down.
+
+    What the tasks read, built from the flow's parameters: its groups are those
+    parameters, and every field of a group is also read flat
+    (`settings.num_cpus_per_node` is `settings.cluster.num_cpus_per_node`).
+    Flat values are accepted on input too (the command line, blocks, tests)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, title="Ray cluster")
+
+    host: str = Field(
+        "",
+        title="Host",
+        description="Where to run: empty = this machine; else user@host:port, an ~/.ssh/config alias, "
+        "or the name of a saved SSH connection block (the login node for SLURM/PBS)",
+        json_schema_extra={"pattern": "^$|" + HOST_RE.pattern},
+    )
+    scheduler: Scheduler = Field(
+        Scheduler.none,
+        title="Scheduler",
+        description="none: head and workers on the host itself; slurm or pbs: a batch job, one Ray node per node",
+    )
+    user_script: str = Field(
+        "",
+        title="User script",
+        description="A Python file on the machine that runs the flow, submitted as a Ray job "
+        "(empty: keep the cluster up until idle)",
+    )
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions, title="Cluster",
+                                    description="Node sizes and how long the cluster lives")
+    slurm: SlurmOptions = Field(
+        default_factory=SlurmOptions, title="SLURM", description="Used when the scheduler is slurm"
+    )
+    pbs: PbsOptions = Field(default_factory=PbsOptions, title="PBS", description="Used when the scheduler is pbs")
+    environment: EnvironmentOptions = Field(default_factory=EnvironmentOptions, title="Environment",
+                                            description="Ray version, Python and the shared work dir")
+    advanced: AdvancedOptions = Field(default_factory=AdvancedOptions, title="Advanced",
+                                      description="Ports, timeouts, security and SSH")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_into_groups(cls, data):
+        """num_cpus_per_node=... goes to cluster.num_cpus_per_node (merged with a cluster={...} given too)."""
+        if not isinstance(data, dict) or not any(key in GROUP_OF for key in data):
+            return data
+        data = dict(data)
+        for key in [k for k in data if k in GROUP_OF]:
+            group = GROUP_OF[key]
+            current = data.get(group) or {}
+            if isinstance(current, BaseModel):
+                current = current.model_dump(exclude_unset=True)
+            data[group] = {**current, key: data.pop(key)}
+        return data
+
+    def __getattr__(self, name: str):
+        group = GROUP_OF.get(name)
+        if group is None:
+            return super().__getattr__(name)
+        return getattr(getattr(self, group), name)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if value and not HOST_RE.fullmatch(value):
+            raise ValueError(f"host {value!r} is not user@host[:port], an ssh alias or a block name")
+        if ":" in value and not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+            raise ValueError(f"host {value!r}: port out of range 1-65535")
+        return value
+
+    @field_validator("user_script")
+    @classmethod
+    def _local_file(cls, value: str, info) -> str:
+        return check_local_file(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _only_what_applies(self) -> RayClusterSettings:
+        """Options of another scheduler are refused, not ignored: they say the run was meant otherwise."""
+        given = {
+            "slurm": self.slurm.model_dump() != SlurmOptions().model_dump(),
+            "pbs": self.pbs.model_dump() != PbsOptions().model_dump(),
+        }
+        for name, set_ in given.items():
+            if set_ and self.scheduler.value != name:
+                raise ValueError(
+                    f"{name} options are set but the scheduler is {self.scheduler.value}: "
+                    f"set scheduler={name}, or leave the {name} options out"
+                )
+        if self.cluster.direct_workers and self.scheduler is not Scheduler.none:
+            raise ValueError(
+                f"direct_workers={self.cluster.direct_workers} applies without a scheduler only: with "
+                f"{self.scheduler.value} every allocated node runs one Ray node (set the node count there)"
+            )
         return self
 
     @property
@@ -746,4 +849,21 @@ class RayClusterSettings(BaseSettings):
             return self.slurm.nodes
         if self.scheduler is Scheduler.pbs:
             return pbs_select_chunks(self.pbs.select) if self.pbs.select else self.pbs.nodes
-        return 1 + self.direct_workers
+        return 1 + self.cluster.direct_workers
+
+    def parameters(self) -> dict:
+        """The ray_cluster flow's parameters for these settings."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+    def deployment_parameters(self) -> dict:
+        """Parameters (JSON) for the flow of this scheduler (ray_cluster_slurm, _pbs, _direct):
+        the groups that apply to it, every field spelled out."""
+        skip = {"scheduler", "slurm", "pbs"} - {self.scheduler.value}
+        return {name: value for name, value in self.model_dump(mode="json").items() if name not in skip}
+
+    def flat(self) -> dict:
+        """Every value by its flat name (groups of other schedulers left out): the command line's view."""
+        values = {"host": self.host, "scheduler": self.scheduler.value, "user_script": self.user_script}
+        for group in GROUPS:
+            values.update(getattr(self, group).model_dump(mode="json"))
+        return values

@@ -168,6 +168,12 @@ class BackgroundFlow:
             time.sleep(0.2)
         return json.loads(self.info_file.read_text())
 
+    def run_state(self, api: str) -> dict:
+        """The Prefect state of this flow's run (the run's id is in its log)."""
+        run_id = next(line.split("/flow-run/")[1].split()[0] for line in self.output.splitlines() if "/flow-run/" in line)
+        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as response:
+            return json.loads(response.read())["state"]
+
     def send_signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 

@@ -12,6 +12,7 @@ import signal
 
 import pytest
 
+from flows.settings import node_tmp_name
 from tests.helpers import REPO, SMALL, BackgroundFlow, assert_nothing_left, batch_args, run_flow, wait_for
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(300)]
@@ -28,6 +29,9 @@ def test_sigterm_tears_down(work, prefect_api, bed):
         flow.send_signal(signal.SIGTERM)
         assert flow.wait(15) == 143, flow.output[-3000:]
         assert "torn down" in flow.output
+        # stopped on purpose: Cancelled, not Crashed or Failed, and the message says so
+        state = flow.run_state(prefect_api)
+        assert state["type"] == "CANCELLED" and "stopped by SIGTERM" in state["message"], state
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
         flow.kill()
@@ -134,10 +138,11 @@ def test_second_cluster_on_the_same_host_survives_the_first_ones_teardown(work, 
         assert_nothing_left(bed, other.cluster_id, work / "b" / "w")
         # A is untouched: same processes, its temp dir still there.
         assert {line.split()[1] for line in bed.cluster_processes(info_a["cluster_id"])} >= before
-        assert bed.temp_dirs(f"{info_a['cluster_id']}-head*")
+        assert bed.temp_dirs(node_tmp_name(info_a['cluster_id']) + "*")
         keeper.send_signal(signal.SIGINT)  # Ctrl-C
         assert keeper.wait(15) == 130, keeper.output[-3000:]
         assert "torn down" in keeper.output
+        assert keeper.run_state(prefect_api)["type"] == "CANCELLED"
         assert_nothing_left(bed, info_a["cluster_id"], work / "a" / "w")
     finally:
         keeper.kill()

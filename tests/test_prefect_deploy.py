@@ -84,76 +84,95 @@ def walk_properties(schema: dict):
 # --------------------------------------------------------------------------- deploy
 
 
+ENTRYPOINTS = {"local": "ray_cluster_direct", "ssh": "ray_cluster_direct", "slurm": "ray_cluster_slurm",
+               "pbs": "ray_cluster_pbs"}
+# The parameters of each kind of deployment: the workflow's input groups that apply to it, in form order.
+PARAMETERS = {
+    "local": ["user_script", "host", "cluster", "environment", "advanced"],
+    "slurm": ["user_script", "host", "cluster", "slurm", "environment", "advanced"],
+    "pbs": ["user_script", "host", "cluster", "pbs", "environment", "advanced"],
+}
+
+
 def test_deploy_all_creates_the_four_deployments(http):
-    for name, scheduler in DEPLOYMENTS.items():
+    for name in DEPLOYMENTS:
         d = deployment(http, name)
-        assert d["entrypoint"] == "flows/ray_cluster.py:ray_cluster"
+        assert d["entrypoint"] == f"flows/ray_cluster.py:{ENTRYPOINTS[name]}"
         assert d["work_pool_name"] == POOL
         assert d["enforce_parameter_schema"] is True
         assert d["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
         ], "a process worker on this machine runs the flow from this repo"
-        assert d["parameters"]["settings"]["scheduler"] == scheduler, name
         assert d["description"], name
-    assert deployment(http, "slurm")["parameters"]["settings"]["slurm"]["nodes"] == 2
-    assert deployment(http, "pbs")["parameters"]["settings"]["pbs"]["nodes"] == 2
-    assert deployment(http, "local")["parameters"]["settings"]["user_script"] == "examples/hello_ray.py"
+    # only what differs from the defaults
+    assert deployment(http, "slurm")["parameters"] == {"host": "hpc-login", "slurm": {"nodes": 2}}
+    assert deployment(http, "pbs")["parameters"] == {"host": "hpc-login", "pbs": {"nodes": 2}}
+    assert deployment(http, "local")["parameters"] == {"user_script": "examples/hello_ray.py",
+                                                       "cluster": {"direct_workers": 1}}
 
 
-def test_the_parameter_schema_is_a_clean_form(http):
-    schema = deployment(http, "local")["parameter_openapi_schema"]
-    assert schema["required"] == ["settings"]
-    assert schema["properties"]["settings"]["$ref"] == "#/definitions/RayClusterSettings"
-    untitled = []
-    for where, prop in walk_properties(schema):
-        if "$ref" in prop:  # the title is the referenced model's or enum's
-            target = schema["definitions"][prop["$ref"].rsplit("/", 1)[1]]
-            has_title = bool(target.get("title"))
-        else:
-            has_title = bool(prop.get("title"))
-        if not (has_title and prop.get("description")):
-            untitled.append(where)
-    assert untitled == [], f"fields without a title and a description: {untitled}"
+@pytest.mark.parametrize("name", PARAMETERS)
+def test_each_form_shows_what_applies_with_titles_descriptions_and_positions(http, name):
+    schema = deployment(http, name)["parameter_openapi_schema"]
+    properties = schema["properties"]
+    assert sorted(properties, key=lambda p: properties[p]["position"]) == PARAMETERS[name]
+    assert schema.get("required", []) == []
+    missing = [where for where, prop in [*properties.items(), *walk_properties(schema)]
+               if not (prop.get("title") and prop.get("description") and "position" in prop)]
+    assert missing == [], f"fields without a title, a description or a position: {missing}"
     definitions = schema["definitions"]
-    assert definitions["Scheduler"]["enum"] == ["none", "slurm", "pbs"]  # a dropdown in the UI
-    settings = definitions["RayClusterSettings"]["properties"]
-    assert settings["scheduler"]["$ref"] == "#/definitions/Scheduler"
-    assert settings["num_cpus_per_node"]["minimum"] == 1
-    assert settings["dashboard_port"]["minimum"] == 0 and settings["dashboard_port"]["maximum"] == 65535
-    assert settings["node_tmp"]["maxLength"] == NODE_TMP_MAX_LEN
-    assert "pattern" in definitions["SlurmOptions"]["properties"]["walltime"]
-    assert "pattern" in definitions["PbsOptions"]["properties"]["walltime"]
+    cluster = definitions["ClusterOptions"]["properties"]
+    assert cluster["num_cpus_per_node"]["minimum"] == 1
+    assert cluster["node_failure"]["$ref"] == "#/definitions/NodeFailure"  # a dropdown
+    advanced = definitions["AdvancedOptions"]["properties"]
+    assert advanced["dashboard_port"]["minimum"] == 0 and advanced["dashboard_port"]["maximum"] == 65535
+    assert advanced["node_tmp"]["maxLength"] == NODE_TMP_MAX_LEN
+    if name == "slurm":
+        assert "pattern" in definitions["SlurmOptions"]["properties"]["walltime"]
+        assert "PbsOptions" not in definitions
+    if name == "pbs":
+        assert "pattern" in definitions["PbsOptions"]["properties"]["walltime"]
+        assert "SlurmOptions" not in definitions
 
 
 @pytest.mark.parametrize(
-    ("name", "settings", "field", "reason"),
+    ("name", "parameters", "field", "reason"),
     [
-        ("slurm", {"scheduler": "slurm", "slurm": {"walltime": "abc"}}, "settings.slurm.walltime", "does not match"),
-        ("local", {"num_cpus_per_node": 0}, "settings.num_cpus_per_node", "less than the minimum of 1"),
-        ("local", {"scheduler": "lsf"}, "settings.scheduler", "is not one of"),
-        ("pbs", {"scheduler": "pbs", "pbs": {"queue": "a queue; rm -rf ~"}}, "settings.pbs.queue", "does not match"),
-        ("local", {"node_tmp": "/" + "x" * 60}, "settings.node_tmp", "is too long"),
-        ("local", {"num_cpus": 4}, "settings", "Additional properties are not allowed"),
+        ("slurm", {"slurm": {"walltime": "abc"}}, "slurm.walltime", "does not match"),
+        ("local", {"cluster": {"num_cpus_per_node": 0}}, "cluster.num_cpus_per_node", "less than the minimum of 1"),
+        ("local", {"cluster": {"node_failure": "explode"}}, "cluster.node_failure", "is not one of"),
+        ("pbs", {"pbs": {"queue": "a queue; rm -rf ~"}}, "pbs.queue", "does not match"),
+        ("local", {"advanced": {"node_tmp": "/" + "x" * 60}}, "advanced.node_tmp", "is too long"),
+        ("local", {"cluster": {"num_cpus": 4}}, "cluster", "Additional properties are not allowed"),
     ],
 )
-def test_a_bad_parameter_is_refused_with_the_field_named(http, name, settings, field, reason):
+def test_a_bad_parameter_is_refused_with_the_field_named(http, name, parameters, field, reason):
     d = deployment(http, name)
-    response = http.post(f"/deployments/{d['id']}/create_flow_run", json={"parameters": {"settings": settings}})
+    response = http.post(f"/deployments/{d['id']}/create_flow_run", json={"parameters": parameters})
     assert response.status_code == 409, response.text
     detail = response.json()["detail"]
-    assert f"Validation failed for field '{field}'" in detail or (field == "settings" and "'settings'" in detail)
+    assert f"Validation failed for field '{field}'" in detail or f"'{field}'" in detail, detail
     assert reason in detail, detail
     assert flow_runs(http, d["id"]) == [], "a refused run must not exist"
 
 
 def test_the_cli_refuses_a_bad_parameter_with_the_field_named(api, http):
-    result = prefect(
-        api, "deployment", "run", "ray-cluster/slurm", "--param", 'settings={"slurm": {"walltime": "abc"}}'
-    )
+    result = prefect(api, "deployment", "run", "ray-cluster/slurm", "--param", 'slurm={"walltime": "abc"}')
     assert result.returncode != 0
     output = " ".join((result.stdout + result.stderr).split())  # rich wraps long lines
-    assert "Validation failed for field 'settings.slurm.walltime'" in output, output
+    assert "Validation failed for field 'slurm.walltime'" in output, output
     assert flow_runs(http, deployment(http, "slurm")["id"]) == []
+
+
+def test_a_run_overrides_one_field_and_one_group_and_keeps_the_deployments_others(api, http):
+    result = prefect(api, "deployment", "run", "ray-cluster/slurm", "-p", "user_script=/abs/train.py",
+                     "-p", 'slurm={"nodes": 4}')
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run,) = flow_runs(http, deployment(http, "slurm")["id"])
+    try:
+        assert run["parameters"] == {"host": "hpc-login", "user_script": "/abs/train.py", "slurm": {"nodes": 4}}
+    finally:
+        assert http.delete(f"/flow_runs/{run['id']}").status_code == 204  # no worker must pick it up
 
 
 # --------------------------------------------------------------------------- blocks
@@ -193,10 +212,10 @@ except ValueError as exc:
     created = json.loads(lines[0])  # run_deployment: ray-cluster/slurm, accepted by the server's schema check
     parameters = created["parameters"]
     assert lines[1] == "REFUSED ('slurm', 'account')"  # checked as the flow's own setting
-    settings = parameters["settings"]
-    assert settings["host"] == "alice@login.hpc.example" and settings["scheduler"] == "slurm"
-    assert settings["slurm"]["account"] == "proj1" and settings["slurm"]["partition"] == "gpu"
-    assert settings["slurm"]["nodes"] == 3 and settings["work_dir"] == "/scratch/alice/ar"
+    assert sorted(parameters) == sorted(PARAMETERS["slurm"])  # the slurm flow's own parameters
+    assert parameters["host"] == "alice@login.hpc.example"
+    assert parameters["slurm"]["account"] == "proj1" and parameters["slurm"]["partition"] == "gpu"
+    assert parameters["slurm"]["nodes"] == 3 and parameters["environment"]["work_dir"] == "/scratch/alice/ar"
 
     run = http.get(f"/flow_runs/{created['id']}").json()
     assert run["deployment_id"] == deployment(http, "slurm")["id"]
@@ -209,32 +228,34 @@ except ValueError as exc:
 
 @pytest.mark.bed
 def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work):
-    """The bed's user runs a process worker on the login node; the run starts a local
-    cluster there, as that user, and leaves nothing."""
+    """The bed's user runs a process worker on the login node; a run that overrides some
+    inputs with `-p` starts a local cluster there with the deployment's others, as that
+    user, and leaves nothing. The worker's RAY_CLUSTER_* environment changes nothing."""
     work_dir = work / "w"
     info_file = work / "info.json"
-    settings = {
-        "user_script": str(bed.repo / "examples/hello_ray.py"),
-        "ray_memory_gb": 0.5,
-        "object_store_memory_gb": 0.25,
-        "work_dir": str(work_dir),
-        "info_file": str(info_file),
-    }
     # deployed again from the bed's copy of the checkout: its pull step is a dir the bed's user can enter
     deployed = prefect(api, "deploy", "--name", "local", timeout=90, cwd=bed.repo)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     d = deployment(http, "local")
-    response = http.post(f"/deployments/{d['id']}/create_flow_run", json={"parameters": {"settings": settings}})
-    assert response.status_code == 201, response.text
-    run = response.json()
-    # Prefect merges a run's parameters into the deployment's by top-level name:
-    # this run's settings replace the deployment's default settings as a whole.
-    assert run["parameters"] == {"settings": settings}
+    started = prefect(api, "deployment", "run", "ray-cluster/local",
+                      "-p", f"user_script={bed.repo / 'examples/hello_ray.py'}",
+                      "-p", "advanced=" + json.dumps({"info_file": str(info_file)}),
+                      "-p", "environment=" + json.dumps({"work_dir": str(work_dir)}))
+    assert started.returncode == 0, started.stdout + started.stderr
+    (run,) = flow_runs(http, d["id"])
+    assert run["parameters"] == {
+        "user_script": str(bed.repo / "examples/hello_ray.py"),
+        "cluster": {"direct_workers": 1},  # the deployment's, kept
+        "advanced": {"info_file": str(info_file)},
+        "environment": {"work_dir": str(work_dir)},
+    }
 
     worker_prefect = str(Path(bed.user_python).parent / "prefect")
+    leak = {"RAY_CLUSTER_NUM_CPUS_PER_NODE": "2", "RAY_CLUSTER_CLUSTER__NUM_CPUS_PER_NODE": "2",
+            "RAY_CLUSTER_SCHEDULER": "slurm", "RAY_CLUSTER_KEEP_ALIVE": "true"}
     worker = bed.run_login(
         [worker_prefect, "worker", "start", "--pool", POOL, "--type", "process", "--run-once", "--limit", "1"],
-        user=bed.user, env=flow_env(api, repo=bed.repo), cwd=bed.repo, timeout=150,
+        user=bed.user, env=flow_env(api, leak, repo=bed.repo), cwd=bed.repo, timeout=150,
     )
     (work / "worker.log").write_text(worker.stdout + worker.stderr)
     deadline = time.monotonic() + 15
@@ -245,7 +266,9 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work
         time.sleep(0.5)
     logs = worker.stdout[-4000:] + worker.stderr[-4000:]
     assert state["type"] == "COMPLETED", f"{state['type']}: {state.get('message')}\n{logs}"
+    assert http.get(f"/flow_runs/{run['id']}").json()["name"] == "ray-none-local-2n"  # named once it started
     assert "HELLO_RAY_OK" in worker.stdout + worker.stderr, logs
     info = json.loads(info_file.read_text())
-    assert info["scheduler"] == "none" and len(info["nodes"]) == 1  # the deployment's direct_workers: 1 was replaced
+    assert info["scheduler"] == "none" and len(info["nodes"]) == 2  # the deployment's direct_workers: 1
+    assert [node["CPU"] for node in info["nodes"]] == [1, 1], "the worker's RAY_CLUSTER_* leaked into the run"
     assert_nothing_left(bed, info["cluster_id"], work_dir)

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 import flows.settings as settings_module
 from flows.ray_cluster import RayClusterCli, main
 from flows.settings import (
-    NODE_TMP_MAX_LEN,
     NO_VALUE,
+    NODE_TMP_MAX_LEN,
     OPTIONAL,
     PBS_ALLOWED,
     PBS_REFUSED,
@@ -72,17 +72,31 @@ def cli_args(field: str, value: str) -> list[str]:
     return [flag_for(field), value]
 
 
+def settings_of(**kwargs) -> RayClusterSettings:
+    """Settings for a test of one group's fields: slurm or pbs options come with their scheduler
+    (options of another scheduler are refused, tested on their own)."""
+    for name in ("slurm", "pbs"):
+        if name in kwargs and "scheduler" not in kwargs:
+            kwargs["scheduler"] = name
+    return RayClusterSettings(**kwargs)
+
+
+def names_input(locations, name: str) -> bool:
+    """A location names the input: by its flat name inside its group (cluster.num_cpus_per_node) too."""
+    return any(loc == name or loc.endswith("." + name) for loc in locations)
+
+
 def assert_rejected(kwargs: dict, name: str, *, in_message: bool = True) -> ValidationError:
     """The value is refused and the error names the input (its location, and its message)."""
     with pytest.raises(ValidationError) as info:
-        RayClusterSettings(**kwargs)
+        settings_of(**kwargs)
     exc = info.value
     locations = [".".join(str(p) for p in e["loc"]) for e in exc.errors()]
     messages = [e["msg"] for e in exc.errors()]
     if in_message:
         assert any(name in m for m in messages), (name, messages)
     else:
-        assert name in locations, (name, locations)
+        assert names_input(locations, name), (name, locations)
     assert name in str(exc)
     return exc
 
@@ -168,9 +182,9 @@ def test_defaults_are_valid_and_safe():
     assert s.dashboard_host == "127.0.0.1"
     assert s.slurm.walltime == "01:00:00" and s.pbs.walltime == "01:00:00"
     assert s.nodes == 1
-    assert RayClusterSettings(direct_workers=3).nodes == 4
-    assert RayClusterSettings(scheduler="slurm", slurm={"nodes": 5}).nodes == 5
-    assert RayClusterSettings(scheduler="pbs", pbs={"nodes": 7}).nodes == 7
+    assert settings_of(direct_workers=3).nodes == 4
+    assert settings_of(scheduler="slurm", slurm={"nodes": 5}).nodes == 5
+    assert settings_of(scheduler="pbs", pbs={"nodes": 7}).nodes == 7
 
 
 def test_unknown_inputs_are_rejected():
@@ -190,7 +204,7 @@ SLURM_WALLTIME_BAD = ["1:2:3:4", "abc", "-1", "", "01:00:00; rm -rf ~", "1:2", "
 
 @pytest.mark.parametrize("value", SLURM_WALLTIME_OK)
 def test_slurm_walltime_ok(value):
-    assert RayClusterSettings(slurm={"walltime": value}).slurm.walltime == value
+    assert settings_of(slurm={"walltime": value}).slurm.walltime == value
 
 
 @pytest.mark.parametrize("value", SLURM_WALLTIME_BAD)
@@ -205,7 +219,7 @@ PBS_WALLTIME_BAD = ["1-12:00:00", "1:2:3:4", "abc", "-1", "", "01:00:00; rm -rf 
 
 @pytest.mark.parametrize("value", PBS_WALLTIME_OK)
 def test_pbs_walltime_ok(value):
-    assert RayClusterSettings(pbs={"walltime": value}).pbs.walltime == value
+    assert settings_of(pbs={"walltime": value}).pbs.walltime == value
 
 
 @pytest.mark.parametrize("value", PBS_WALLTIME_BAD)
@@ -269,7 +283,7 @@ def test_counts_rejected(kwargs, name):
     ],
 )
 def test_counts_ok(kwargs):
-    RayClusterSettings(**kwargs)
+    settings_of(**kwargs)
 
 
 # --------------------------------------------------------------------------- ray_version, host, paths, bind
@@ -277,7 +291,7 @@ def test_counts_ok(kwargs):
 
 @pytest.mark.parametrize("value", ["2.60.0", "2.9.3", "3.0.0rc1", "2.10.0a1", "2.10.0b2"])
 def test_ray_version_ok(value):
-    assert RayClusterSettings(ray_version=value).ray_version == value
+    assert settings_of(ray_version=value).ray_version == value
 
 
 @pytest.mark.parametrize("value", ["latest", "2.60", "2.60.0; x", "", "v2.60.0", "2.60.0.dev0", ">=2.60.0",
@@ -289,7 +303,7 @@ def test_ray_version_rejected(value):
 @pytest.mark.parametrize("value", ["", "login1", "alice@login1", "alice@login1.example.org:2222", "cluster-a",
                                    "my_block", "10.0.0.5", "a.b@h:1", "h:65535"])
 def test_host_ok(value):
-    assert RayClusterSettings(host=value).host == value
+    assert settings_of(host=value).host == value
 
 
 @pytest.mark.parametrize("value", ["h:0", "h:65536", "h:99999", "-oProxyCommand=x", "a b", "@h", "u@", "h:", "h:x",
@@ -301,7 +315,7 @@ def test_host_rejected(value):
 @pytest.mark.parametrize("field", ["python", "work_dir", "node_tmp"])
 @pytest.mark.parametrize("value", ["/opt/conda/ray", "~/venvs/ray-2.6", "relative/dir", "/a+b@c~e-f_g.h"])
 def test_target_paths_ok(field, value):
-    assert getattr(RayClusterSettings(**{field: value}), field) == value
+    assert getattr(settings_of(**{field: value}), field) == value
 
 
 @pytest.mark.parametrize("field", ["python", "work_dir", "node_tmp"])
@@ -314,14 +328,14 @@ def test_target_paths_rejected(field, value):
 def test_node_tmp_length_limit():
     """What Ray's 107-byte unix socket paths leave for it, below the private temp dir."""
     assert NODE_TMP_MAX_LEN >= len("/local/scratch")
-    RayClusterSettings(node_tmp="/" + "a" * (NODE_TMP_MAX_LEN - 1))
+    settings_of(node_tmp="/" + "a" * (NODE_TMP_MAX_LEN - 1))
     exc = assert_rejected({"node_tmp": "/" + "a" * NODE_TMP_MAX_LEN}, "node_tmp")
     assert str(NODE_TMP_MAX_LEN) in str(exc)
 
 
 @pytest.mark.parametrize("value", ["127.0.0.1", "0.0.0.0", "10.1.2.3", "255.255.255.255"])
 def test_dashboard_host_ok(value):
-    assert RayClusterSettings(dashboard_host=value).dashboard_host == value
+    assert settings_of(dashboard_host=value).dashboard_host == value
 
 
 @pytest.mark.parametrize("value", ["localhost", "256.0.0.1", "1.2.3", "1.2.3.4.5", "", "::1", "127.0.0.1;id",
@@ -339,7 +353,7 @@ NAME_FIELDS = ["slurm.account", "slurm.partition", "slurm.qos", "pbs.account", "
 @pytest.mark.parametrize("value", ["", "gpu", "debug-q", "proj_123", "a.b", "A" * 64, "9queue"])
 def test_names_ok(field, value):
     group, sub = field.split(".")
-    assert getattr(getattr(RayClusterSettings(**kwargs_for(field, value)), group), sub) == value
+    assert getattr(getattr(settings_of(**kwargs_for(field, value)), group), sub) == value
 
 
 @pytest.mark.parametrize("field", NAME_FIELDS)
@@ -362,7 +376,7 @@ def test_name_validators_live_on_the_groups_too():
 @pytest.mark.parametrize("value", ["", "2:ncpus=4", "2:ncpus=4:mem=8gb:ngpus=1", "1:ncpus=2+3:ncpus=8:mem=16gb",
                                    "1:host=node-1.local:ncpus=4", "ncpus=4", "ncpus=4:mem=8gb+2:ncpus=8"])
 def test_pbs_select_ok(value):
-    assert RayClusterSettings(pbs={"select": value}).pbs.select == value
+    assert settings_of(pbs={"select": value}).pbs.select == value
 
 
 @pytest.mark.parametrize("value", ["2", "2+ncpus=4", "ncpus=4:2", "2:ncpus=4;id", "2:ncpus=$(id)", "2:ncpus=4 -l x",
@@ -391,7 +405,7 @@ SELECT_CHUNKS = [
 @pytest.mark.parametrize("select,chunks", SELECT_CHUNKS, ids=[v for v, _ in SELECT_CHUNKS])
 def test_pbs_nodes_come_from_the_select_statement(select, chunks):
     assert pbs_select_chunks(select) == chunks
-    s = RayClusterSettings(scheduler="pbs", pbs={"select": select})
+    s = settings_of(scheduler="pbs", pbs={"select": select})
     assert s.nodes == chunks
     assert s.pbs.nodes == chunks  # normalised, so every reader of pbs.nodes agrees
     assert "nodes" not in s.pbs.model_fields_set  # still "not given"
@@ -402,8 +416,8 @@ def test_pbs_nodes_come_from_the_select_statement(select, chunks):
 
 
 def test_pbs_nodes_without_select_are_the_nodes():
-    assert RayClusterSettings(scheduler="pbs").nodes == 1
-    assert RayClusterSettings(scheduler="pbs", pbs={"nodes": 4}).nodes == 4
+    assert settings_of(scheduler="pbs").nodes == 1
+    assert settings_of(scheduler="pbs", pbs={"nodes": 4}).nodes == 4
 
 
 @pytest.mark.parametrize(
@@ -419,17 +433,22 @@ def test_pbs_nodes_disagreeing_with_select_are_refused(nodes, select, chunks):
 
 
 def test_pbs_nodes_agreeing_with_select_are_accepted():
-    s = RayClusterSettings(scheduler="pbs", pbs={"nodes": 3, "select": "2:ncpus=4+1:ncpus=8:ngpus=1"})
+    s = settings_of(scheduler="pbs", pbs={"nodes": 3, "select": "2:ncpus=4+1:ncpus=8:ngpus=1"})
     assert s.nodes == 3 == s.pbs.nodes
+
+
+def from_environment() -> RayClusterSettings:
+    """What the command line makes of the environment alone (only the CLI reads it)."""
+    return RayClusterSettings.model_validate(RayClusterCli().model_dump(exclude={"dry_run"}))
 
 
 def test_pbs_nodes_disagreeing_with_select_are_refused_from_the_environment(monkeypatch):
     monkeypatch.setenv("RAY_CLUSTER_SCHEDULER", "pbs")
     monkeypatch.setenv("RAY_CLUSTER_PBS__SELECT", "2:ncpus=4+1:ncpus=8")
-    assert RayClusterSettings().nodes == 3
+    assert from_environment().nodes == 3
     monkeypatch.setenv("RAY_CLUSTER_PBS__NODES", "2")
     with pytest.raises(ValidationError, match="pbs.nodes=2 but pbs.select asks for 3 chunks"):
-        RayClusterSettings()
+        from_environment()
 
 
 @pytest.mark.parametrize("line", ["#PBS -l place=pack", "#PBS -l place=free", "#PBS -l place=excl",
@@ -443,7 +462,7 @@ def test_pbs_directives_that_change_the_node_count_are_refused(line):
 @pytest.mark.parametrize("line", ["#PBS -l place=scatter:excl", "#PBS -l place=excl:scatter",
                                   "#PBS -l place=scatter:group=switch", "#PBS -l filesystems=home:eagle"])
 def test_pbs_directives_keeping_one_chunk_per_host_are_accepted(line):
-    assert RayClusterSettings(pbs={"extra_directives": line}).pbs.extra_directives == line
+    assert settings_of(pbs={"extra_directives": line}).pbs.extra_directives == line
 
 
 @pytest.mark.parametrize(
@@ -453,7 +472,7 @@ def test_pbs_directives_keeping_one_chunk_per_host_are_accepted(line):
 )
 def test_extra_directives_normalised(group, lines):
     value = f"  {lines[0]}\n\n{lines[1]}  \r\n{lines[2]}\n"
-    got = getattr(RayClusterSettings(**{group: {"extra_directives": value}}), group).extra_directives
+    got = getattr(settings_of(**{group: {"extra_directives": value}}), group).extra_directives
     assert got == "\n".join(lines)
 
 
@@ -709,14 +728,14 @@ def pbs_spellings() -> list[str]:
 @pytest.mark.parametrize("line", slurm_spellings())
 def test_allowed_slurm_directive_accepted(line):
     value = f"#SBATCH {line}"
-    assert RayClusterSettings(slurm={"extra_directives": value}).slurm.extra_directives == value
+    assert settings_of(slurm={"extra_directives": value}).slurm.extra_directives == value
     assert SlurmOptions(extra_directives=value).extra_directives == value
 
 
 @pytest.mark.parametrize("line", pbs_spellings())
 def test_allowed_pbs_directive_accepted(line):
     value = f"#PBS {line}"
-    assert RayClusterSettings(pbs={"extra_directives": value}).pbs.extra_directives == value
+    assert settings_of(pbs={"extra_directives": value}).pbs.extra_directives == value
     assert PbsOptions(extra_directives=value).extra_directives == value
 
 
@@ -746,7 +765,7 @@ def test_allowed_pbs_directive_accepted(line):
     ],
 )
 def test_allowed_directive_spellings(group, line):
-    assert getattr(RayClusterSettings(**{group: {"extra_directives": line}}), group).extra_directives == line
+    assert getattr(settings_of(**{group: {"extra_directives": line}}), group).extra_directives == line
 
 
 def test_unknown_option_error_lists_the_allowlist():
@@ -771,7 +790,7 @@ def test_refused_directive_cli_exit_2(group, line, option, reason, capsys, sandb
 def test_local_files_must_exist(field, tmp_path):
     real = tmp_path / "real.txt"
     real.write_text("x")
-    assert getattr(RayClusterSettings(**{field: str(real)}), field) == str(real)
+    assert getattr(settings_of(**{field: str(real)}), field) == str(real)
     assert_rejected({field: str(tmp_path / "missing.txt")}, field)
     assert_rejected({field: str(tmp_path)}, field)  # a directory is not a file
 
@@ -779,7 +798,7 @@ def test_local_files_must_exist(field, tmp_path):
 def test_local_files_expand_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "job.py").write_text("print(1)")
-    assert RayClusterSettings(user_script="~/job.py").user_script == "~/job.py"
+    assert settings_of(user_script="~/job.py").user_script == "~/job.py"
 
 
 # Local files the flow reads: pseudo-files, devices and anything but a regular file you can
@@ -883,7 +902,7 @@ def test_a_symlink_to_a_regular_file_is_fine(tmp_path):
     real = tmp_path / "real.py"
     real.write_text("print(1)\n")
     (tmp_path / "link.py").symlink_to(real)
-    assert RayClusterSettings(user_script=str(tmp_path / "link.py")).user_script == str(tmp_path / "link.py")
+    assert settings_of(user_script=str(tmp_path / "link.py")).user_script == str(tmp_path / "link.py")
 
 
 def test_another_mount_of_proc_is_refused(tmp_path, monkeypatch):
@@ -939,7 +958,7 @@ def test_local_file_check_never_reads_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", no_open)
     monkeypatch.setattr(io, "open", no_open)
     monkeypatch.setattr(os, "open", no_open)
-    assert RayClusterSettings(user_script=str(script)).user_script == str(script)
+    assert settings_of(user_script=str(script)).user_script == str(script)
 
 
 @pytest.mark.parametrize("value", ["/proc/self/environ", "/dev/stdin", "/proc/self/fd/0"])
@@ -1107,11 +1126,11 @@ def test_hostile_value(field, value, sandbox, capsys):
     scheduler = scheduler_for_field(field)
     # 1. the model: rejected with an error that names the input, or accepted and harmless
     try:
-        settings = RayClusterSettings(scheduler=scheduler, **kwargs_for(field, value))
+        settings = settings_of(scheduler=scheduler, **kwargs_for(field, value))
     except ValidationError as exc:
         accepted = False
         locations = {".".join(str(p) for p in e["loc"]) for e in exc.errors()}
-        assert field in locations or any(field in e["msg"] for e in exc.errors()), exc
+        assert names_input(locations, field) or any(field in e["msg"] for e in exc.errors()), exc
     else:
         accepted = True
         group, _, sub = field.rpartition(".")
@@ -1157,7 +1176,7 @@ def test_hostile_file_names_that_exist(field, label, sandbox, capsys):
     files.mkdir()
     path = files / HOSTILE_FILE_NAMES[label]
     path.write_text("print('hi')\n")
-    settings = RayClusterSettings(scheduler="slurm", **{field: str(path)})
+    settings = settings_of(scheduler="slurm", **{field: str(path)})
     assert getattr(settings, field) == str(path)
     check_accepted(settings, sandbox)
     rc, out, err = run_main(capsys, ["--scheduler", "slurm", flag_for(field), str(path), "--dry-run"])
@@ -1184,7 +1203,7 @@ def test_environment_is_read(monkeypatch):
     monkeypatch.setenv("RAY_CLUSTER_NUM_CPUS_PER_NODE", "4")
     monkeypatch.setenv("RAY_CLUSTER_SLURM__PARTITION", "debug")
     monkeypatch.setenv("RAY_CLUSTER_SCHEDULER", "slurm")
-    s = RayClusterSettings()
+    s = from_environment()
     assert s.num_cpus_per_node == 4
     assert s.slurm.partition == "debug"
     assert s.scheduler.value == "slurm"
@@ -1202,7 +1221,18 @@ def test_environment_reaches_the_dry_run(monkeypatch, capsys):
 
 def test_arguments_beat_environment(monkeypatch):
     monkeypatch.setenv("RAY_CLUSTER_NUM_CPUS_PER_NODE", "4")
-    assert RayClusterSettings(num_cpus_per_node=8).num_cpus_per_node == 8
+    assert RayClusterCli(num_cpus_per_node=8).num_cpus_per_node == 8
+
+
+def test_only_the_command_line_reads_the_environment(monkeypatch):
+    """A flow run's parameters (a deployment run on a worker) are what was submitted, whatever
+    RAY_CLUSTER_* the worker's environment holds."""
+    for name, value in {"RAY_CLUSTER_NUM_CPUS_PER_NODE": "4", "RAY_CLUSTER_CLUSTER__NUM_CPUS_PER_NODE": "4",
+                        "RAY_CLUSTER_SCHEDULER": "slurm", "RAY_CLUSTER_HOST": "elsewhere"}.items():
+        monkeypatch.setenv(name, value)
+    s = RayClusterSettings()
+    assert (s.num_cpus_per_node, s.scheduler.value, s.host) == (1, "none", "")
+    assert from_environment().num_cpus_per_node == 4
 
 
 @pytest.mark.parametrize(
@@ -1216,7 +1246,7 @@ def test_arguments_beat_environment(monkeypatch):
 def test_bad_environment_is_rejected(monkeypatch, name, value, where, sandbox, capsys):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=re.escape(where)):
-        RayClusterSettings()
+        from_environment()
     rc, out, err = run_main(capsys, ["--dry-run"])
     assert rc == 2 and where in err and out == ""
     sandbox.assert_untouched()
@@ -1361,9 +1391,44 @@ def test_cli_dry_run_refuses_nodes_beside_a_select_that_says_otherwise(capsys, s
 def test_cli_flags_match_model_values():
     cli = __import__("pydantic_settings").CliApp.run(
         RayClusterCli,
-        cli_args=["--slurm.partition", "gpu", "--pbs.select", "2:ncpus=4", "--num-cpus-per-node", "4",
+        cli_args=["--scheduler", "slurm", "--slurm.partition", "gpu", "--num-cpus-per-node", "4",
                   "--no-token-auth", "--slurm.extra-directives", "#SBATCH --exclusive\n#SBATCH --constraint=a100"],
     )
     s = RayClusterSettings.model_validate(cli.model_dump(exclude={"dry_run"}))
-    assert (s.slurm.partition, s.pbs.select, s.num_cpus_per_node, s.token_auth) == ("gpu", "2:ncpus=4", 4, False)
+    assert (s.slurm.partition, s.cluster.num_cpus_per_node, s.advanced.token_auth) == ("gpu", 4, False)
     assert s.slurm.extra_directives == "#SBATCH --exclusive\n#SBATCH --constraint=a100"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"slurm": {"nodes": 4}}, "slurm options are set but the scheduler is none"),
+        ({"scheduler": "pbs", "slurm": {"partition": "gpu"}}, "slurm options are set but the scheduler is pbs"),
+        ({"scheduler": "slurm", "pbs": {"select": "2:ncpus=1"}}, "pbs options are set but the scheduler is slurm"),
+        ({"scheduler": "slurm", "direct_workers": 2}, "direct_workers=2 applies without a scheduler only"),
+        ({"scheduler": "pbs", "pbs": {"nodes": 2, "select": "3:ncpus=1"}}, "pbs.nodes=2 but pbs.select asks for 3"),
+    ],
+)
+def test_options_that_cannot_apply_are_refused_not_ignored(values, message, capsys, sandbox):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        RayClusterSettings(**values)
+    argv = [f"--{key.replace('_', '-')}={value}" for key, value in values.items() if not isinstance(value, dict)]
+    argv += [f"--{group}.{key}={value}" for group, sub in values.items() if isinstance(sub, dict)
+             for key, value in sub.items()]
+    rc, out, err = run_main(capsys, [*argv, "--dry-run"])
+    assert rc == 2 and message in err and out == ""
+    sandbox.assert_untouched()
+
+
+def test_groups_and_flat_names_are_one_definition():
+    """Every field of a group is read flat too, and the command line has a flag for it."""
+    from flows.settings import GROUPS
+
+    s = RayClusterSettings(cluster={"num_cpus_per_node": 3}, ray_version="2.60.0", advanced={"metrics": True})
+    assert s.num_cpus_per_node == s.cluster.num_cpus_per_node == 3
+    assert s.environment.ray_version == "2.60.0" and s.metrics is True
+    for group, model in GROUPS.items():
+        for name, info in model.model_fields.items():
+            cli = RayClusterCli.model_fields[name]
+            assert (cli.annotation, cli.default, cli.title, cli.description, cli.metadata) == (
+                info.annotation, info.default, info.title, info.description, info.metadata), f"{group}.{name}"

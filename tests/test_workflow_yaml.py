@@ -28,7 +28,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from flows.settings import RayClusterSettings
+from flows.settings import GROUP_OF, GROUPS, RayClusterSettings
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = yaml.safe_load((REPO / "workflow.yaml").read_text())
@@ -85,7 +85,9 @@ def settings_fields() -> dict[str, object]:
     """{"num_cpus_per_node": FieldInfo, "slurm.walltime": FieldInfo, ...}."""
     fields: dict[str, object] = {}
     for name, info in RayClusterSettings.model_fields.items():
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+        if name in GROUPS:  # cluster, environment, advanced: their fields go by their flat names (the flags)
+            fields.update(GROUPS[name].model_fields)
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
             for sub, sub_info in info.annotation.model_fields.items():
                 fields[f"{name}.{sub}"] = sub_info
         else:
@@ -195,6 +197,9 @@ def test_the_form_agrees_with_the_settings_model():
     fields = settings_fields()
     leaves = leaf_inputs()
     for path, flag in input_to_flag().items():
+        group = path.split(".")[0]
+        if group in GROUPS:  # the form's group is the flow parameter's: cluster.num_cpus_per_node
+            assert GROUP_OF[field_for_flag(flag)] == group, f"{path} is in the flow's {GROUP_OF[field_for_flag(flag)]}"
         spec = leaves[path]
         assert spec.get("label"), f"{path} has no label"
         assert spec.get("tooltip"), f"{path} has no tooltip"
@@ -230,12 +235,14 @@ def test_the_form_agrees_with_the_settings_model():
     assert INPUTS["user_script"]["type"] == "editor" and INPUTS["user_script"]["language"] == "python"
 
 
-def test_the_defaults_are_valid_settings():
-    """The form's defaults, through the same mapping, make valid settings (no file, no connection)."""
+@pytest.mark.parametrize("scheduler", ["none", "slurm", "pbs"])
+def test_the_defaults_are_valid_settings(scheduler):
+    """The form's defaults, through the same mapping, make valid settings (no file, no connection);
+    as the script does, only the groups of the scheduler in use are passed."""
     leaves = leaf_inputs()
-    values: dict = {}
+    values: dict = {"scheduler": scheduler}
     for path, flag in input_to_flag().items():
-        if path in SPECIAL:
+        if path in SPECIAL or path.split(".")[0] in {"slurm", "pbs"} - {scheduler}:
             continue
         default = leaves[path].get("default")
         if default in (None, ""):
