@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -119,6 +120,7 @@ from flows.settings import (
     EnvironmentOptions,
     PbsOptions,
     RayClusterSettings,
+    RuntimeEnvOptions,
     SlurmOptions,
 )
 from flows.settings import Scheduler as SchedulerName
@@ -334,6 +336,8 @@ FLOW_OPTIONS = dict(
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(None))
 async def ray_cluster(
     user_script: str = "",
+    script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
+    runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
     host: str = "",
     scheduler: SchedulerName = SchedulerName.none,
     cluster: ClusterOptions = ClusterOptions(),
@@ -346,7 +350,9 @@ async def ray_cluster(
     every node is up, show how to connect, run the user's script, and always tear down.
 
     Args:
-        user_script: A Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        user_script: The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        script_args: Arguments after the script: python SCRIPT ARG...
+        runtime_env: The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)
         host: Where to run: empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block (the login node for SLURM/PBS)
         scheduler: none (head and workers on the host itself), slurm or pbs (a batch job, one Ray node per allocated node)
         cluster: Node sizes and how long the cluster lives
@@ -361,6 +367,8 @@ async def ray_cluster(
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.slurm))
 async def ray_cluster_slurm(
     user_script: str = "",
+    script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
+    runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
     host: str = "",
     cluster: ClusterOptions = ClusterOptions(),
     slurm: SlurmOptions = SlurmOptions(),
@@ -370,7 +378,9 @@ async def ray_cluster_slurm(
     """A Ray cluster as one SLURM job through the login node: one Ray node per allocated node.
 
     Args:
-        user_script: A Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        user_script: The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        script_args: Arguments after the script: python SCRIPT ARG...
+        runtime_env: The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)
         host: The login node: user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
         cluster: Node sizes and how long the cluster lives
         slurm: Nodes, walltime, account, partition, QOS and extra directives of the job
@@ -383,6 +393,8 @@ async def ray_cluster_slurm(
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.pbs))
 async def ray_cluster_pbs(
     user_script: str = "",
+    script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
+    runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
     host: str = "",
     cluster: ClusterOptions = ClusterOptions(),
     pbs: PbsOptions = PbsOptions(),
@@ -392,7 +404,9 @@ async def ray_cluster_pbs(
     """A Ray cluster as one PBS job through the login node: one Ray node per chunk.
 
     Args:
-        user_script: A Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        user_script: The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        script_args: Arguments after the script: python SCRIPT ARG...
+        runtime_env: The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)
         host: The login node: user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
         cluster: Node sizes and how long the cluster lives
         pbs: Chunks (select) or nodes, walltime, account, queue and extra directives of the job
@@ -405,6 +419,8 @@ async def ray_cluster_pbs(
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.none))
 async def ray_cluster_direct(
     user_script: str = "",
+    script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
+    runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
     host: str = "",
     cluster: ClusterOptions = ClusterOptions(),
     environment: EnvironmentOptions = EnvironmentOptions(),
@@ -413,7 +429,9 @@ async def ray_cluster_direct(
     """A Ray cluster directly on one host (this machine or one over SSH), no scheduler.
 
     Args:
-        user_script: A Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        user_script: The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
+        script_args: Arguments after the script: python SCRIPT ARG...
+        runtime_env: The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)
         host: Empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
         cluster: Node sizes (extra workers beside the head) and how long the cluster lives
         environment: Ray version, Python and the work dir on the host
@@ -427,7 +445,8 @@ def _cli_model() -> type[BaseSettings]:
     from the environment too (RAY_CLUSTER_*). The fields are the groups' own definitions; the
     values are validated by RayClusterSettings, as a flow run's are."""
     top = RayClusterSettings.model_fields
-    fields: dict = {name: (top[name].annotation, top[name]) for name in ("host", "scheduler", "user_script")}
+    fields: dict = {name: (top[name].annotation, top[name])
+                    for name in ("host", "scheduler", "user_script", "script_args", "runtime_env")}
     for model in GROUPS.values():
         fields.update({name: (info.annotation, info) for name, info in model.model_fields.items()})
     fields.update({name: (top[name].annotation, top[name]) for name in ("slurm", "pbs")})
@@ -452,6 +471,15 @@ def _cli_model() -> type[BaseSettings]:
 RayClusterCli = _cli_model()
 
 
+def _describe_job(settings: RayClusterSettings) -> str:
+    if not settings.user_script:
+        return f"(none: keep alive until idle for {settings.cluster_idle_timeout} min)"
+    script = (f"the script's text ({settings.user_script.count(chr(10)) + 1} lines)" if settings.script_is_text
+              else settings.user_script)
+    extra = f", runtime_env {sorted(settings.runtime_env.as_ray())}" if settings.runtime_env.as_ray() else ""
+    return f"{script}{' ' + shlex.join(settings.script_args) if settings.script_args else ''}{extra}"
+
+
 def render_plan(settings: RayClusterSettings) -> str:
     """What a run would do, for --dry-run: no connection is made, nothing starts."""
     scheduler: Scheduler = scheduler_for(settings)
@@ -467,7 +495,7 @@ def render_plan(settings: RayClusterSettings) -> str:
             "# 4. submit:",
             scheduler.submit_command(plan.cluster_dir),
             f"# 5. wait for {settings.nodes} node(s) alive (readiness timeout {settings.readiness_timeout}s)",
-            f"# 6. user job: {settings.user_script or '(none: keep alive until idle for ' + str(settings.cluster_idle_timeout) + ' min)'}",
+            f"# 6. user job: {_describe_job(settings)}",
             f"# 7. teardown: cancel the job, bash {plan.cluster_dir}/bin/shutdown_ray.sh {plan.cluster_dir}",
         ]
     )

@@ -559,17 +559,26 @@ class ClusterOptions(BaseModel):
     direct_workers: int = Field(
         0, ge=0, le=64, title="Extra workers (no scheduler)", description="Worker nodes beside the head on the host"
     )
-    num_cpus_per_node: int = Field(
-        1, ge=1, le=4096, title="CPUs per node", description="Ray --num-cpus on every node (head and workers)"
+    # Empty (None) by default: a Ray node takes what the allocation gives it, and only what
+    # the user sets is requested from the scheduler.
+    num_cpus_per_node: int | None = Field(
+        None, ge=1, le=4096, title="CPUs per node",
+        description="Ray --num-cpus on every node, also requested from SLURM (--cpus-per-task) or PBS (ncpus). "
+        "Empty: what the allocation gives (SLURM_CPUS_ON_NODE, PBS NCPUS; without a scheduler, the host's CPUs shared by its nodes)",
     )
-    num_gpus_per_node: int = Field(
-        0, ge=0, le=64, title="GPUs per node", description="Ray --num-gpus on every node; also requested from SLURM/PBS"
+    num_gpus_per_node: int | None = Field(
+        None, ge=0, le=64, title="GPUs per node",
+        description="Ray --num-gpus on every node, also requested from SLURM (--gpus-per-node) or PBS (ngpus). "
+        "Empty: the GPUs Ray finds (CUDA_VISIBLE_DEVICES as the scheduler sets it)",
     )
-    ray_memory_gb: float = Field(
-        2.0, gt=0, le=65536, title="Memory per node (GB)", description="Ray --memory: heap memory for tasks and actors"
+    ray_memory_gb: float | None = Field(
+        None, gt=0, le=65536, title="Memory per node (GB)",
+        description="Ray --memory (heap for tasks and actors); with it, this + the object store + 0.5 GB is "
+        "requested from SLURM (--mem) or PBS (mem). Empty: Ray's share of the node's (or cgroup's) memory",
     )
-    object_store_memory_gb: float = Field(
-        0.5, gt=0, le=65536, title="Object store per node (GB)", description="Ray --object-store-memory: shared memory for objects"
+    object_store_memory_gb: float | None = Field(
+        None, gt=0, le=65536, title="Object store per node (GB)",
+        description="Ray --object-store-memory (shared memory for objects). Empty: Ray's default (30% of memory)",
     )
     cluster_idle_timeout: float = Field(
         30, gt=0, le=100000, title="Idle timeout (minutes)", description="Keep-alive clusters stop after this idle time"
@@ -738,6 +747,47 @@ def _check_target_path(value: str, name: str) -> str:
     return value
 
 
+MAX_SCRIPT_BYTES = 1024 * 1024
+ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", re.ASCII)
+
+
+@_positioned
+class RuntimeEnvOptions(BaseModel):
+    """The user job's runtime environment, as Ray's job API takes it."""
+
+    model_config = ConfigDict(extra="forbid", title="Runtime environment")
+
+    working_dir: str = Field(
+        "", title="Working dir",
+        description="A directory on the machine that runs the flow, uploaded by Ray and the job's cwd (empty: none)",
+    )
+    pip: list[str] = Field(default_factory=list, title="pip packages",
+                           description="Extra packages for the job's workers, e.g. ['pandas==2.2.3']")
+    env_vars: dict[str, str] = Field(default_factory=dict, title="Environment variables",
+                                     description="Set for the job's driver and workers")
+
+    @field_validator("working_dir")
+    @classmethod
+    def _working_dir(cls, value: str) -> str:
+        if value and not os.path.isdir(os.path.expanduser(value)):
+            raise ValueError(f"runtime_env.working_dir {value[:200]!r} is not a directory")
+        return value
+
+    @field_validator("env_vars")
+    @classmethod
+    def _env_vars(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not ENV_VAR_RE.fullmatch(name):
+                raise ValueError(f"runtime_env.env_vars: {name[:60]!r} is not an environment variable name")
+            if name.startswith("RAY_AUTH"):
+                raise ValueError(f"runtime_env.env_vars: {name} is the cluster's own (token auth)")
+        return value
+
+    def as_ray(self) -> dict:
+        """What JobSubmissionClient.submit_job takes: only what is set."""
+        return {key: value for key, value in self.model_dump().items() if value}
+
+
 # The flow's parameter groups, in the order of the form and of workflow.yaml's inputs.
 GROUPS: dict[str, type[BaseModel]] = {
     "cluster": ClusterOptions,
@@ -773,8 +823,19 @@ class RayClusterSettings(BaseModel):
     user_script: str = Field(
         "",
         title="User script",
-        description="A Python file on the machine that runs the flow, submitted as a Ray job "
-        "(empty: keep the cluster up until idle)",
+        description="The Ray script: its text (the form's editor; anything with a line break is text) or a "
+        "Python file on the machine that runs the flow. Submitted as a Ray job (empty: keep the cluster up until idle)",
+        json_schema_extra={"format": "text"},
+    )
+    script_args: list[str] = Field(
+        default_factory=list,
+        title="Script arguments",
+        description="Arguments after the script: python SCRIPT ARG... (each one word, quoted for you)",
+    )
+    runtime_env: RuntimeEnvOptions = Field(
+        default_factory=RuntimeEnvOptions,
+        title="Runtime environment",
+        description="What `ray job submit --runtime-env` takes: working_dir, pip, env_vars",
     )
     cluster: ClusterOptions = Field(default_factory=ClusterOptions, title="Cluster",
                                     description="Node sizes and how long the cluster lives")
@@ -819,8 +880,22 @@ class RayClusterSettings(BaseModel):
 
     @field_validator("user_script")
     @classmethod
-    def _local_file(cls, value: str, info) -> str:
+    def _script(cls, value: str, info) -> str:
+        if "\n" in value:  # the script's text
+            if len(value.encode()) > MAX_SCRIPT_BYTES:
+                raise ValueError(f"user_script: the script's text is over {MAX_SCRIPT_BYTES // 1024} KiB; "
+                                 "give it as a file (and its data through runtime_env.working_dir)")
+            try:  # a typo is found here, not after a cluster was allocated for it
+                compile(value, "user_script", "exec")
+            except SyntaxError as error:
+                raise ValueError(f"user_script: the script's text is not valid Python: {error.msg} "
+                                 f"(line {error.lineno})") from None
+            return value
         return check_local_file(value, info.field_name)
+
+    @property
+    def script_is_text(self) -> bool:
+        return "\n" in self.user_script
 
     @model_validator(mode="after")
     def _only_what_applies(self) -> RayClusterSettings:
@@ -863,7 +938,8 @@ class RayClusterSettings(BaseModel):
 
     def flat(self) -> dict:
         """Every value by its flat name (groups of other schedulers left out): the command line's view."""
-        values = {"host": self.host, "scheduler": self.scheduler.value, "user_script": self.user_script}
+        values = {"host": self.host, "scheduler": self.scheduler.value, "user_script": self.user_script,
+                  "script_args": self.script_args, "runtime_env": self.runtime_env.model_dump()}
         for group in GROUPS:
             values.update(getattr(self, group).model_dump(mode="json"))
         return values

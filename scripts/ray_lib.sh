@@ -100,13 +100,23 @@ ar_run_node() {
     read -r -a ports < <(ar_free_ports)
     # Ray makes its temp dir 0777: it is a child of the private dir, never the private dir itself
     args=(start --block --temp-dir="$tmp/r" --node-ip-address="$ip"
-        --num-cpus="$AR_NUM_CPUS" --num-gpus="$AR_NUM_GPUS"
-        --memory="$AR_MEMORY" --object-store-memory="$AR_OBJECT_STORE"
         --node-manager-port="${ports[3]}" --object-manager-port="${ports[4]}"
         --metrics-export-port="${ports[5]}" --dashboard-agent-listen-port="${ports[6]}"
         --dashboard-agent-grpc-port="${ports[7]}" --runtime-env-agent-port="${ports[8]}"
         --min-worker-port="${ports[9]}" --max-worker-port="${ports[10]}"
         --disable-usage-stats)
+    # Sizes the user set; else what this node's allocation gives (Ray finds the rest itself).
+    local cpus="${AR_NUM_CPUS:-${SLURM_CPUS_ON_NODE:-${NCPUS:-}}}"
+    # Without a scheduler, the head and its direct workers share one host: each
+    # takes its share of the CPUs, so Ray does not count them 1+N times.
+    if [ -z "$cpus" ] && [ "${AR_DIRECT_WORKERS:-0}" -gt 0 ]; then
+        cpus=$(( $(nproc) / (AR_DIRECT_WORKERS + 1) ))
+        [ "$cpus" -ge 1 ] || cpus=1
+    fi
+    [ -z "$cpus" ] || args+=(--num-cpus="$cpus")
+    [ -z "$AR_NUM_GPUS" ] || args+=(--num-gpus="$AR_NUM_GPUS")
+    [ -z "$AR_MEMORY" ] || args+=(--memory="$AR_MEMORY")
+    [ -z "$AR_OBJECT_STORE" ] || args+=(--object-store-memory="$AR_OBJECT_STORE")
     local launch=("$AR_RAY")
     if [ "$role" = head ]; then
         args+=(--head --port="${ports[0]}" --dashboard-host="$AR_DASHBOARD_HOST"

@@ -125,9 +125,12 @@ class DirectScheduler(Scheduler):
         await target.query(f"kill -TERM -- -{int(job_id)} 2>/dev/null || true")
 
 
-def _mem_mb(settings: RayClusterSettings) -> int:
-    """Memory to ask the scheduler for: Ray's heap + object store + 512 MB for Ray itself."""
-    return math.ceil((settings.ray_memory_gb + settings.object_store_memory_gb) * 1024) + 512
+def _mem_mb(settings: RayClusterSettings) -> int | None:
+    """Memory to ask the scheduler for, only when the user sized Ray's heap: heap + object
+    store (if set) + 512 MB for Ray itself. None: ask for nothing (the site's default)."""
+    if settings.ray_memory_gb is None:
+        return None
+    return math.ceil((settings.ray_memory_gb + (settings.object_store_memory_gb or 0)) * 1024) + 512
 
 
 def slurm_seconds(walltime: str) -> int:
@@ -159,8 +162,8 @@ class SlurmScheduler(Scheduler):
             f"--job-name={cluster_id}",
             f"--nodes={slurm.nodes}",
             "--ntasks-per-node=1",
-            f"--cpus-per-task={s.num_cpus_per_node}",
-            f"--mem={_mem_mb(s)}M",
+            *([f"--cpus-per-task={s.num_cpus_per_node}"] if s.num_cpus_per_node is not None else []),
+            *([f"--mem={_mem_mb(s)}M"] if _mem_mb(s) is not None else []),
             f"--time={slurm.walltime}",
             f"--output={cluster_dir}/logs/job-%j.out",
             # Ask for SIGUSR1 to the batch shell 60 s before the limit: Ray is stopped cleanly.
@@ -180,7 +183,7 @@ class SlurmScheduler(Scheduler):
             '[ "$count" -gt 0 ] || return 0\n'
             "# one step for all workers: they start in parallel\n"
             'srun --nodes="$count" --ntasks="$count" --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" \\\n'
-            '    --kill-on-bad-exit=0 --cpus-per-task="$AR_NUM_CPUS" \\\n'
+            '    --kill-on-bad-exit=0 --cpus-per-task="${AR_NUM_CPUS:-$SLURM_CPUS_ON_NODE}" \\\n'
             '    bash "$AR_CLUSTER_DIR/bin/ray_worker.sh" >"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &'
         )
 
@@ -281,7 +284,10 @@ class PbsScheduler(Scheduler):
         s, pbs = self.settings, self.settings.pbs
         if pbs.select:
             return pbs.select
-        chunk = f"{self.chunks}:ncpus={s.num_cpus_per_node}:mem={_mem_mb(s)}mb"
+        # only what the user set; a chunk asks for at least one CPU (PBS's own default)
+        chunk = f"{self.chunks}:ncpus={s.num_cpus_per_node or 1}"
+        if _mem_mb(s) is not None:
+            chunk += f":mem={_mem_mb(s)}mb"
         return chunk + (f":ngpus={s.num_gpus_per_node}" if s.num_gpus_per_node else "")
 
     def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:

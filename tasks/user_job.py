@@ -33,13 +33,20 @@ def _client(plan: ClusterPlan, local_port: int):
 async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int) -> str:
     """Upload the script, submit it with JobSubmissionClient, stream its logs, fail when it fails."""
     logger = get_run_logger()
-    script = Path(plan.settings.user_script).expanduser()
-    remote = f"{plan.cluster_dir}/job/{script.name}"
-    await target.put_file(script, remote)
+    settings = plan.settings
+    if settings.script_is_text:  # the form's editor: the text is the script
+        script = Path("user_script.py")
+        remote = f"{plan.cluster_dir}/job/{script.name}"
+        await target.write_text(remote, settings.user_script)
+    else:
+        script = Path(settings.user_script).expanduser()
+        remote = f"{plan.cluster_dir}/job/{script.name}"
+        await target.put_file(script, remote)
     client = await asyncio.to_thread(_client, plan, local_port)
-    entrypoint = shlex.join([plan.environment.python, remote])
+    entrypoint = shlex.join([plan.environment.python, remote, *settings.script_args])
     job_id = await asyncio.to_thread(
-        client.submit_job, entrypoint=entrypoint, submission_id=f"{plan.cluster_id}-{script.stem}"[:60]
+        client.submit_job, entrypoint=entrypoint, submission_id=f"{plan.cluster_id}-{script.stem}"[:60],
+        runtime_env=settings.runtime_env.as_ray() or None,
     )
     logger.info("submitted Ray job %s: %s", job_id, script.name)
     try:

@@ -101,8 +101,7 @@ def test_slurm_defaults(tmp_path):
         f"--job-name={CLUSTER_ID}",
         "--nodes=1",
         "--ntasks-per-node=1",
-        "--cpus-per-task=1",
-        f"--mem={mem_mb(2.0, 0.5)}M",
+        # no CPUs, memory or GPUs asked for unless set: the node takes what the allocation gives
         "--time=01:00:00",
         f"--output={CLUSTER_DIR}/logs/job-%j.out",
         "--signal=B:USR1@60",
@@ -303,7 +302,7 @@ def test_pbs_defaults(tmp_path):
     assert directive_lines(script, "#PBS") == [
         f"-N {CLUSTER_ID}",
         "-l walltime=01:00:00",
-        f"-l select=1:ncpus=1:mem={mem_mb(2.0, 0.5)}mb",
+        "-l select=1:ncpus=1",  # PBS's own default chunk: nothing more unless set
         "-l place=scatter",
         "-j oe",
         f"-o {CLUSTER_DIR}/logs/job.out",
@@ -311,6 +310,16 @@ def test_pbs_defaults(tmp_path):
     assert_directive_block_first(script, "#PBS")
     assert_bash_syntax(script, tmp_path)
     assert "#SBATCH" not in script
+
+
+@pytest.mark.parametrize(("memory", "store", "mb"), [(1.0, None, 1024 + 512), (2.0, 0.5, 2048 + 512 + 512)])
+def test_memory_is_requested_only_when_ray_memory_is_set(memory, store, mb):
+    """--ray-memory-gb 1 alone asks for 1.5 GB (a 2000 MB node can give it), not heap + a default store."""
+    kw = {"ray_memory_gb": memory, **({"object_store_memory_gb": store} if store else {})}
+    assert f"--mem={mb}M" in directive_lines(render(settings(scheduler="slurm", **kw)), "#SBATCH")
+    assert f"-l select=1:ncpus=1:mem={mb}mb" in directive_lines(render(settings(scheduler="pbs", **kw)), "#PBS")
+    only_store = render(settings(scheduler="slurm", object_store_memory_gb=4))
+    assert not any(line.startswith("--mem") for line in directive_lines(only_store, "#SBATCH"))
 
 
 def test_pbs_every_input(tmp_path):

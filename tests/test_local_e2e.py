@@ -30,3 +30,31 @@ def test_failing_user_script_fails_the_flow_and_leaves_nothing(work, prefect_api
     assert "ABOUT_TO_FAIL" in run.output
     assert "FAILED" in run.output
     assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
+def test_script_given_as_text_with_arguments_and_a_runtime_env(work, prefect_api, bed):
+    """The form's editor: the script's text, its arguments (one word each, even with spaces
+    and quotes) and a runtime env whose working_dir and env_vars reach the job's tasks."""
+    data = work / "data"
+    data.mkdir()
+    (data / "input.txt").write_text("from the working dir\n")
+    script = (
+        "import os, sys, ray\n"
+        "ray.init()\n"
+        "@ray.remote\n"
+        "def read():\n"
+        "    return open('input.txt').read().strip(), os.environ['GREETING']\n"
+        "text, greeting = ray.get(read.remote())\n"
+        "print('ARGS=' + repr(sys.argv[1:]))\n"
+        "print('TASK=' + text + '|' + greeting)\n"
+    )
+    run = run_flow(
+        bed, ["--user-script", script, "--script-args", '["one", "two words", "it\'s $HOME"]',
+              "--runtime-env.working-dir", data, "--runtime-env.env-vars", '{"GREETING": "hi there"}',
+              "--work-dir", work / "w", *SMALL],
+        work=work, api=prefect_api,
+    )
+    assert run.returncode == 0, run.output[-4000:]
+    assert "ARGS=['one', 'two words', \"it's $HOME\"]" in run.output
+    assert "TASK=from the working dir|hi there" in run.output
+    assert_nothing_left(bed, run.cluster_id, work / "w")

@@ -88,9 +88,9 @@ ENTRYPOINTS = {"local": "ray_cluster_direct", "ssh": "ray_cluster_direct", "slur
                "pbs": "ray_cluster_pbs"}
 # The parameters of each kind of deployment: the workflow's input groups that apply to it, in form order.
 PARAMETERS = {
-    "local": ["user_script", "host", "cluster", "environment", "advanced"],
-    "slurm": ["user_script", "host", "cluster", "slurm", "environment", "advanced"],
-    "pbs": ["user_script", "host", "cluster", "pbs", "environment", "advanced"],
+    "local": ["user_script", "script_args", "runtime_env", "host", "cluster", "environment", "advanced"],
+    "slurm": ["user_script", "script_args", "runtime_env", "host", "cluster", "slurm", "environment", "advanced"],
+    "pbs": ["user_script", "script_args", "runtime_env", "host", "cluster", "pbs", "environment", "advanced"],
 }
 
 
@@ -122,7 +122,8 @@ def test_each_form_shows_what_applies_with_titles_descriptions_and_positions(htt
     assert missing == [], f"fields without a title, a description or a position: {missing}"
     definitions = schema["definitions"]
     cluster = definitions["ClusterOptions"]["properties"]
-    assert cluster["num_cpus_per_node"]["minimum"] == 1
+    # optional (empty: what the allocation gives), with its bounds
+    assert {"type": "integer", "minimum": 1, "maximum": 4096} in cluster["num_cpus_per_node"]["anyOf"]
     assert cluster["node_failure"]["$ref"] == "#/definitions/NodeFailure"  # a dropdown
     advanced = definitions["AdvancedOptions"]["properties"]
     assert advanced["dashboard_port"]["minimum"] == 0 and advanced["dashboard_port"]["maximum"] == 65535
@@ -251,7 +252,7 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work
     }
 
     worker_prefect = str(Path(bed.user_python).parent / "prefect")
-    leak = {"RAY_CLUSTER_NUM_CPUS_PER_NODE": "2", "RAY_CLUSTER_CLUSTER__NUM_CPUS_PER_NODE": "2",
+    leak = {"RAY_CLUSTER_NUM_CPUS_PER_NODE": "7", "RAY_CLUSTER_CLUSTER__NUM_CPUS_PER_NODE": "7",
             "RAY_CLUSTER_SCHEDULER": "slurm", "RAY_CLUSTER_KEEP_ALIVE": "true"}
     worker = bed.run_login(
         [worker_prefect, "worker", "start", "--pool", POOL, "--type", "process", "--run-once", "--limit", "1"],
@@ -270,5 +271,5 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work
     assert "HELLO_RAY_OK" in worker.stdout + worker.stderr, logs
     info = json.loads(info_file.read_text())
     assert info["scheduler"] == "none" and len(info["nodes"]) == 2  # the deployment's direct_workers: 1
-    assert [node["CPU"] for node in info["nodes"]] == [1, 1], "the worker's RAY_CLUSTER_* leaked into the run"
+    assert 7 not in [node["CPU"] for node in info["nodes"]], "the worker's RAY_CLUSTER_* leaked into the run"
     assert_nothing_left(bed, info["cluster_id"], work_dir)

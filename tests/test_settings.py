@@ -1172,6 +1172,8 @@ HOSTILE_FILE_NAMES = {
 @pytest.mark.parametrize("label", HOSTILE_FILE_NAMES)
 def test_hostile_file_names_that_exist(field, label, sandbox, capsys):
     """A real local file with a hostile name is accepted, and a dry run stays inert."""
+    if field == "user_script" and "\n" in HOSTILE_FILE_NAMES[label]:
+        pytest.skip("a user_script with a line break is the script's text (the form's editor), never a path")
     files = sandbox.root / "files"
     files.mkdir()
     path = files / HOSTILE_FILE_NAMES[label]
@@ -1231,7 +1233,7 @@ def test_only_the_command_line_reads_the_environment(monkeypatch):
                         "RAY_CLUSTER_SCHEDULER": "slurm", "RAY_CLUSTER_HOST": "elsewhere"}.items():
         monkeypatch.setenv(name, value)
     s = RayClusterSettings()
-    assert (s.num_cpus_per_node, s.scheduler.value, s.host) == (1, "none", "")
+    assert (s.num_cpus_per_node, s.scheduler.value, s.host) == (None, "none", "")
     assert from_environment().num_cpus_per_node == 4
 
 
@@ -1356,7 +1358,7 @@ def test_cli_dry_run_plan_contents(capsys):
     assert "export AR_NUM_CPUS=8\n" in env_text
     assert re.search(r"^export AR_CLUSTER_DIR=/scratch/ar/clusters/ar-[0-9a-f]{32}$", env_text, re.MULTILINE)
     assert "#PBS -q workq\n" in job
-    assert "#PBS -l select=3:ncpus=8:mem=3072mb\n" in job
+    assert "#PBS -l select=3:ncpus=8\n" in job  # no memory asked for: none was set
     assert re.search(r"^cd /scratch/ar/clusters/ar-[0-9a-f]{32} && qsub bin/job\.sh$", out, re.MULTILINE)
     assert "nodes: 3" in out
     assert "token" not in env_text.replace("RAY_AUTH_MODE=token", "").replace("RAY_AUTH_TOKEN_PATH", "").replace(

@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 import typing
 from enum import Enum
 from pathlib import Path
@@ -45,6 +46,8 @@ EXCLUDED = {
     "an unauthenticated job API",
     "info_file": "set by the workflow to <job dir>/ray-cluster.json: the connection_info job reads it",
     "state_file": "set by the workflow to <job dir>/ray-cluster.state: the cleanup reads it",
+    "script_args": "the form's script is an editor: its arguments are written in it",
+    "runtime_env": "the form's extra packages are environment.requirements, installed on every node",
     "publish_token_block": "the workflow runs the flow with Prefect's temporary server, where a token block is "
     "refused (every user of the machine could read it)",
 }
@@ -87,6 +90,8 @@ def settings_fields() -> dict[str, object]:
     for name, info in RayClusterSettings.model_fields.items():
         if name in GROUPS:  # cluster, environment, advanced: their fields go by their flat names (the flags)
             fields.update(GROUPS[name].model_fields)
+        elif name == "runtime_env":  # one input (Ray's runtime_env dict), not a group of the form
+            fields[name] = info
         elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
             for sub, sub_info in info.annotation.model_fields.items():
                 fields[f"{name}.{sub}"] = sub_info
@@ -207,6 +212,10 @@ def test_the_form_agrees_with_the_settings_model():
             continue
         info = fields[field_for_flag(flag)]
         annotation = info.annotation
+        optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+        if optional:  # empty = not set (num_cpus_per_node: what the allocation gives)
+            (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+            assert spec.get("optional") is True and "default" not in spec, f"{path}: optional, without a default"
         limits = {type(m).__name__: m for m in info.metadata}
         if annotation in (int, float):
             assert spec["type"] == "number", path
