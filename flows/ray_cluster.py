@@ -106,6 +106,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from dataclasses import asdict
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import CancelledRun
 from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import get_current_settings
@@ -128,7 +129,6 @@ from tasks.atomic_file import write_text_atomic
 from tasks.cluster import (
     ClusterPlan,
     beat,
-    get_run_logger,
     load_cluster_states,
     prepare_environment,
     save_cluster_state,
@@ -136,7 +136,8 @@ from tasks.cluster import (
     target_work_dir,
     teardown_cluster,
 )
-from tasks.readiness import publish_connection_info, wait_until_ready, watch_nodes
+from tasks.logs import get_run_logger
+from tasks.readiness import ClusterFailed, publish_connection_info, wait_until_ready, watch_nodes
 from tasks.schedulers import Scheduler, scheduler_for
 from tasks.transport import LocalTransport, SshParams, SshTransport, Transport
 from tasks.user_job import keep_alive, run_user_job
@@ -274,32 +275,80 @@ async def _bring_up_and_hold(
 
 
 async def run_cluster(settings: RayClusterSettings) -> dict:
-    """The pipeline, whichever entry point: one cluster, from start to teardown."""
+    """The pipeline, whichever entry point: a cluster from start to teardown, and a fresh
+    one (without the nodes that failed) while one fails to come up and retries are left."""
     logger = get_run_logger()
     refuse_token_block_without_a_server(settings)
     scheduler = scheduler_for(settings)
     async with await open_target(settings) as target:
         work_dir = await target_work_dir(target, settings)
-        plan = ClusterPlan.new(settings, work_dir)
-        logger.info("cluster %s on %s (%s, %d node(s))", plan.cluster_id, target.label, scheduler.name, settings.nodes)
         warn_about_insecure_choices(settings, logger)
-        save_cluster_state(plan, str(current_flow_run.id or ""))
-        write_state_file(settings.state_file, plan, scheduler)
-        background: list[asyncio.Task] = []
-        # Bring-up and hold run in a task of their own: a stop cancels that task and
-        # waits until it is over, and only then does this finally tear down, whole.
-        up = asyncio.ensure_future(_bring_up_and_hold(target, scheduler, plan, work_dir, background))
-        try:
+        for attempt in range(1, settings.retries + 2):
             try:
-                return await _until_stopped(up)
-            finally:
-                await _settle(up)
-                for job in background:
-                    job.cancel()
-                await teardown_cluster(target, scheduler, plan)
-        except StoppedOnPurpose as stop:
-            # on purpose, and torn down: Cancelled, not Crashed (a failure stays Failed)
-            return Cancelled(message=f"{stop}: cluster {plan.cluster_id} torn down")
+                return await _one_cluster(target, scheduler, settings, work_dir)
+            except ClusterFailed as failure:
+                if not failure.retryable or attempt > settings.retries:
+                    raise
+                await _before_retry(scheduler, failure, attempt, settings.retries)
+    raise AssertionError("unreachable")
+
+
+async def _one_cluster(target: Transport, scheduler: Scheduler, settings: RayClusterSettings, work_dir: str):
+    logger = get_run_logger()
+    plan = ClusterPlan.new(settings, work_dir)
+    logger.info("cluster %s on %s (%s, %d node(s))", plan.cluster_id, target.label, scheduler.name, settings.nodes)
+    save_cluster_state(plan, str(current_flow_run.id or ""))
+    write_state_file(settings.state_file, plan, scheduler)
+    background: list[asyncio.Task] = []
+    # Bring-up and hold run in a task of their own: a stop cancels that task and
+    # waits until it is over, and only then does this finally tear down, whole.
+    up = asyncio.ensure_future(_bring_up_and_hold(target, scheduler, plan, work_dir, background))
+    try:
+        try:
+            return await _until_stopped(up)
+        except ClusterFailed as failure:
+            if failure.retryable and plan.job_id:  # asked while the scheduler still knows the job
+                failure.failed_nodes = await failed_nodes(target, scheduler, plan, failure)
+            raise
+        finally:
+            await _settle(up)
+            for job in background:
+                job.cancel()
+            await teardown_cluster(target, scheduler, plan)
+    except StoppedOnPurpose as stop:
+        # on purpose, and torn down: Cancelled, not Crashed (a failure stays Failed)
+        return Cancelled(message=f"{stop}: cluster {plan.cluster_id} torn down")
+
+
+async def failed_nodes(target: Transport, scheduler: Scheduler, plan: ClusterPlan, failure: ClusterFailed) -> list[str]:
+    """The allocated nodes that did not join; [] where that says nothing about a node
+    (none joined, or the scheduler cannot tell)."""
+    allocated = await scheduler.allocated_nodes(target, plan.job_id)
+    if failure.head_failed:
+        return allocated[:1]
+    missing = [node for node in allocated if node not in failure.joined]
+    return missing if len(missing) < len(allocated) else []
+
+
+async def _before_retry(scheduler: Scheduler, failure: ClusterFailed, attempt: int, retries: int) -> None:
+    """Say why (log and artifact), and keep the failed nodes out of the next allocation."""
+    logger = get_run_logger()
+    new = [node for node in failure.failed_nodes if node not in scheduler.exclude_nodes]
+    if new and scheduler.can_exclude_nodes:
+        scheduler.exclude_nodes += new
+        excluding = f"without {', '.join(scheduler.exclude_nodes)}"
+    elif new:
+        excluding = f"{scheduler.name} has no portable way to exclude {', '.join(new)}: it may be allocated again"
+    else:
+        excluding = "no node to blame"
+    reason = str(failure).splitlines()[0]
+    logger.warning("attempt %d of %d failed: %s; torn down, retrying with a fresh cluster (%s)",
+                   attempt, retries + 1, reason, excluding)
+    await create_markdown_artifact(
+        key="ray-cluster-retry",
+        description=f"Why attempt {attempt} was retried",
+        markdown=f"# Attempt {attempt} of {retries + 1} failed\n\n{reason}\n\nNext attempt: {excluding}.\n",
+    )
 
 
 def run_name_for(scheduler: SchedulerName | None):

@@ -589,6 +589,12 @@ class ClusterOptions(BaseModel):
         title="When a node dies",
         description="continue: report it and go on; stop: report it and tear the cluster down (the flow fails)",
     )
+    retries: int = Field(
+        1, ge=0, le=5, title="Retries",
+        description="Fresh clusters tried after one that failed to come up (a node that never joined, a job that "
+        "ended while starting), each without the nodes that failed (SLURM --exclude). Never after invalid input, "
+        "a job the scheduler refused or can never run, or a failing user job",
+    )
 
 
 @_positioned

@@ -99,7 +99,8 @@ ar_run_node() {
     ip="$(ar_node_ip)"
     read -r -a ports < <(ar_free_ports)
     # Ray makes its temp dir 0777: it is a child of the private dir, never the private dir itself
-    args=(start --block --temp-dir="$tmp/r" --node-ip-address="$ip"
+    # node name: the host's own (the scheduler's name for it), so a node that failed can be excluded by it
+    args=(start --block --temp-dir="$tmp/r" --node-ip-address="$ip" --node-name="$host"
         --node-manager-port="${ports[3]}" --object-manager-port="${ports[4]}"
         --metrics-export-port="${ports[5]}" --dashboard-agent-listen-port="${ports[6]}"
         --dashboard-agent-grpc-port="${ports[7]}" --runtime-env-agent-port="${ports[8]}"

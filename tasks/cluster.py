@@ -15,12 +15,11 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger as _get_run_logger
 from pydantic import SecretStr
 
 from flows.settings import TARGET_PATH_RE, RayClusterSettings, node_tmp_name
 from tasks.atomic_file import write_text_atomic
+from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler, scheduler_for
 from tasks.transport import LocalTransport, Transport
 
@@ -28,15 +27,6 @@ SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
 # Where the controller keeps what a teardown hook needs if the flow process dies.
 RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 
-
-def get_run_logger():
-    """The run logger inside a flow or task; a plain logger in hooks and scripts."""
-    try:
-        return _get_run_logger()
-    except MissingContextError:
-        import logging
-
-        return logging.getLogger("activate_ray")
 
 CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh",
                    "exec_holding_ports.py")

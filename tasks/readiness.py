@@ -16,13 +16,26 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.settings import RayClusterSettings
 from tasks.atomic_file import write_text_atomic
-from tasks.cluster import ClusterPlan, get_run_logger, token_block_name
+from tasks.cluster import ClusterPlan, token_block_name
+from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.transport import LocalTransport, SshTransport, Transport
 
 
 class ClusterFailed(RuntimeError):
-    """The cluster did not come up: job rejected, ended early, or readiness timed out."""
+    """The cluster did not come up: job rejected, ended early, or readiness timed out.
+
+    retryable: a fresh allocation may fix it (a node that never joined, a job that ended
+    while starting), never a job that can not run as asked. joined: the scheduler's names
+    of the nodes that were alive; head_failed: the head itself never came up."""
+
+    def __init__(self, message: str, *, retryable: bool = False, joined: list[str] | None = None,
+                 head_failed: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+        self.joined = joined or []
+        self.head_failed = head_failed
+        self.failed_nodes: list[str] = []  # filled in by whoever can ask the scheduler
 
 
 @dataclass
@@ -124,6 +137,8 @@ async def wait_until_ready(
     expected = settings.nodes
     deadline = time.monotonic() + settings.readiness_timeout
     delay, last_said, head, client, local_port = 0.1, "", None, None, 0
+    joined: list[str] = []
+    state = None
     next_state_check = 0.0
     try:
         while True:
@@ -135,7 +150,8 @@ async def wait_until_ready(
                     last_said = said
                 failure = await target.read_text(f"{plan.cluster_dir}/status")
                 if failure and "RAY_FAILED=" in failure:
-                    raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {failure.strip()}")
+                    raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {failure.strip()}",
+                                        retryable=True, head_failed=True)
                 if state.hopeless:
                     raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}")
                 if state.phase is JobPhase.ended:
@@ -144,7 +160,8 @@ async def wait_until_ready(
                         check=False,
                     )
                     raise ClusterFailed(
-                        f"job {plan.job_id} ended before the cluster was ready ({state}).\n{log_tail.stdout[-1500:]}"
+                        f"job {plan.job_id} ended before the cluster was ready ({state}).\n{log_tail.stdout[-1500:]}",
+                        retryable=True,
                     )
                 if state.phase is JobPhase.running:
                     text = await target.read_text(f"{plan.cluster_dir}/head.env")
@@ -163,6 +180,7 @@ async def wait_until_ready(
                 except (httpx.HTTPError, KeyError, ValueError):
                     nodes = None  # dashboard not up yet
                 if nodes is not None:
+                    joined = [str(n.get("node_name") or n.get("node_ip")) for n in nodes]
                     said = f"{len(nodes)} of {expected} nodes alive"
                     if said != last_said:
                         logger.info(said)
@@ -173,10 +191,15 @@ async def wait_until_ready(
                     next_state_check = time.monotonic() + 2
                     state = await scheduler.state(target, plan.job_id)
                     if state.phase is JobPhase.ended:
-                        raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})")
+                        raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})",
+                                            retryable=True, joined=joined)
             if time.monotonic() > deadline:
+                # still queued: a fresh allocation would queue the same; started: some node failed it
+                started = head is not None or (state is not None and state.phase is JobPhase.running)
                 raise ClusterFailed(
                     f"cluster {plan.cluster_id} not ready after {settings.readiness_timeout}s: {last_said or 'no answer'}"
+                    + (f" (joined: {', '.join(joined)})" if joined else ""),
+                    retryable=started, joined=joined, head_failed=head is None,
                 )
             # Back off while the job waits in the queue; once the head is up, nodes join
             # within seconds: poll the dashboard briskly so readiness is seen at once.

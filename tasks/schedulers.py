@@ -9,8 +9,10 @@ submit/status/cancel commands.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import random
 import re
 import shlex
 from abc import ABC, abstractmethod
@@ -19,6 +21,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 from flows.settings import RayClusterSettings, Scheduler as SchedulerName, pbs_select_chunks
+from tasks.logs import get_run_logger
 
 if TYPE_CHECKING:
     from tasks.transport import Transport
@@ -49,6 +52,7 @@ class Scheduler(ABC):
 
     def __init__(self, settings: RayClusterSettings):
         self.settings = settings
+        self.exclude_nodes = []
 
     # --- what each scheduler states
     def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
@@ -62,8 +66,53 @@ class Scheduler(ABC):
     def submit_command(self, cluster_dir: str) -> str:
         """The command line that submits <cluster_dir>/bin/job.sh."""
 
-    @abstractmethod
-    async def submit(self, target: "Transport", cluster_dir: str) -> str: ...
+    def parse_job_id(self, stdout: str) -> str:
+        """The job id in the submit command's answer (SchedulerRejected if there is none)."""
+        raise NotImplementedError
+
+    def find_job_command(self, job_name: str) -> str:
+        """A command printing the ids of this user's jobs named job_name; exit 3 when the
+        scheduler cannot be asked (then a failed submission is never tried again)."""
+        raise NotImplementedError
+
+    # Nodes a retry must not get (the ones that failed the attempt before), where the scheduler can exclude.
+    exclude_nodes: list[str]
+    can_exclude_nodes: ClassVar[bool] = False
+    # Seconds before the first resubmission; doubled each time, with jitter.
+    submit_backoff: ClassVar[float] = 1.0
+    submit_attempts: ClassVar[int] = 4
+    submit_program: ClassVar[str] = ""
+
+    async def submit(self, target: "Transport", cluster_dir: str) -> str:
+        """Submit, retrying with backoff on errors that pass (a busy controller, a timeout),
+        never twice: before each new try the job is looked up by its name, the cluster id,
+        since a timed-out answer can come after the scheduler took the job."""
+        job_name = cluster_dir.rstrip("/").rsplit("/", 1)[-1]
+        delay = self.submit_backoff
+        for attempt in range(1, self.submit_attempts + 1):
+            result = await target.run(self.submit_command(cluster_dir), check=False)
+            if result.returncode == 0:
+                return self.parse_job_id(result.stdout)
+            said = (result.stderr or result.stdout).strip()
+            if not TRANSIENT_SUBMIT_ERROR.search(said) or attempt == self.submit_attempts:
+                raise SchedulerRejected(f"{self.submit_program} refused the job: {said[-1000:]}")
+            get_run_logger().warning("submission %d of %d failed (%s); looking the job up, then again in ~%.0fs",
+                                     attempt, self.submit_attempts, said[-300:], delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay *= 2
+            found = await target.query(self.find_job_command(job_name))
+            if found.returncode == 3:
+                raise SchedulerRejected(f"{self.submit_program} failed ({said[-500:]}) and this scheduler "
+                                        "cannot be asked whether it took the job: not submitting again")
+            ids = [line.strip() for line in found.stdout.splitlines() if self.job_id_re.match(line.strip())]
+            if found.returncode == 0 and ids:
+                get_run_logger().info("the scheduler had taken the job after all: %s", ids[0])
+                return ids[0]
+        raise AssertionError("unreachable")
+
+    async def allocated_nodes(self, target: "Transport", job_id: str) -> list[str]:
+        """The scheduler's names of the job's nodes, head first ([] where unknown)."""
+        return []
 
     @abstractmethod
     async def state(self, target: "Transport", job_id: str) -> JobState: ...
@@ -153,6 +202,8 @@ def pbs_seconds(walltime: str) -> int:
 
 class SlurmScheduler(Scheduler):
     name = "slurm"
+    submit_program = "sbatch"
+    can_exclude_nodes = True
     directive_prefix = "#SBATCH"
     job_id_re = re.compile(r"^[0-9]{1,12}$")
 
@@ -171,6 +222,8 @@ class SlurmScheduler(Scheduler):
         ]
         if s.num_gpus_per_node:
             lines.append(f"--gpus-per-node={s.num_gpus_per_node}")
+        if self.exclude_nodes:
+            lines.append(f"--exclude={','.join(self.exclude_nodes)}")
         for option in ("account", "partition", "qos"):
             if value := getattr(slurm, option):
                 lines.append(f"--{option}={value}")
@@ -195,14 +248,25 @@ class SlurmScheduler(Scheduler):
         # From the cluster dir: anything the scheduler drops in the submit dir is removed with it.
         return f"cd {shlex.quote(cluster_dir)} && sbatch --parsable bin/job.sh"
 
-    async def submit(self, target: "Transport", cluster_dir: str) -> str:
-        result = await target.run(self.submit_command(cluster_dir), check=False)
-        if result.returncode != 0:
-            raise SchedulerRejected(f"sbatch refused the job: {(result.stderr or result.stdout).strip()}")
-        job_id = result.stdout.strip().split(";")[0]
+    def parse_job_id(self, stdout: str) -> str:
+        job_id = stdout.strip().split(";")[0]
         if not self.job_id_re.match(job_id):
-            raise SchedulerRejected(f"sbatch printed no job id: {result.stdout.strip()[:200]!r}")
+            raise SchedulerRejected(f"sbatch printed no job id: {stdout.strip()[:200]!r}")
         return job_id
+
+    def find_job_command(self, job_name: str) -> str:
+        return f'squeue -h -u "$(id -un)" --name={shlex.quote(job_name)} -o %i'
+
+    async def allocated_nodes(self, target: "Transport", job_id: str) -> list[str]:
+        shown = await target.query(f"scontrol show job {shlex.quote(job_id)} 2>/dev/null")
+        fields = dict(re.findall(r"(\w+)=(\S*)", shown.stdout))
+        nodelist = fields.get("NodeList", "")
+        if shown.returncode != 0 or nodelist in ("", "(null)"):
+            return []
+        names = await target.query(f"scontrol show hostnames {shlex.quote(nodelist)}")
+        hosts = names.stdout.split() if names.returncode == 0 else []
+        batch = fields.get("BatchHost", "")
+        return sorted(hosts, key=lambda host: host != batch)  # the head (batch host) first
 
     async def state(self, target: "Transport", job_id: str) -> JobState:
         quoted = shlex.quote(job_id)
@@ -265,12 +329,21 @@ class SchedulerRejected(RuntimeError):
     """The scheduler refused the job (bad partition, too many nodes, ...)."""
 
 
+# A scheduler's answers that say "not now" rather than "no": the submission is tried again.
+TRANSIENT_SUBMIT_ERROR = re.compile(
+    r"Socket timed out|temporarily unavailable|Unable to contact slurm controller|Connection (reset|refused|timed out)"
+    r"|Transport endpoint is not connected|try again later|cannot connect to (PBS )?server|pbs_iff.*timed out",
+    re.I,
+)
+
+
 # 1234, 1234.server, 1234[].server (an array: never ours, but a valid id)
 PBS_JOB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.\-]+)?$")
 
 
 class PbsScheduler(Scheduler):
     name = "pbs"
+    submit_program = "qsub"
     directive_prefix = "#PBS"
     job_id_re = PBS_JOB_ID_RE
 
@@ -339,12 +412,21 @@ class PbsScheduler(Scheduler):
     def submit_command(self, cluster_dir: str) -> str:
         return f"cd {shlex.quote(cluster_dir)} && qsub bin/job.sh"
 
-    async def submit(self, target: "Transport", cluster_dir: str) -> str:
-        result = await target.run(self.submit_command(cluster_dir), check=False)
-        job_id = result.stdout.strip()
-        if result.returncode != 0 or not self.job_id_re.match(job_id):
-            raise SchedulerRejected(f"qsub refused the job: {(result.stderr or result.stdout).strip()}")
+    def parse_job_id(self, stdout: str) -> str:
+        job_id = stdout.strip()
+        if not self.job_id_re.match(job_id):
+            raise SchedulerRejected(f"qsub printed no job id: {job_id[:200]!r}")
         return job_id
+
+    def find_job_command(self, job_name: str) -> str:
+        # qselect is OpenPBS/Torque's; where it is missing (some wrappers), nobody can tell
+        return f'command -v qselect >/dev/null || exit 3; qselect -u "$(id -un)" -N {shlex.quote(job_name)}'
+
+    async def allocated_nodes(self, target: "Transport", job_id: str) -> list[str]:
+        shown = await target.query(f"qstat -f {shlex.quote(job_id)} 2>/dev/null")
+        match = re.search(r"^\s*exec_host\s*=\s*(\S+)", shown.stdout, re.M)
+        hosts = [part.split("/")[0] for part in match.group(1).split("+")] if match else []
+        return list(dict.fromkeys(hosts))
 
     async def state(self, target: "Transport", job_id: str) -> JobState:
         quoted = shlex.quote(job_id)

@@ -12,7 +12,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.cluster import ClusterPlan, get_run_logger
+from tasks.cluster import ClusterPlan
+from tasks.logs import get_run_logger
 from tasks.readiness import auth_headers
 from tasks.transport import Transport
 

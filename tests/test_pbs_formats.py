@@ -387,3 +387,59 @@ def test_slurm_submit_refused():
     target = FakeTransport([("cd /home/alice/c && sbatch ", CommandResult(1, "", "sbatch: error: invalid partition specified: gpu\n"))])
     with pytest.raises(SchedulerRejected, match="invalid partition"):
         asyncio.run(slurm().submit(target, "/home/alice/c"))
+
+
+class ScriptedTransport(FakeTransport):
+    """Like FakeTransport, but each answer is used once, in order, per prefix."""
+
+    async def run(self, command: str, *, check: bool = True, timeout: float | None = 120) -> CommandResult:
+        self.commands.append(command)
+        for index, (prefix, result) in enumerate(self.answers):
+            if command.startswith(prefix):
+                del self.answers[index]
+                return result
+        raise AssertionError(f"unexpected command {command!r}")
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    from tasks.schedulers import Scheduler
+
+    monkeypatch.setattr(Scheduler, "submit_backoff", 0.0)
+
+
+TIMED_OUT = CommandResult(1, "", "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation\n")
+
+
+def test_slurm_submit_that_timed_out_but_was_taken_is_not_submitted_again(no_backoff):
+    target = ScriptedTransport([("cd /home/alice/c && sbatch ", TIMED_OUT), ("squeue -h ", ok("4242\n"))])
+    assert asyncio.run(slurm().submit(target, "/home/alice/c")) == "4242"
+    assert [c for c in target.commands if "sbatch" in c] == ["cd /home/alice/c && sbatch --parsable bin/job.sh"]
+    assert target.commands[1] == "squeue -h -u \"$(id -un)\" --name=c -o %i"
+
+
+def test_slurm_submit_retried_when_the_job_was_not_taken(no_backoff):
+    target = ScriptedTransport([("cd /home/alice/c && sbatch ", TIMED_OUT), ("squeue -h ", ok("")),
+                                ("cd /home/alice/c && sbatch ", ok("4243\n"))])
+    assert asyncio.run(slurm().submit(target, "/home/alice/c")) == "4243"
+
+
+def test_slurm_submit_gives_up_after_its_attempts(no_backoff):
+    target = ScriptedTransport([("cd /home/alice/c && sbatch ", TIMED_OUT), ("squeue -h ", ok(""))] * 3
+                               + [("cd /home/alice/c && sbatch ", TIMED_OUT)])
+    with pytest.raises(SchedulerRejected, match="Socket timed out"):
+        asyncio.run(slurm().submit(target, "/home/alice/c"))
+    assert len([c for c in target.commands if "sbatch" in c]) == 4
+
+
+def test_pbs_submit_not_retried_where_qselect_cannot_tell(no_backoff):
+    target = ScriptedTransport([("cd /home/alice/c && qsub ", failed(1, "qsub: cannot connect to server pbs1\n")),
+                                ("command -v qselect", failed(3))])
+    with pytest.raises(SchedulerRejected, match="not submitting again"):
+        asyncio.run(pbs().submit(target, "/home/alice/c"))
+
+
+def test_slurm_excluded_nodes_become_a_directive():
+    scheduler = slurm()
+    scheduler.exclude_nodes = ["node2", "node5"]
+    assert "#SBATCH --exclude=node2,node5" in scheduler.render("ar-x", "/home/alice/c")
