@@ -525,7 +525,8 @@ def _describe_job(settings: RayClusterSettings) -> str:
         return f"(none: keep alive until idle for {settings.cluster_idle_timeout} min)"
     script = (f"the script's text ({settings.user_script.count(chr(10)) + 1} lines)" if settings.script_is_text
               else settings.user_script)
-    extra = f", runtime_env {sorted(settings.runtime_env.as_ray())}" if settings.runtime_env.as_ray() else ""
+    runtime_env = settings.runtime_env.as_ray()
+    extra = f", runtime_env {sorted(runtime_env)}" if runtime_env else ""
     return f"{script}{' ' + shlex.join(settings.script_args) if settings.script_args else ''}{extra}"
 
 

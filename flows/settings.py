@@ -754,6 +754,11 @@ def _check_target_path(value: str, name: str) -> str:
 
 
 MAX_SCRIPT_BYTES = 1024 * 1024
+
+
+def is_script_text(user_script: str) -> bool:
+    """The form's editor gives the script's text, a file name never has a line break: text it is."""
+    return "\n" in user_script
 ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", re.ASCII)
 
 
@@ -887,7 +892,7 @@ class RayClusterSettings(BaseModel):
     @field_validator("user_script")
     @classmethod
     def _script(cls, value: str, info) -> str:
-        if "\n" in value:  # the script's text
+        if is_script_text(value):
             if len(value.encode()) > MAX_SCRIPT_BYTES:
                 raise ValueError(f"user_script: the script's text is over {MAX_SCRIPT_BYTES // 1024} KiB; "
                                  "give it as a file (and its data through runtime_env.working_dir)")
@@ -901,7 +906,7 @@ class RayClusterSettings(BaseModel):
 
     @property
     def script_is_text(self) -> bool:
-        return "\n" in self.user_script
+        return is_script_text(self.user_script)
 
     @model_validator(mode="after")
     def _only_what_applies(self) -> RayClusterSettings:

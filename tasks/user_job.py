@@ -35,13 +35,11 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int) ->
     """Upload the script, submit it with JobSubmissionClient, stream its logs, fail when it fails."""
     logger = get_run_logger()
     settings = plan.settings
+    script = Path("user_script.py" if settings.script_is_text else settings.user_script).expanduser()
+    remote = f"{plan.cluster_dir}/job/{script.name}"
     if settings.script_is_text:  # the form's editor: the text is the script
-        script = Path("user_script.py")
-        remote = f"{plan.cluster_dir}/job/{script.name}"
         await target.write_text(remote, settings.user_script)
     else:
-        script = Path(settings.user_script).expanduser()
-        remote = f"{plan.cluster_dir}/job/{script.name}"
         await target.put_file(script, remote)
     client = await asyncio.to_thread(_client, plan, local_port)
     entrypoint = shlex.join([plan.environment.python, remote, *settings.script_args])
