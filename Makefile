@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BASE_PYTHON := $(shell command -v python3.11 || command -v python3)
 
-.PHONY: demo test system-deps bench setup
+.PHONY: demo test system-deps bench setup docs screenshot
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,10 @@ test: system-deps setup
 
 bench: system-deps setup
 	$(PY) -m tests.benchmark
+
+docs: setup
+	$(PY) -m flows.inputs_doc --write
+
+screenshot: setup
+	command -v chromium >/dev/null || apt-get install -y -q chromium
+	$(PY) docs/screenshot_run_form.py slurm

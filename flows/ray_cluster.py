@@ -104,6 +104,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # loaded 2-core machine, beyond Prefect's 20 s default: `make demo` failed there.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from dataclasses import asdict
+from enum import Enum
+from typing import Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -112,6 +114,7 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import get_current_settings
 from prefect.states import Cancelled
 from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from flows.settings import (
@@ -268,7 +271,7 @@ async def _bring_up_and_hold(
     watcher = asyncio.create_task(watch_nodes(plan, local_port, nodes))
     background.append(watcher)
     if settings.user_script:
-        await _unless_a_node_dies(run_user_job(target, plan, local_port), watcher)
+        await _unless_a_node_dies(run_user_job(target, plan, local_port, nodes), watcher)
     if settings.keep_alive or not settings.user_script:
         await _unless_a_node_dies(keep_alive(plan, local_port, scheduler.walltime_seconds), watcher)
     return asdict(info)
@@ -489,16 +492,26 @@ async def ray_cluster_direct(
     return await run_cluster(settings_from_parameters(locals(), SchedulerName.none))
 
 
+def _cli_field(info) -> tuple:
+    """A field as the command line takes it: an enum by its values (`--node-failure continue`,
+    as the form and workflow.yaml spell it), which pydantic-settings would list by member name."""
+    annotation = info.annotation
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        default = info.default.value if isinstance(info.default, Enum) else info.default
+        info = FieldInfo.merge_field_infos(info, default=default)
+        annotation = Literal[tuple(member.value for member in annotation)]
+    return annotation, info
+
+
 def _cli_model() -> type[BaseSettings]:
     """The command line: every field by its flat name (--num-cpus-per-node, --slurm.nodes), read
     from the environment too (RAY_CLUSTER_*). The fields are the groups' own definitions; the
     values are validated by RayClusterSettings, as a flow run's are."""
     top = RayClusterSettings.model_fields
-    fields: dict = {name: (top[name].annotation, top[name])
-                    for name in ("host", "scheduler", "user_script", "script_args", "runtime_env")}
+    fields: dict = {name: _cli_field(top[name]) for name in ("host", "scheduler", "user_script", "script_args", "runtime_env")}
     for model in GROUPS.values():
-        fields.update({name: (info.annotation, info) for name, info in model.model_fields.items()})
-    fields.update({name: (top[name].annotation, top[name]) for name in ("slurm", "pbs")})
+        fields.update({name: _cli_field(info) for name, info in model.model_fields.items()})
+    fields.update({name: _cli_field(top[name]) for name in ("slurm", "pbs")})
     fields["dry_run"] = (bool, Field(False, description="Validate the inputs, print what would run on the target, start nothing"))
 
     class CliBase(BaseSettings):

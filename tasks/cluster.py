@@ -19,6 +19,7 @@ from pydantic import SecretStr
 
 from flows.settings import TARGET_PATH_RE, RayClusterSettings, node_tmp_name
 from tasks.atomic_file import write_text_atomic
+from tasks.events import emit_cluster_event
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler, scheduler_for
 from tasks.transport import LocalTransport, Transport
@@ -52,6 +53,7 @@ class ClusterPlan:
     token: SecretStr = field(repr=False)
     environment: RayEnvironment | None = None
     job_id: str = ""
+    nodes: list[str] = field(default_factory=list)  # the Ray nodes' names once the cluster is ready
 
     @classmethod
     def new(cls, settings: RayClusterSettings, work_dir: str) -> "ClusterPlan":
@@ -274,6 +276,7 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
         logger.warning("Ray processes of %s still running on %s: %s", plan.cluster_id, target.label,
                        leftover.stdout.split())
     forget_cluster_state(plan)
+    emit_cluster_event("torn-down", plan.cluster_id, scheduler=scheduler.name, job_id=plan.job_id, nodes=plan.nodes)
     await _delete_token_block(plan)
     logger.info("cluster %s torn down (job %s)", plan.cluster_id, plan.job_id or "never submitted")
 

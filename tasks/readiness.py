@@ -11,12 +11,19 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    acreate_progress_artifact,
+    aupdate_progress_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
-from flows.settings import RayClusterSettings
+from flows.settings import NodeFailure, RayClusterSettings
+from flows.settings import Scheduler as SchedulerName
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import ClusterPlan, token_block_name
+from tasks.events import emit_cluster_event
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.transport import LocalTransport, SshTransport, Transport
@@ -125,89 +132,154 @@ def _this_host() -> str:
     return socket.gethostname()
 
 
+class ReadinessReport:
+    """Each new readiness state said once: in the run log and in the cluster's progress
+    artifact (nodes alive of expected), which the run's Artifacts tab shows as it changes."""
+
+    def __init__(self, plan: ClusterPlan):
+        self.plan = plan
+        self.expected = plan.settings.nodes
+        self.last = ""
+        self.artifact_id = None
+
+    async def say(self, text: str, alive: int = 0) -> None:
+        if text == self.last:
+            return
+        self.last = text
+        get_run_logger().info(text)
+        progress = round(100.0 * min(alive, self.expected) / self.expected, 1)
+        description = f"Ray cluster {self.plan.cluster_id}: {text}"
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = await acreate_progress_artifact(
+                    progress, key=f"ray-progress-{self.plan.cluster_id}", description=description)
+            else:
+                await aupdate_progress_artifact(self.artifact_id, progress, description=description)
+        except Exception as exc:  # a progress bar never fails a cluster
+            get_run_logger().debug("progress artifact not updated: %s", exc)
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() > self.at
+
+
 @task(name="wait-for-ray-cluster", cache_policy=NO_CACHE)
 async def wait_until_ready(
     target: Transport, scheduler: Scheduler, plan: ClusterPlan
 ) -> tuple[HeadInfo, int, list[dict]]:
-    """Poll job state, then the head's dashboard, with short backoff, until every node is ALIVE.
+    """Wait for the head (job state, then its head.env), then for every node ALIVE on its
+    dashboard; poll with short backoff. Returns the head, the local port that reaches
+    its dashboard, and the nodes."""
+    report = ReadinessReport(plan)
+    deadline = Deadline(plan.settings.readiness_timeout)
+    head = await wait_for_head(target, scheduler, plan, report, deadline)
+    head_host = "127.0.0.1" if plan.settings.scheduler is SchedulerName.none else head.ip
+    local_port = await target.forward_to(head_host, head.dashboard_port)
+    nodes = await wait_for_nodes(target, scheduler, plan, local_port, report, deadline)
+    return head, local_port, nodes
 
-    Returns the head, the local port that reaches its dashboard, and the nodes."""
-    logger = get_run_logger()
-    settings = plan.settings
-    expected = settings.nodes
-    deadline = time.monotonic() + settings.readiness_timeout
-    delay, last_said, head, client, local_port = 0.1, "", None, None, 0
+
+async def wait_for_head(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, report: ReadinessReport, deadline: Deadline
+) -> HeadInfo:
+    """Until the job runs and its head wrote head.env; fail on a job that ended or can never run."""
+    delay, state = 0.1, None
+    while True:
+        state = await scheduler.state(target, plan.job_id)
+        await report.say(f"job {plan.job_id}: {state}")
+        status = await target.read_text(f"{plan.cluster_dir}/status")
+        if status and "RAY_FAILED=" in status:
+            raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {status.strip()}",
+                                retryable=True, head_failed=True)
+        if state.hopeless:
+            raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}")
+        if state.phase is JobPhase.ended:
+            raise ClusterFailed(
+                f"job {plan.job_id} ended before the cluster was ready ({state}).\n{await _log_tail(target, plan)}",
+                retryable=True,
+            )
+        if state.phase is JobPhase.running:
+            text = await target.read_text(f"{plan.cluster_dir}/head.env")
+            if text and "RAY_CLIENT_PORT=" in text:
+                head = parse_head_env(text)
+                await report.say(f"head is {head.node} ({head.ip}), waiting for {report.expected} node(s)")
+                return head
+        if deadline.passed:
+            # still queued: a fresh allocation would queue the same; started: the head failed it
+            raise ClusterFailed(
+                f"cluster {plan.cluster_id} not ready after {deadline.seconds:g}s: {report.last or 'no answer'}",
+                retryable=state.phase is JobPhase.running, head_failed=True,
+            )
+        await asyncio.sleep(delay)  # back off while the job waits in the queue
+        delay = min(delay * 1.5, 2.0)
+
+
+async def wait_for_nodes(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, local_port: int, report: ReadinessReport,
+    deadline: Deadline,
+) -> list[dict]:
+    """Until the head's dashboard lists every expected node ALIVE; fail if the job ends."""
     joined: list[str] = []
-    state = None
     next_state_check = 0.0
-    try:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan), timeout=5
+    ) as client:
         while True:
-            if head is None:
+            try:
+                nodes = await alive_nodes(client)
+            except (httpx.HTTPError, KeyError, ValueError):
+                nodes = None  # dashboard not up yet
+            if nodes is not None:
+                joined = [node_name(n) for n in nodes]
+                await report.say(f"{len(nodes)} of {report.expected} nodes alive", alive=len(nodes))
+                if len(nodes) >= report.expected:
+                    return nodes
+            if time.monotonic() >= next_state_check:  # the dashboard is cheap; squeue is not
+                next_state_check = time.monotonic() + 2
                 state = await scheduler.state(target, plan.job_id)
-                said = f"job {plan.job_id}: {state}"
-                if said != last_said:
-                    logger.info(said)
-                    last_said = said
-                failure = await target.read_text(f"{plan.cluster_dir}/status")
-                if failure and "RAY_FAILED=" in failure:
-                    raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {failure.strip()}",
-                                        retryable=True, head_failed=True)
-                if state.hopeless:
-                    raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}")
                 if state.phase is JobPhase.ended:
-                    log_tail = await target.run(
-                        f"tail -n 20 {shlex.quote(plan.cluster_dir)}/logs/*.out {shlex.quote(plan.cluster_dir)}/logs/supervisor.log 2>/dev/null",
-                        check=False,
-                    )
-                    raise ClusterFailed(
-                        f"job {plan.job_id} ended before the cluster was ready ({state}).\n{log_tail.stdout[-1500:]}",
-                        retryable=True,
-                    )
-                if state.phase is JobPhase.running:
-                    text = await target.read_text(f"{plan.cluster_dir}/head.env")
-                    if text and "RAY_CLIENT_PORT=" in text:
-                        head = parse_head_env(text)
-                        logger.info("head is %s (%s), waiting for %d node(s)", head.node, head.ip, expected)
-            if head is not None:
-                if client is None:
-                    head_host = "127.0.0.1" if settings.scheduler.value == "none" else head.ip
-                    local_port = await target.forward_to(head_host, head.dashboard_port)
-                    client = httpx.AsyncClient(
-                        base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan), timeout=5
-                    )
-                try:
-                    nodes = await alive_nodes(client)
-                except (httpx.HTTPError, KeyError, ValueError):
-                    nodes = None  # dashboard not up yet
-                if nodes is not None:
-                    joined = [str(n.get("node_name") or n.get("node_ip")) for n in nodes]
-                    said = f"{len(nodes)} of {expected} nodes alive"
-                    if said != last_said:
-                        logger.info(said)
-                        last_said = said
-                    if len(nodes) >= expected:
-                        return head, local_port, nodes
-                if time.monotonic() >= next_state_check:  # the dashboard is cheap; squeue is not
-                    next_state_check = time.monotonic() + 2
-                    state = await scheduler.state(target, plan.job_id)
-                    if state.phase is JobPhase.ended:
-                        raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})",
-                                            retryable=True, joined=joined)
-            if time.monotonic() > deadline:
-                # still queued: a fresh allocation would queue the same; started: some node failed it
-                started = head is not None or (state is not None and state.phase is JobPhase.running)
+                    raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})",
+                                        retryable=True, joined=joined)
+            if deadline.passed:
                 raise ClusterFailed(
-                    f"cluster {plan.cluster_id} not ready after {settings.readiness_timeout}s: {last_said or 'no answer'}"
+                    f"cluster {plan.cluster_id} not ready after {deadline.seconds:g}s: {report.last}"
                     + (f" (joined: {', '.join(joined)})" if joined else ""),
-                    retryable=started, joined=joined, head_failed=head is None,
+                    retryable=True, joined=joined,
                 )
-            # Back off while the job waits in the queue; once the head is up, nodes join
-            # within seconds: poll the dashboard briskly so readiness is seen at once.
-            await asyncio.sleep(delay if head is None else 0.25)
-            delay = min(delay * 1.5, 2.0)
-    finally:
-        if client is not None:
-            await client.aclose()
+            # once the head is up, nodes join within seconds: poll briskly to see readiness at once
+            await asyncio.sleep(0.25)
+
+
+async def _log_tail(target: Transport, plan: ClusterPlan) -> str:
+    logs = shlex.quote(f"{plan.cluster_dir}/logs")
+    tail = await target.run(f"tail -n 20 {logs}/*.out {logs}/supervisor.log 2>/dev/null", check=False)
+    return tail.stdout[-1500:]
+
+
+def node_name(node: dict) -> str:
+    """A Ray node as the scheduler names it (ar_run_node starts each with --node-name)."""
+    return str(node.get("node_name") or node.get("node_ip"))
+
+
+async def confirm_nodes_alive(plan: ClusterPlan, local_port: int, ready_nodes: list[dict]) -> None:
+    """Just before the job begins: every node that was ready is still alive. A node lost
+    by now is the allocation's fault, not the job's: a fresh cluster without it may work."""
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan), timeout=5
+    ) as client:
+        alive = {node["node_id"]: node for node in await alive_nodes(client)}
+    lost = [node_name(node) for node in ready_nodes if node["node_id"] not in alive]
+    if lost:
+        raise ClusterFailed(
+            f"Ray node(s) lost before the job began: {', '.join(lost)} ({len(alive)} of {len(ready_nodes)} alive)",
+            retryable=True, joined=[node_name(node) for node in alive.values()],
+        )
 
 
 class NodeLost(RuntimeError):
@@ -217,7 +289,7 @@ class NodeLost(RuntimeError):
 async def watch_nodes(plan: ClusterPlan, local_port: int, ready_nodes: list[dict], every: float = 3.0) -> None:
     """Report nodes that die after readiness; raise NodeLost when told to stop on it."""
     logger = get_run_logger()
-    known = {n["node_id"]: n.get("node_name") or n.get("node_ip") for n in ready_nodes}
+    known = {n["node_id"]: node_name(n) for n in ready_nodes}
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan), timeout=5
     ) as client:
@@ -230,7 +302,7 @@ async def watch_nodes(plan: ClusterPlan, local_port: int, ready_nodes: list[dict
             lost = [name for node_id, name in known.items() if node_id not in alive]
             if lost:
                 message = f"Ray node(s) lost: {', '.join(map(str, lost))} ({len(alive)} of {len(known)} alive)"
-                if plan.settings.node_failure.value == "stop":
+                if plan.settings.node_failure is NodeFailure.stop:
                     raise NodeLost(message + "; stopping the cluster (node_failure=stop)")
                 logger.warning(message + "; going on (node_failure=continue)")
                 for node_id in [i for i in known if i not in alive]:
@@ -245,7 +317,7 @@ async def publish_connection_info(
     """Print, save (JSON) and publish (Prefect artifact) how to reach the cluster. No secret in any of them."""
     logger = get_run_logger()
     settings = plan.settings
-    head_is_target = settings.scheduler.value == "none"
+    head_is_target = settings.scheduler is SchedulerName.none
     info = ConnectionInfo(
         cluster_id=plan.cluster_id,
         scheduler=scheduler.name,
@@ -264,7 +336,7 @@ async def publish_connection_info(
         token_block=token_block_name(plan) if settings.token_auth and settings.publish_token_block else "",
         nodes=[
             {
-                "node": n.get("node_name") or n.get("node_ip"),
+                "node": node_name(n),
                 "ip": n.get("node_ip"),
                 "head": bool(n.get("is_head_node")),
                 "CPU": n.get("resources_total", {}).get("CPU", 0),
@@ -275,6 +347,10 @@ async def publish_connection_info(
         ],
     )
     logger.info("\n%s", info.as_text())
+    plan.nodes = [str(node["node"]) for node in info.nodes]
+    emit_cluster_event("ready", plan.cluster_id, scheduler=info.scheduler, job_id=info.job_id, nodes=plan.nodes,
+                       ray_address=info.ray_address, head_node=info.head_node,
+                       dashboard_port_on_head=info.dashboard_port_on_head)
     if info_file:
         # Atomically, 0600 (it names the token file): a reader polling it never sees half a file.
         write_text_atomic(info_file, json.dumps(asdict(info), indent=2) + "\n", mode=0o600)

@@ -13,8 +13,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.cluster import ClusterPlan
+from tasks.events import emit_cluster_event
 from tasks.logs import get_run_logger
-from tasks.readiness import auth_headers
+from tasks.readiness import auth_headers, confirm_nodes_alive
 from tasks.transport import Transport
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -31,8 +32,9 @@ def _client(plan: ClusterPlan, local_port: int):
 
 
 @task(name="run-user-job", cache_policy=NO_CACHE)
-async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int) -> str:
-    """Upload the script, submit it with JobSubmissionClient, stream its logs, fail when it fails."""
+async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, ready_nodes: list[dict]) -> str:
+    """Upload the script, check the ready nodes are all still there, submit it with
+    JobSubmissionClient, stream its logs, fail when it fails."""
     logger = get_run_logger()
     settings = plan.settings
     script = Path("user_script.py" if settings.script_is_text else settings.user_script).expanduser()
@@ -42,6 +44,7 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int) ->
     else:
         await target.put_file(script, remote)
     client = await asyncio.to_thread(_client, plan, local_port)
+    await confirm_nodes_alive(plan, local_port, ready_nodes)
     entrypoint = shlex.join([plan.environment.python, remote, *settings.script_args])
     job_id = await asyncio.to_thread(
         client.submit_job, entrypoint=entrypoint, submission_id=f"{plan.cluster_id}-{script.stem}"[:60],
@@ -59,6 +62,8 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int) ->
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 2)
     info = await asyncio.to_thread(client.get_job_info, job_id)
+    emit_cluster_event("job-finished", plan.cluster_id, scheduler=plan.settings.scheduler.value, job_id=plan.job_id,
+                       nodes=plan.nodes, ray_job_id=job_id, status=status)
     await create_markdown_artifact(
         key=f"ray-job-{plan.cluster_id}",
         markdown=f"# Ray job `{job_id}`\n\nscript `{script.name}`: **{status}**\n\n{info.message or ''}",

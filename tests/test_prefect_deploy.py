@@ -273,3 +273,42 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work
     assert info["scheduler"] == "none" and len(info["nodes"]) == 2  # the deployment's direct_workers: 1
     assert 7 not in [node["CPU"] for node in info["nodes"]], "the worker's RAY_CLUSTER_* leaked into the run"
     assert_nothing_left(bed, info["cluster_id"], work_dir)
+    assert_progress_artifact_reached_all_nodes(http, run["id"], info["cluster_id"])
+    assert_cluster_events(http, info, run["id"])
+
+
+def assert_progress_artifact_reached_all_nodes(http: httpx.Client, run_id: str, cluster_id: str) -> None:
+    response = http.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]},
+                                                                  "type": {"any_": ["progress"]}}})
+    response.raise_for_status()
+    (progress,) = response.json()
+    assert progress["key"] == f"ray-progress-{cluster_id}"
+    assert progress["data"] == 100.0 and "2 of 2 nodes alive" in progress["description"], progress
+
+
+def assert_cluster_events(http: httpx.Client, info: dict, run_id: str) -> None:
+    """ready, job-finished and torn-down, each about this cluster and related to its flow run."""
+    resource = f"activate-ray.cluster.{info['cluster_id']}"
+    deadline = time.monotonic() + 20  # the server files events asynchronously
+    while True:
+        response = http.post("/events/filter", json={
+            "filter": {"any_resource": {"id": [resource]}, "occurred": {"since": "2000-01-01T00:00:00Z"}},
+            "limit": 50})
+        response.raise_for_status()
+        events = {event["event"]: event for event in response.json()["events"]}
+        names = sorted(events)
+        if names == ["activate-ray.cluster.job-finished", "activate-ray.cluster.ready",
+                     "activate-ray.cluster.torn-down"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert names == ["activate-ray.cluster.job-finished", "activate-ray.cluster.ready",
+                     "activate-ray.cluster.torn-down"], names
+    ready = events["activate-ray.cluster.ready"]
+    assert ready["resource"]["prefect.resource.id"] == resource
+    assert ready["payload"]["scheduler"] == "none" and len(ready["payload"]["nodes"]) == 2
+    assert ready["payload"]["ray_address"] == info["ray_address"]
+    assert events["activate-ray.cluster.job-finished"]["payload"]["status"] == "SUCCEEDED"
+    assert events["activate-ray.cluster.torn-down"]["payload"]["nodes"] == ready["payload"]["nodes"]
+    assert f"prefect.flow-run.{run_id}" in [r["prefect.resource.id"] for r in ready["related"]]
+    token = Path(info["token_file"]) if info["token_file"] else None
+    assert token is None or not token.exists(), "the token outlived its cluster"

@@ -1,0 +1,83 @@
+"""The last check before the job begins, against an HTTP server on loopback that answers
+/api/v0/nodes as Ray's dashboard does: a node lost since readiness makes a retryable
+failure that names the nodes still alive, so the retry can exclude the lost one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from flows.ray_cluster import failed_nodes
+from flows.settings import RayClusterSettings
+from tasks.cluster import ClusterPlan
+from tasks.readiness import ClusterFailed, confirm_nodes_alive
+
+
+def ray_node(name: str, state: str = "ALIVE") -> dict:
+    return {"node_id": f"id-{name}", "node_name": name, "node_ip": f"10.200.0.{len(name)}", "state": state}
+
+
+class Dashboard:
+    """Serves the node list it is given; remembers the Authorization headers it saw."""
+
+    def __init__(self, nodes: list[dict]):
+        self.nodes, self.auth = nodes, []
+        dashboard = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                dashboard.auth.append(self.headers.get("Authorization"))
+                body = json.dumps({"data": {"result": {"result": dashboard.nodes}}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def plan(tmp_path):
+    return ClusterPlan.new(RayClusterSettings(scheduler="slurm"), str(tmp_path))
+
+
+def test_all_ready_nodes_alive_lets_the_job_begin(plan):
+    ready = [ray_node("node1"), ray_node("node2")]
+    dashboard = Dashboard(ready)
+    try:
+        asyncio.run(confirm_nodes_alive(plan, dashboard.port, ready))
+    finally:
+        dashboard.close()
+    assert dashboard.auth == [f"Bearer {plan.token.get_secret_value()}"]  # token auth on the check too
+
+
+def test_a_node_lost_before_the_job_is_a_retryable_failure_that_blames_it(plan):
+    ready = [ray_node("node1"), ray_node("node2"), ray_node("node3")]
+    dashboard = Dashboard([ready[0], ray_node("node2", "DEAD"), ready[2]])
+    try:
+        with pytest.raises(ClusterFailed, match="lost before the job began: node2") as failed:
+            asyncio.run(confirm_nodes_alive(plan, dashboard.port, ready))
+    finally:
+        dashboard.close()
+    assert failed.value.retryable and sorted(failed.value.joined) == ["node1", "node3"]
+
+    class Allocation:  # what the scheduler reports allocated to the job
+        async def allocated_nodes(self, target, job_id):
+            return ["node1", "node2", "node3"]
+
+    plan.job_id = "42"
+    assert asyncio.run(failed_nodes(None, Allocation(), plan, failed.value)) == ["node2"]
