@@ -25,7 +25,7 @@ from tests.helpers import REPO, PrefectServer  # noqa: E402 (the checkout's test
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--hide-scrollbars",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--virtual-time-budget=30000", "--window-size=1280,2400",
+    "--virtual-time-budget=30000", "--window-size=1280,3800",
 ]
 
 

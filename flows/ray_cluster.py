@@ -120,6 +120,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from flows.settings import (
     GROUPS,
     AdvancedOptions,
+    BatchClusterOptions,
     ClusterOptions,
     EnvironmentOptions,
     PbsOptions,
@@ -418,11 +419,12 @@ async def ray_cluster(
 
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.slurm))
 async def ray_cluster_slurm(
+    *,
     user_script: str = "",
     script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
     runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
-    host: str = "",
-    cluster: ClusterOptions = ClusterOptions(),
+    host: str,  # required: the login node (keyword-only, so it can stand in form order)
+    cluster: BatchClusterOptions = BatchClusterOptions(),
     slurm: SlurmOptions = SlurmOptions(),
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),
@@ -444,11 +446,12 @@ async def ray_cluster_slurm(
 
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.pbs))
 async def ray_cluster_pbs(
+    *,
     user_script: str = "",
     script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
     runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
-    host: str = "",
-    cluster: ClusterOptions = ClusterOptions(),
+    host: str,  # required: the login node (keyword-only, so it can stand in form order)
+    cluster: BatchClusterOptions = BatchClusterOptions(),
     pbs: PbsOptions = PbsOptions(),
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),

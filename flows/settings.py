@@ -15,7 +15,8 @@ import re
 import stat
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 DEFAULT_RAY_VERSION = "2.60.0"
 
@@ -597,6 +598,17 @@ class ClusterOptions(BaseModel):
     )
 
 
+def _without(model: type[BaseModel], name: str, *left_out: str) -> type[BaseModel]:
+    """The group without fields that cannot apply on some form; the same definitions otherwise."""
+    fields = {field: (info.annotation, FieldInfo.merge_field_infos(info))
+              for field, info in model.model_fields.items() if field not in left_out}
+    return _positioned(create_model(name, __config__=model.model_config, __doc__=model.__doc__, **fields))
+
+
+# The batch schedulers' forms: one Ray node per allocated node, no extra workers beside the head.
+BatchClusterOptions = _without(ClusterOptions, "BatchClusterOptions", "direct_workers")
+
+
 @_positioned
 class EnvironmentOptions(BaseModel):
     """The Python and Ray the nodes run, and where the cluster's files live."""
@@ -945,7 +957,10 @@ class RayClusterSettings(BaseModel):
         """Parameters (JSON) for the flow of this scheduler (ray_cluster_slurm, _pbs, _direct):
         the groups that apply to it, every field spelled out."""
         skip = {"scheduler", "slurm", "pbs"} - {self.scheduler.value}
-        return {name: value for name, value in self.model_dump(mode="json").items() if name not in skip}
+        parameters = {name: value for name, value in self.model_dump(mode="json").items() if name not in skip}
+        if self.scheduler is not Scheduler.none:  # BatchClusterOptions: one Ray node per allocated node
+            parameters["cluster"].pop("direct_workers")
+        return parameters
 
     def flat(self) -> dict:
         """Every value by its flat name (groups of other schedulers left out): the command line's view."""

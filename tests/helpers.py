@@ -78,7 +78,9 @@ class PrefectServer:
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [str(self.prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env={**prefect_env(self.home), "PREFECT_SERVER_API_HOST": "127.0.0.1"},
+                # the UI is told its own API (else it looks for one on port 4200)
+                env={**prefect_env(self.home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                     "PREFECT_SERVER_API_PORT": str(self.port), "PREFECT_UI_API_URL": self.url},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         while time.monotonic() - t0 < timeout:

@@ -116,12 +116,14 @@ def test_each_form_shows_what_applies_with_titles_descriptions_and_positions(htt
     schema = deployment(http, name)["parameter_openapi_schema"]
     properties = schema["properties"]
     assert sorted(properties, key=lambda p: properties[p]["position"]) == PARAMETERS[name]
-    assert schema.get("required", []) == []
+    # the login node is required where there is one; empty (this machine) is a choice only without a scheduler
+    assert schema.get("required", []) == ([] if name == "local" else ["host"])
     missing = [where for where, prop in [*properties.items(), *walk_properties(schema)]
                if not (prop.get("title") and prop.get("description") and "position" in prop)]
     assert missing == [], f"fields without a title, a description or a position: {missing}"
     definitions = schema["definitions"]
-    cluster = definitions["ClusterOptions"]["properties"]
+    cluster = definitions["ClusterOptions" if name == "local" else "BatchClusterOptions"]["properties"]
+    assert ("direct_workers" in cluster) == (name == "local")  # extra workers beside the head: no scheduler only
     # optional (empty: what the allocation gives), with its bounds
     assert {"type": "integer", "minimum": 1, "maximum": 4096} in cluster["num_cpus_per_node"]["anyOf"]
     assert cluster["node_failure"]["$ref"] == "#/definitions/NodeFailure"  # a dropdown

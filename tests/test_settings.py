@@ -13,7 +13,9 @@ import re
 import shutil
 import subprocess
 import sys
+from enum import Enum
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
@@ -1432,5 +1434,8 @@ def test_groups_and_flat_names_are_one_definition():
     for group, model in GROUPS.items():
         for name, info in model.model_fields.items():
             cli = RayClusterCli.model_fields[name]
-            assert (cli.annotation, cli.default, cli.title, cli.description, cli.metadata) == (
-                info.annotation, info.default, info.title, info.description, info.metadata), f"{group}.{name}"
+            assert (cli.title, cli.description, cli.metadata) == (info.title, info.description, info.metadata), name
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Enum):  # by value: --node-failure continue
+                assert get_args(cli.annotation) == tuple(m.value for m in info.annotation) and cli.default == info.default.value
+            else:
+                assert (cli.annotation, cli.default) == (info.annotation, info.default), f"{group}.{name}"
