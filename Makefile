@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BASE_PYTHON := $(shell command -v python3.11 || command -v python3)
 
-.PHONY: demo test system-deps bench setup docs screenshot
+.PHONY: demo test system-deps bench setup docs screenshot lint
 
 setup: $(VENV)/.installed
 
@@ -23,8 +23,13 @@ demo: setup
 system-deps:
 	bash tests/bed/install_system_deps.sh
 
-test: system-deps setup
+test: system-deps setup lint
 	$(PY) -m pytest
+
+# ruff over every .py of ours, shellcheck over every .sh (sourced ones say `shell=bash`)
+lint: setup
+	$(VENV)/bin/ruff check .
+	shellcheck -x $$(git ls-files '*.sh' 2>/dev/null || find . -name '*.sh' -not -path './.venv/*')
 
 bench: system-deps setup
 	$(PY) -m tests.benchmark

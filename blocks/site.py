@@ -24,12 +24,12 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, model_validator
 
-from flows.settings import (
+from tasks.settings import (
     HOST_RE,
     NAME_RE,
     TARGET_PATH_RE,
     RayClusterSettings,
-    Scheduler,
+    SchedulerKind,
 )
 
 
@@ -50,8 +50,8 @@ class HpcSite(Block):
         "Activate Ray SSH Connection block",
         json_schema_extra={"pattern": HOST_RE.pattern},
     )
-    scheduler: Scheduler = Field(
-        Scheduler.slurm,
+    scheduler: SchedulerKind = Field(
+        SchedulerKind.slurm,
         title="Scheduler",
         description="slurm or pbs: clusters run as batch jobs; none: directly on the login node",
     )
@@ -98,7 +98,7 @@ class HpcSite(Block):
     )
 
     @model_validator(mode="after")
-    def _valid_for_the_flow(self) -> "HpcSite":
+    def _valid_for_the_flow(self) -> HpcSite:
         RayClusterSettings.model_validate(self.settings_values())
         return self
 
@@ -111,14 +111,14 @@ class HpcSite(Block):
             "work_dir": self.work_dir,
             "node_tmp": self.node_tmp,
         }
-        if self.scheduler is Scheduler.slurm:
+        if self.scheduler is SchedulerKind.slurm:
             values["slurm"] = {
                 "account": self.account,
                 "partition": self.partition,
                 "qos": self.qos,
                 "extra_directives": self.extra_directives,
             }
-        elif self.scheduler is Scheduler.pbs:
+        elif self.scheduler is SchedulerKind.pbs:
             values["pbs"] = {
                 "account": self.account,
                 "queue": self.partition,
@@ -135,7 +135,7 @@ class HpcSite(Block):
         site's scheduler) with this site's settings and `overrides`. Returns the flow run at once."""
         from prefect.deployments import run_deployment
 
-        name = name or f"ray-cluster/{'ssh' if self.scheduler is Scheduler.none else self.scheduler.value}"
+        name = name or f"ray-cluster/{'ssh' if self.scheduler is SchedulerKind.none else self.scheduler.value}"
         return run_deployment(name, parameters=self.parameters(**overrides), timeout=0)
 
     def parameters(self, **overrides: Any) -> dict[str, Any]:

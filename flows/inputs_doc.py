@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect.utilities.callables import parameter_schema
 
 from flows.ray_cluster import ray_cluster
-from flows.settings import GROUPS
+from tasks.settings import GROUPS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- inputs: made by python -m flows.inputs_doc -->", "<!-- /inputs -->"

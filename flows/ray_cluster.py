@@ -117,18 +117,6 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from flows.settings import (
-    GROUPS,
-    AdvancedOptions,
-    BatchClusterOptions,
-    ClusterOptions,
-    EnvironmentOptions,
-    PbsOptions,
-    RayClusterSettings,
-    RuntimeEnvOptions,
-    SlurmOptions,
-)
-from flows.settings import Scheduler as SchedulerName
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import (
     ClusterPlan,
@@ -143,6 +131,18 @@ from tasks.cluster import (
 from tasks.logs import get_run_logger
 from tasks.readiness import ClusterFailed, publish_connection_info, wait_until_ready, watch_nodes
 from tasks.schedulers import Scheduler, scheduler_for
+from tasks.settings import (
+    GROUPS,
+    AdvancedOptions,
+    BatchClusterOptions,
+    ClusterOptions,
+    EnvironmentOptions,
+    PbsOptions,
+    RayClusterSettings,
+    RuntimeEnvOptions,
+    SchedulerKind,
+    SlurmOptions,
+)
 from tasks.transport import LocalTransport, SshParams, SshTransport, Transport
 from tasks.user_job import keep_alive, run_user_job
 
@@ -355,7 +355,7 @@ async def _before_retry(scheduler: Scheduler, failure: ClusterFailed, attempt: i
     )
 
 
-def run_name_for(scheduler: SchedulerName | None):
+def run_name_for(scheduler: SchedulerKind | None):
     """A flow run name that says where its cluster runs: ray-slurm-hpc-login-4n."""
 
     def run_name() -> str:
@@ -369,7 +369,7 @@ def run_name_for(scheduler: SchedulerName | None):
     return run_name
 
 
-def settings_from_parameters(parameters: dict, scheduler: SchedulerName | None = None) -> RayClusterSettings:
+def settings_from_parameters(parameters: dict, scheduler: SchedulerKind | None = None) -> RayClusterSettings:
     """The flow's parameter groups as one RayClusterSettings, checked across fields."""
     values = {key: value.model_dump(exclude_unset=False) if isinstance(value, BaseModel) else value
               for key, value in parameters.items()}
@@ -392,7 +392,7 @@ async def ray_cluster(
     script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
     runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
     host: str = "",
-    scheduler: SchedulerName = SchedulerName.none,
+    scheduler: SchedulerKind = SchedulerKind.none,
     cluster: ClusterOptions = ClusterOptions(),
     slurm: SlurmOptions = SlurmOptions(),
     pbs: PbsOptions = PbsOptions(),
@@ -417,7 +417,7 @@ async def ray_cluster(
     return await run_cluster(settings_from_parameters(locals()))
 
 
-@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.slurm))
+@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerKind.slurm))
 async def ray_cluster_slurm(
     *,
     user_script: str = "",
@@ -441,10 +441,10 @@ async def ray_cluster_slurm(
         environment: Ray version, Python and the shared work dir (visible on every node)
         advanced: Ports, timeouts, security and SSH
     """
-    return await run_cluster(settings_from_parameters(locals(), SchedulerName.slurm))
+    return await run_cluster(settings_from_parameters(locals(), SchedulerKind.slurm))
 
 
-@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.pbs))
+@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerKind.pbs))
 async def ray_cluster_pbs(
     *,
     user_script: str = "",
@@ -468,10 +468,10 @@ async def ray_cluster_pbs(
         environment: Ray version, Python and the shared work dir (visible on every node)
         advanced: Ports, timeouts, security and SSH
     """
-    return await run_cluster(settings_from_parameters(locals(), SchedulerName.pbs))
+    return await run_cluster(settings_from_parameters(locals(), SchedulerKind.pbs))
 
 
-@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerName.none))
+@flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerKind.none))
 async def ray_cluster_direct(
     user_script: str = "",
     script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
@@ -492,7 +492,7 @@ async def ray_cluster_direct(
         environment: Ray version, Python and the work dir on the host
         advanced: Ports, timeouts, security and SSH
     """
-    return await run_cluster(settings_from_parameters(locals(), SchedulerName.none))
+    return await run_cluster(settings_from_parameters(locals(), SchedulerKind.none))
 
 
 def _cli_field(info) -> tuple:

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The body of every cluster, sourced by the job script after it defined
 # ar_launch_workers (how this scheduler starts the other nodes, all at once).
 # Runs on the head: head node, workers, then supervise until told to stop.
@@ -21,6 +22,7 @@ ar_cleanup() {
         [ -z "$(jobs -pr)" ] && break
         sleep 0.1
     done
+    # shellcheck disable=SC2046 # one word per job pid
     kill -- $(jobs -pr) 2>/dev/null || true
     wait 2>/dev/null || true
     ar_log "cluster $AR_CLUSTER_ID stopped (exit $status)"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Functions shared by the scripts that run on the cluster. Sourced, not run.
 # Every script first sources the cluster's env file, which the flow writes
 # with each value shell-quoted: AR_CLUSTER_ID, AR_CLUSTER_DIR, AR_NODE_TMP,
@@ -73,7 +74,7 @@ ar_make_node_tmp() {
     local tmp
     tmp="$(mktemp -d "$AR_NODE_TMP/$AR_NODE_TMP_NAME.XXXXXX")"
     chmod 700 "$tmp"
-    [ -O "$tmp" ] && [ ! -L "$tmp" ] || { ar_log "temp dir $tmp is not ours"; return 1; }
+    if [ ! -O "$tmp" ] || [ -L "$tmp" ]; then ar_log "temp dir $tmp is not ours"; return 1; fi
     printf '%s %s\n' "$(ar_host)" "$tmp" >"$AR_CLUSTER_DIR/nodes/$1.tmp"
     printf '%s\n' "$tmp"
 }
@@ -270,7 +271,7 @@ ar_supervise() {
         "stop requested") return 0 ;;
         *dead-man*)
             # nobody is left to remove the cluster's files: the cleanup does it
-            AR_REMOVE_CLUSTER_DIR=1
+            export AR_REMOVE_CLUSTER_DIR=1  # read by ar_cleanup (cluster_main.sh)
             return 1 ;;
         *) return 1 ;;
     esac

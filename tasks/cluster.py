@@ -17,11 +17,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
-from flows.settings import TARGET_PATH_RE, RayClusterSettings, node_tmp_name
 from tasks.atomic_file import write_text_atomic
 from tasks.events import emit_cluster_event
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler, scheduler_for
+from tasks.settings import TARGET_PATH_RE, RayClusterSettings, node_tmp_name
 from tasks.transport import LocalTransport, Transport
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
@@ -30,7 +30,7 @@ RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 
 
 CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh",
-                   "exec_holding_ports.py")
+                   "exec_holding_ports.py", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh")
 # 128 random bits: a cluster's id (and so its dir, job name and temp dir prefix) cannot be guessed.
 CLUSTER_ID_RE = re.compile(r"^ar-[0-9a-f]{32}$")
 GIB = 1024**3
@@ -56,7 +56,7 @@ class ClusterPlan:
     nodes: list[str] = field(default_factory=list)  # the Ray nodes' names once the cluster is ready
 
     @classmethod
-    def new(cls, settings: RayClusterSettings, work_dir: str) -> "ClusterPlan":
+    def new(cls, settings: RayClusterSettings, work_dir: str) -> ClusterPlan:
         cluster_id = "ar-" + secrets.token_hex(16)
         return cls(cluster_id, f"{work_dir}/clusters/{cluster_id}", settings, SecretStr(secrets.token_hex(32)))
 
@@ -86,6 +86,7 @@ class ClusterPlan:
             "AR_DASHBOARD_PORT": s.dashboard_port,
             "AR_HEARTBEAT_TIMEOUT": s.heartbeat_timeout,
             "AR_DIRECT_WORKERS": s.direct_workers,
+            "AR_EXPECTED_NODES": s.nodes,  # Ray nodes the flow waits for (PBS: one per chunk)
             "AR_NODE_TMP_NAME": node_tmp_name(self.cluster_id).rstrip("."),
             "AR_METRICS": int(s.metrics),
             # Off unless asked for: the agents' metrics export answers without the token.

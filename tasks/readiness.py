@@ -19,14 +19,13 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from flows.settings import NodeFailure, RayClusterSettings
-from flows.settings import Scheduler as SchedulerName
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import ClusterPlan, token_block_name
 from tasks.events import emit_cluster_event
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler
-from tasks.transport import LocalTransport, SshTransport, Transport
+from tasks.settings import NodeFailure, RayClusterSettings, SchedulerKind
+from tasks.transport import SshTransport, Transport
 
 
 class ClusterFailed(RuntimeError):
@@ -179,7 +178,7 @@ async def wait_until_ready(
     report = ReadinessReport(plan)
     deadline = Deadline(plan.settings.readiness_timeout)
     head = await wait_for_head(target, scheduler, plan, report, deadline)
-    head_host = "127.0.0.1" if plan.settings.scheduler is SchedulerName.none else head.ip
+    head_host = "127.0.0.1" if plan.settings.scheduler is SchedulerKind.none else head.ip
     local_port = await target.forward_to(head_host, head.dashboard_port)
     nodes = await wait_for_nodes(target, scheduler, plan, local_port, report, deadline)
     return head, local_port, nodes
@@ -317,7 +316,7 @@ async def publish_connection_info(
     """Print, save (JSON) and publish (Prefect artifact) how to reach the cluster. No secret in any of them."""
     logger = get_run_logger()
     settings = plan.settings
-    head_is_target = settings.scheduler is SchedulerName.none
+    head_is_target = settings.scheduler is SchedulerKind.none
     info = ConnectionInfo(
         cluster_id=plan.cluster_id,
         scheduler=scheduler.name,

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
-from flows.settings import RayClusterSettings, Scheduler as SchedulerName, pbs_select_chunks
 from tasks.logs import get_run_logger
+from tasks.settings import RayClusterSettings, SchedulerKind, pbs_select_chunks
 
 if TYPE_CHECKING:
     from tasks.transport import Transport
@@ -58,9 +58,9 @@ class Scheduler(ABC):
     def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
         return []
 
-    @abstractmethod
-    def launch_workers(self) -> str:
-        """Body of the shell function ar_launch_workers: start every worker at once."""
+    # scripts/launch_workers_*.sh: defines ar_launch_workers, how this scheduler starts every
+    # other node at once (sourced by the job script)
+    launch_script: ClassVar[str]
 
     @abstractmethod
     def submit_command(self, cluster_dir: str) -> str:
@@ -83,7 +83,7 @@ class Scheduler(ABC):
     submit_attempts: ClassVar[int] = 4
     submit_program: ClassVar[str] = ""
 
-    async def submit(self, target: "Transport", cluster_dir: str) -> str:
+    async def submit(self, target: Transport, cluster_dir: str) -> str:
         """Submit, retrying with backoff on errors that pass (a busy controller, a timeout),
         never twice: before each new try the job is looked up by its name, the cluster id,
         since a timed-out answer can come after the scheduler took the job."""
@@ -110,15 +110,15 @@ class Scheduler(ABC):
                 return ids[0]
         raise AssertionError("unreachable")
 
-    async def allocated_nodes(self, target: "Transport", job_id: str) -> list[str]:
+    async def allocated_nodes(self, target: Transport, job_id: str) -> list[str]:
         """The scheduler's names of the job's nodes, head first ([] where unknown)."""
         return []
 
     @abstractmethod
-    async def state(self, target: "Transport", job_id: str) -> JobState: ...
+    async def state(self, target: Transport, job_id: str) -> JobState: ...
 
     @abstractmethod
-    async def cancel(self, target: "Transport", job_id: str) -> None: ...
+    async def cancel(self, target: Transport, job_id: str) -> None: ...
 
     @property
     def walltime_seconds(self) -> int | None:
@@ -133,9 +133,7 @@ class Scheduler(ABC):
             "set -euo pipefail",
             f"export AR_CLUSTER_DIR={shlex.quote(cluster_dir)}",
             '. "$AR_CLUSTER_DIR/cluster.env"',
-            "ar_launch_workers() {",
-            *("    " + line for line in self.launch_workers().strip().splitlines()),
-            "}",
+            f'. "$AR_CLUSTER_DIR/bin/{self.launch_script}"',
             '. "$AR_CLUSTER_DIR/bin/cluster_main.sh"',
         ]
         return "\n".join(lines) + "\n"
@@ -145,31 +143,25 @@ class DirectScheduler(Scheduler):
     """No batch system: the whole cluster runs on the host under one supervisor."""
 
     name = "none"
+    launch_script = "launch_workers_direct.sh"
     job_id_re = re.compile(r"^[1-9][0-9]{0,9}$")  # the supervisor's process group on the host
 
-    def launch_workers(self) -> str:
-        return (
-            'for i in $(seq 1 "$AR_DIRECT_WORKERS"); do\n'
-            '    ar_run_node worker "worker$i" &\n'
-            "done\n"
-            ":"
-        )
 
     def submit_command(self, cluster_dir: str) -> str:
         return shlex.join(["bash", f"{cluster_dir}/bin/start_ray_ssh.sh", cluster_dir])
 
-    async def submit(self, target: "Transport", cluster_dir: str) -> str:
+    async def submit(self, target: Transport, cluster_dir: str) -> str:
         out = (await target.run(self.submit_command(cluster_dir))).stdout
         match = re.search(r"^RAY_SUPERVISOR_PID=(\d+)$", out, re.M)
         if not match:
             raise RuntimeError(f"the cluster supervisor did not start: {out[-500:]}")
         return match.group(1)
 
-    async def state(self, target: "Transport", job_id: str) -> JobState:
+    async def state(self, target: Transport, job_id: str) -> JobState:
         alive = await target.query(f"kill -0 {int(job_id)}")
         return JobState(JobPhase.running if alive.returncode == 0 else JobPhase.ended)
 
-    async def cancel(self, target: "Transport", job_id: str) -> None:
+    async def cancel(self, target: Transport, job_id: str) -> None:
         # The supervisor's trap stops every node; shutdown_ray.sh then sweeps.
         await target.query(f"kill -TERM -- -{int(job_id)} 2>/dev/null || true")
 
@@ -202,6 +194,7 @@ def pbs_seconds(walltime: str) -> int:
 
 class SlurmScheduler(Scheduler):
     name = "slurm"
+    launch_script = "launch_workers_slurm.sh"
     submit_program = "sbatch"
     can_exclude_nodes = True
     directive_prefix = "#SBATCH"
@@ -230,15 +223,6 @@ class SlurmScheduler(Scheduler):
         lines += [line.split(" ", 1)[1] for line in slurm.extra_directives.splitlines() if line]
         return lines
 
-    def launch_workers(self) -> str:
-        return (
-            'local count=$(( SLURM_JOB_NUM_NODES - 1 ))\n'
-            '[ "$count" -gt 0 ] || return 0\n'
-            "# one step for all workers: they start in parallel\n"
-            'srun --nodes="$count" --ntasks="$count" --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" \\\n'
-            '    --kill-on-bad-exit=0 --cpus-per-task="${AR_NUM_CPUS:-$SLURM_CPUS_ON_NODE}" \\\n'
-            '    bash "$AR_CLUSTER_DIR/bin/ray_worker.sh" >"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &'
-        )
 
     @property
     def walltime_seconds(self) -> int | None:
@@ -257,7 +241,7 @@ class SlurmScheduler(Scheduler):
     def find_job_command(self, job_name: str) -> str:
         return f'squeue -h -u "$(id -un)" --name={shlex.quote(job_name)} -o %i'
 
-    async def allocated_nodes(self, target: "Transport", job_id: str) -> list[str]:
+    async def allocated_nodes(self, target: Transport, job_id: str) -> list[str]:
         shown = await target.query(f"scontrol show job {shlex.quote(job_id)} 2>/dev/null")
         fields = dict(re.findall(r"(\w+)=(\S*)", shown.stdout))
         nodelist = fields.get("NodeList", "")
@@ -268,7 +252,7 @@ class SlurmScheduler(Scheduler):
         batch = fields.get("BatchHost", "")
         return sorted(hosts, key=lambda host: host != batch)  # the head (batch host) first
 
-    async def state(self, target: "Transport", job_id: str) -> JobState:
+    async def state(self, target: Transport, job_id: str) -> JobState:
         quoted = shlex.quote(job_id)
         result = await target.query(f"squeue -h -j {quoted} -o '%T|%r' 2>/dev/null")
         line = result.stdout.strip()
@@ -284,7 +268,7 @@ class SlurmScheduler(Scheduler):
             return _slurm_state(state.split()[0], reason)
         return JobState(JobPhase.ended, "not in queue")
 
-    async def cancel(self, target: "Transport", job_id: str) -> None:
+    async def cancel(self, target: Transport, job_id: str) -> None:
         await target.query(f"scancel {shlex.quote(job_id)}")
 
 
@@ -343,6 +327,7 @@ PBS_JOB_ID_RE = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.\-]+)?$")
 
 class PbsScheduler(Scheduler):
     name = "pbs"
+    launch_script = "launch_workers_pbs.sh"
     submit_program = "qsub"
     directive_prefix = "#PBS"
     job_id_re = PBS_JOB_ID_RE
@@ -380,30 +365,6 @@ class PbsScheduler(Scheduler):
         lines += [line.split(" ", 1)[1] for line in pbs.extra_directives.splitlines() if line]
         return lines
 
-    def launch_workers(self) -> str:
-        return (
-            "local nodes node\n"
-            '# PBS writes one line per mpiproc: keep each node once, in order\n'
-            'mapfile -t nodes < <(awk \'!seen[$0]++\' "$PBS_NODEFILE")\n'
-            f'if [ "${{#nodes[@]}}" -ne {self.chunks} ]; then\n'
-            f'    echo "activate-ray: PBS_NODEFILE names ${{#nodes[@]}} distinct host(s) for {self.chunks} chunk(s):" \\\n'
-            '        "one Ray node per host, the flow waits for one per chunk" >&2\n'
-            "fi\n"
-            '[ "${#nodes[@]}" -gt 1 ] || return 0\n'
-            "if command -v pbsdsh >/dev/null; then\n"
-            '    # one task per node, all at once; the head skips itself\n'
-            '    pbsdsh -u -- bash -c \'[ "$(hostname -s)" = "$1" ] || exec bash "$2"\' _ "$(hostname -s)" \\\n'
-            '        "$AR_CLUSTER_DIR/bin/ray_worker.sh" >"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &\n'
-            "    return 0\n"
-            "fi\n"
-            'local attach=""\n'
-            'command -v pbs_attach >/dev/null && attach="pbs_attach -j $PBS_JOBID"\n'
-            'for node in "${nodes[@]:1}"; do\n'
-            '    ssh -o BatchMode=yes ${AR_NODE_SSH_OPTS:-} "$node" \\\n'
-            '        "AR_CLUSTER_DIR=$(printf %q "$AR_CLUSTER_DIR") $attach bash $(printf %q "$AR_CLUSTER_DIR/bin/ray_worker.sh")" \\\n'
-            '        >>"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &\n'
-            "done"
-        )
 
     @property
     def walltime_seconds(self) -> int | None:
@@ -422,13 +383,13 @@ class PbsScheduler(Scheduler):
         # qselect is OpenPBS/Torque's; where it is missing (some wrappers), nobody can tell
         return f'command -v qselect >/dev/null || exit 3; qselect -u "$(id -un)" -N {shlex.quote(job_name)}'
 
-    async def allocated_nodes(self, target: "Transport", job_id: str) -> list[str]:
+    async def allocated_nodes(self, target: Transport, job_id: str) -> list[str]:
         shown = await target.query(f"qstat -f {shlex.quote(job_id)} 2>/dev/null")
         match = re.search(r"^\s*exec_host\s*=\s*(\S+)", shown.stdout, re.M)
         hosts = [part.split("/")[0] for part in match.group(1).split("+")] if match else []
         return list(dict.fromkeys(hosts))
 
-    async def state(self, target: "Transport", job_id: str) -> JobState:
+    async def state(self, target: Transport, job_id: str) -> JobState:
         quoted = shlex.quote(job_id)
         result = await target.query(f"qstat -f -F json -x {quoted} 2>/dev/null")
         if result.returncode == 0 and result.stdout.lstrip().startswith("{"):
@@ -439,7 +400,7 @@ class PbsScheduler(Scheduler):
         result = await target.query(f"qstat -f {quoted} 2>&1")
         return parse_qstat_text(result.stdout)
 
-    async def cancel(self, target: "Transport", job_id: str) -> None:
+    async def cancel(self, target: Transport, job_id: str) -> None:
         await target.query(f"qdel {shlex.quote(job_id)}")
 
 
@@ -478,10 +439,10 @@ def parse_qstat_text(text: str) -> JobState:
     return JobState(PBS_PHASES.get(letter, JobPhase.ended), detail)
 
 
-SCHEDULERS: dict[SchedulerName, type[Scheduler]] = {
-    SchedulerName.none: DirectScheduler,
-    SchedulerName.slurm: SlurmScheduler,
-    SchedulerName.pbs: PbsScheduler,
+SCHEDULERS: dict[SchedulerKind, type[Scheduler]] = {
+    SchedulerKind.none: DirectScheduler,
+    SchedulerKind.slurm: SlurmScheduler,
+    SchedulerKind.pbs: PbsScheduler,
 }
 
 

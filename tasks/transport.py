@@ -15,7 +15,7 @@ import os
 import shlex
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
@@ -43,7 +43,7 @@ class HostKeyChanged(asyncssh.HostKeyNotVerifiable):
 
 
 class CommandError(RuntimeError):
-    def __init__(self, command: str, result: "CommandResult"):
+    def __init__(self, command: str, result: CommandResult):
         self.result = result
         detail = (result.stderr or result.stdout).strip()[-2000:]
         super().__init__(f"command failed with exit code {result.returncode}: {command[:300]}\n{detail}")
@@ -73,7 +73,7 @@ class SshParams:
         return f"SshParams(host={self.host!r}, port={self.port!r}, username={self.username!r})"
 
     @classmethod
-    def parse(cls, target: str, **kw) -> "SshParams":
+    def parse(cls, target: str, **kw) -> SshParams:
         user, _, rest = target.rpartition("@")
         host, _, port = rest.partition(":")
         return cls(host=host, port=int(port) if port else None, username=user or None, **kw)
@@ -328,7 +328,7 @@ class Transport(ABC):
         for attempt in range(1, attempts + 1):
             try:
                 return await self.run(command, check=False, timeout=timeout)
-            except (asyncio.TimeoutError, ConnectionError, asyncssh.Error) as exc:
+            except (TimeoutError, ConnectionError, asyncssh.Error) as exc:
                 if attempt == attempts or isinstance(exc, PERMANENT_ERRORS):
                     raise
                 log.warning("%r failed (%s); retrying in %.1fs", command[:80], type(exc).__name__, delay)
@@ -343,7 +343,7 @@ class Transport(ABC):
     async def home(self) -> str:
         return (await self.run('printf %s "$HOME"')).stdout
 
-    async def __aenter__(self) -> "Transport":
+    async def __aenter__(self) -> Transport:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -373,7 +373,7 @@ class LocalTransport(Transport):
         )
         try:
             out, err = await asyncio.wait_for(process.communicate(), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             _kill_group(process.pid)
             await process.wait()
             raise
@@ -414,7 +414,7 @@ class SshTransport(Transport):
         self.conn: asyncssh.SSHClientConnection | None = None
         self._stack = AsyncExitStack()
 
-    async def connect(self) -> "SshTransport":
+    async def connect(self) -> SshTransport:
         self.conn = await self._stack.enter_async_context(await connect_ssh(self.params))
         return self
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from flows.settings import node_tmp_name
+from tasks.settings import node_tmp_name
 from tests.helpers import PrefectServer, free_port, prefect_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -432,7 +432,7 @@ def flow_like_ports(gcs: int, dashboard: int, client: int, others: list[int], wo
     starts Ray exactly as the flow's nodes do."""
     names = ["node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "runtime-env-agent-port"]
-    flags = [f"--{name}={port}" for name, port in zip(names, others)]
+    flags = [f"--{name}={port}" for name, port in zip(names, others, strict=False)]
     flags += [f"--min-worker-port={worker_base}", f"--max-worker-port={worker_base + 49}"]
     if gcs:
         flags += [f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}"]
@@ -549,7 +549,7 @@ def bench_local_ephemeral(reps: int, home: Path, results: dict) -> None:
 
 def bench_setup(reps: int, results: dict) -> None:
     """scripts/setup_ray.sh when the flow's own interpreter already has the right Ray."""
-    from flows.settings import DEFAULT_RAY_VERSION
+    from tasks.settings import DEFAULT_RAY_VERSION
 
     work = BENCH / "setup-work"
     shutil.rmtree(work, ignore_errors=True)
@@ -1000,8 +1000,8 @@ def plot(s: dict, path: Path) -> str:
             continue
         kwargs = {}
         if key == "ready":
-            kwargs["yerr"] = [[y - table[(method, n)]["ready_min"] for n, y in zip(xs, ys)],
-                              [table[(method, n)]["ready_max"] - y for n, y in zip(xs, ys)]]
+            kwargs["yerr"] = [[y - table[(method, n)]["ready_min"] for n, y in zip(xs, ys, strict=True)],
+                              [table[(method, n)]["ready_max"] - y for n, y in zip(xs, ys, strict=True)]]
             ax.errorbar(xs, ys, fmt=style, color=color, label=label, capsize=3, **kwargs)
         else:
             ax.plot(xs, ys, style, color=color, label=label, alpha=0.7)

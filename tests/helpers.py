@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.settings import node_tmp_name
+from tasks.settings import node_tmp_name
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_ID_RE = re.compile(r"\bcluster (ar-[0-9a-f]{8,32})\b")
@@ -73,7 +73,7 @@ class PrefectServer:
         self.process: subprocess.Popen | None = None
         self.start_s: float | None = None  # from launch to a healthy API
 
-    def start(self, timeout: float = 120) -> "PrefectServer":
+    def start(self, timeout: float = 120) -> PrefectServer:
         t0 = time.monotonic()
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(

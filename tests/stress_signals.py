@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.settings import node_tmp_name
+from tasks.settings import node_tmp_name
 from tests.helpers import PrefectServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def one_run(number: int, signame: str, server: PrefectServer, root: Path, rng: r
     disposition = signal.SIG_IGN if args.sigint_ignored else signal.SIG_DFL
     started = time.monotonic()
     process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
         preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),
     )
     CURRENT[:] = [process]

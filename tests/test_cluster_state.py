@@ -9,13 +9,13 @@ import logging
 import pytest
 
 import tasks.cluster as cluster
-from flows.settings import RayClusterSettings
 from tasks.cluster import (
     ClusterPlan,
     checked_cluster_state,
     load_cluster_states,
     save_cluster_state,
 )
+from tasks.settings import RayClusterSettings
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from flows.settings import node_tmp_name
+from tasks.settings import node_tmp_name
 from tests.helpers import REPO, SMALL, BackgroundFlow, assert_nothing_left, batch_args, run_flow, wait_for
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(300)]

@@ -33,7 +33,7 @@ class Server:
         self.connections = 0
         self._acceptor = None
 
-    async def start(self) -> "Server":
+    async def start(self) -> Server:
         server = self
 
         class Handler(asyncssh.SSHServer):

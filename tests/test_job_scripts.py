@@ -18,18 +18,19 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.settings import (
-    PBS_ALLOWED,
-    PBS_W_ALLOWED,
-    SLURM_ALLOWED,
-    SLURM_SHORT,
-    RayClusterSettings,
-)
+from tasks.cluster import SCRIPTS_DIR, ClusterPlan
 from tasks.schedulers import (
     DirectScheduler,
     PbsScheduler,
     SlurmScheduler,
     scheduler_for,
+)
+from tasks.settings import (
+    PBS_ALLOWED,
+    PBS_W_ALLOWED,
+    SLURM_ALLOWED,
+    SLURM_SHORT,
+    RayClusterSettings,
 )
 
 CLUSTER_ID = "ar-0123abcd"
@@ -81,11 +82,9 @@ def assert_bash_syntax(script: str, tmp_path: Path) -> None:
 
 
 def launch_function(script: str) -> str:
-    """The ar_launch_workers definition exactly as the job script carries it."""
-    lines = script.splitlines()
-    start = lines.index("ar_launch_workers() {")
-    end = lines.index("}", start)
-    return "\n".join(lines[start : end + 1]) + "\n"
+    """The ar_launch_workers definition the job script sources: its scheduler's scripts/launch_workers_*.sh."""
+    (name,) = re.findall(r'^\. "\$AR_CLUSTER_DIR/bin/(launch_workers_\w+\.sh)"$', script, re.M)
+    return (SCRIPTS_DIR / name).read_text()
 
 
 def mem_mb(ray_gb: float, store_gb: float) -> int:
@@ -164,7 +163,7 @@ def test_slurm_one_srun_for_all_workers(nodes, tmp_path):
     script = render(settings(scheduler="slurm", slurm={"nodes": nodes}))
     body = launch_function(script)
     assert len(re.findall(r"\bsrun\b", body)) == 1
-    assert len(re.findall(r"\bsrun\b", script)) == 1
+    assert "srun" not in script  # the job script sources its launcher
     assert not re.search(r"^\s*(for|while|until)\b", body, re.MULTILINE), "workers must start in one step, not a loop"
     assert '--ntasks-per-node=1' in body and '--exclude="$SLURMD_NODENAME"' in body
     assert_bash_syntax(script, tmp_path)
@@ -367,7 +366,7 @@ def test_pbs_user_select_verbatim(select, chunks):
     assert "-l place=scatter" in lines  # one chunk per host: chunks == hosts == Ray nodes
     # the flow waits for, and the job's worker launch checks, the same count
     assert PbsScheduler(s).chunks == s.nodes == s.pbs.nodes == chunks
-    assert f'"${{#nodes[@]}}" -ne {chunks} ]' in launch_function(script)
+    assert f"export AR_EXPECTED_NODES={chunks}\n" in ClusterPlan.new(s, "/w").env_file()
 
 
 def test_pbs_user_select_with_disagreeing_nodes_is_refused():
@@ -426,7 +425,7 @@ def test_refused_directive_never_reaches_a_job_script(scheduler, line):
 
 
 def test_pbs_launch_dedups_nodefile_in_order():
-    body = PbsScheduler(settings(scheduler="pbs")).launch_workers()
+    body = launch_function(render(settings(scheduler="pbs")))
     assert "awk '!seen[$0]++' \"$PBS_NODEFILE\"" in body
     assert '"${nodes[@]:1}"' in body  # the head (first node) is skipped
     assert "pbsdsh" in body and "ssh -o BatchMode=yes" in body
@@ -476,7 +475,7 @@ def pbs_launch(tmp_path: Path, fakes: dict[str, str]) -> tuple[subprocess.Comple
     fake_bin = make_fake_bin(tmp_path, {"hostname": FAKE_HOSTNAME, **fakes})
     script = render(settings(scheduler="pbs", pbs={"nodes": 3}, num_cpus_per_node=4), str(cluster))
     env = {"AR_CLUSTER_DIR": str(cluster), "PBS_NODEFILE": str(nodefile), "PBS_JOBID": "123.pbs-server",
-           "CALLS": str(calls)}
+           "CALLS": str(calls), "AR_EXPECTED_NODES": "3"}
     return run_launch(script, tmp_path, fake_bin, env), calls, cluster
 
 
@@ -531,7 +530,7 @@ def test_pbs_launch_starts_one_worker_per_chunk_host(select, hosts, warned, tmp_
     nodefile.write_text("".join(f"{node}\n" for node in hosts for _ in range(2)))
     fake_bin = make_fake_bin(tmp_path, {"hostname": FAKE_HOSTNAME, "pbsdsh": FAKE_PBSDSH})
     script = render(settings(scheduler="pbs", pbs={"select": select}), str(cluster))
-    env = {"AR_CLUSTER_DIR": str(cluster), "PBS_NODEFILE": str(nodefile), "CALLS": str(calls)}
+    env = {"AR_CLUSTER_DIR": str(cluster), "PBS_NODEFILE": str(nodefile), "CALLS": str(calls), "AR_EXPECTED_NODES": "3"}
     result = run_launch(script, tmp_path, fake_bin, env)
     assert result.returncode == 0, result.stderr
     assert sorted(read_lines(calls / "workers")) == [f"{h} {cluster}" for h in hosts[1:]]
@@ -549,7 +548,7 @@ def test_pbs_launch_single_node_contacts_nobody(tmp_path):
     nodefile.write_text("node1\n" * 8)
     fake_bin = make_fake_bin(tmp_path, {"hostname": FAKE_HOSTNAME, "ssh": FAKE_SSH, "pbsdsh": FAKE_PBSDSH})
     script = render(settings(scheduler="pbs"), str(cluster))
-    env = {"AR_CLUSTER_DIR": str(cluster), "PBS_NODEFILE": str(nodefile), "CALLS": str(calls)}
+    env = {"AR_CLUSTER_DIR": str(cluster), "PBS_NODEFILE": str(nodefile), "CALLS": str(calls), "AR_EXPECTED_NODES": "1"}
     result = run_launch(script, tmp_path, fake_bin, env)
     assert result.returncode == 0, result.stderr
     assert list(calls.iterdir()) == []
@@ -589,7 +588,7 @@ def test_common_body(cls, tmp_path):
     assert lines[0] == "#!/usr/bin/env bash"
     assert "set -euo pipefail" in lines
     env_at = lines.index('. "$AR_CLUSTER_DIR/cluster.env"')
-    fn_at = lines.index("ar_launch_workers() {")
+    fn_at = lines.index(f'. "$AR_CLUSTER_DIR/bin/{cls.launch_script}"')
     main_at = lines.index('. "$AR_CLUSTER_DIR/bin/cluster_main.sh"')
     assert lines.index("set -euo pipefail") < env_at < fn_at < main_at == len(lines) - 1
     assert_bash_syntax(script, tmp_path)
@@ -604,3 +603,27 @@ def test_cluster_dir_is_quoted(cls, tmp_path):
     export = next(l for l in script.splitlines() if l.startswith("export AR_CLUSTER_DIR="))
     result = subprocess.run([BASH, "-c", f'{export}; printf %s "$AR_CLUSTER_DIR"'], check=False, capture_output=True, text=True)
     assert result.stdout == odd
+
+
+# --------------------------------------------------------------------------- golden job scripts
+
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_SETTINGS = {
+    "slurm": dict(scheduler="slurm", num_cpus_per_node=8, num_gpus_per_node=1, ray_memory_gb=16,
+                  slurm={"nodes": 4, "account": "proj-1", "partition": "gpu", "walltime": "02:00:00",
+                         "extra_directives": "#SBATCH --constraint=a100"}),
+    "pbs": dict(scheduler="pbs", num_cpus_per_node=8, pbs={"nodes": 3, "queue": "workq", "account": "proj-1"}),
+    "direct": dict(direct_workers=2),
+}
+
+
+@pytest.mark.parametrize("name", GOLDEN_SETTINGS)
+def test_job_script_is_the_reviewed_one(name):
+    """A change to a generated job script shows as one diff of tests/golden/ (UPDATE_GOLDEN=1 rewrites them)."""
+    s = settings(**GOLDEN_SETTINGS[name])
+    script = scheduler_for(s).render(CLUSTER_ID, "/scratch/alice/activate-ray/clusters/" + CLUSTER_ID)
+    golden = GOLDEN / f"job_{name}.sh"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(script)
+    assert script == golden.read_text(), f"job script changed: review, then UPDATE_GOLDEN=1 pytest {__file__}"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import RayClusterSettings
 from tasks.schedulers import (
     PBS_JOB_ID_RE,
     JobPhase,
@@ -26,6 +25,7 @@ from tasks.schedulers import (
     parse_scontrol,
     parse_squeue,
 )
+from tasks.settings import RayClusterSettings
 from tasks.transport import CommandResult
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

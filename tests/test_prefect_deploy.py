@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.settings import NODE_TMP_MAX_LEN
+from tasks.settings import NODE_TMP_MAX_LEN
 from tests.helpers import REPO, assert_nothing_left, flow_env
 
 pytestmark = pytest.mark.timeout(120)  # the whole file runs in about 40 s
@@ -192,7 +192,7 @@ def test_blocks_register_and_a_saved_site_makes_parameters_the_server_accepts(ap
     assert site_schema["title"] == "HpcSite"
     for name, prop in site_schema["properties"].items():
         assert (prop.get("title") or prop.get("$ref")) and prop.get("description"), name
-    assert site_schema["definitions"]["Scheduler"]["enum"] == ["none", "slurm", "pbs"]
+    assert site_schema["definitions"]["SchedulerKind"]["enum"] == ["none", "slurm", "pbs"]
 
     script = f"""
 import json

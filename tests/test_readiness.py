@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from flows.ray_cluster import failed_nodes
-from flows.settings import RayClusterSettings
 from tasks.cluster import ClusterPlan
 from tasks.readiness import ClusterFailed, confirm_nodes_alive
+from tasks.settings import RayClusterSettings
 
 
 def ray_node(name: str, state: str = "ALIVE") -> dict:

@@ -12,10 +12,11 @@ import json
 import shutil
 import signal
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from flows.settings import node_tmp_name
+from tasks.settings import node_tmp_name
 from tests.helpers import SMALL, BackgroundFlow, assert_nothing_left, batch_args, run_flow
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
@@ -144,7 +145,7 @@ def cluster_dirs(bed, info: dict, work) -> dict[str, list[str]]:
 
 
 def assert_stranger_gets_nothing(bed, info: dict, work, prefect_api: str, head_host: str) -> None:
-    token = open(info["token_file"]).read().strip()
+    token = Path(info["token_file"]).read_text().strip()
     assert len(token) == 64
     # 1. the Prefect server (the test's own, configured one): no block holds the token
     blocks = as_stranger(bed, "login", PREFECT_SECRETS, prefect_api)

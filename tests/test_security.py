@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -43,7 +44,7 @@ def test_job_api_refuses_requests_without_the_token(work, prefect_api, bed):
         info = flow.wait_ready()
         token_file = info["token_file"]
         assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
-        token = open(token_file).read().strip()
+        token = Path(token_file).read_text().strip()
         url = f"http://127.0.0.1:{info['dashboard_port_on_head']}/api/jobs/"
         # another user of the login node, on the same loopback
         assert probe(bed, "login", url) == "HTTP 401"
@@ -51,7 +52,7 @@ def test_job_api_refuses_requests_without_the_token(work, prefect_api, bed):
         assert probe(bed, "login", url, token=token, user=bed.user) == "OPEN"
         submit = probe(bed, "login", url, body=json.dumps({"entrypoint": "touch /tmp/ar-canary-unauth"}))
         assert submit == "HTTP 401"
-        env_file = open(os.path.join(os.path.dirname(token_file), "cluster.env")).read()
+        env_file = Path(token_file).with_name("cluster.env").read_text()
         assert "export RAY_AUTH_MODE=token" in env_file
         flow.send_signal(signal.SIGTERM)
         assert flow.wait(15) == 143
@@ -97,7 +98,7 @@ def test_no_secret_in_logs_artifacts_or_files(work, prefect_api, bed):
                                 "--cluster-idle-timeout", "0.1", "--user-script", script, *SMALL], work, prefect_api)
     try:
         info = flow.wait_ready()
-        token = open(info["token_file"]).read().strip()
+        token = Path(info["token_file"]).read_text().strip()
         assert len(token) >= 32
         assert flow.wait(120) == 0, flow.output[-3000:]
     finally:

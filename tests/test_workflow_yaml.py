@@ -29,7 +29,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from flows.settings import GROUP_OF, GROUPS, RayClusterSettings
+from tasks.settings import GROUP_OF, GROUPS, RayClusterSettings
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = yaml.safe_load((REPO / "workflow.yaml").read_text())

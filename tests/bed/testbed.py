@@ -54,7 +54,7 @@ import tempfile
 import time
 import tomllib
 
-from flows.settings import node_tmp_name
+from tasks.settings import node_tmp_name
 
 __all__ = ["TestBed", "BedError"]
 
@@ -160,7 +160,7 @@ def _kill_pids(pids, term_wait: float = 3.0, kill_wait: float = 5.0) -> None:
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, sig)
-        _wait_until(lambda: not any(_alive(p) for p in pids), wait)
+        _wait_until(lambda pids=pids: not any(_alive(p) for p in pids), wait)
 
 
 def _wait_until(condition, timeout: float) -> bool:
@@ -259,16 +259,16 @@ class TestBed:
         self._lock_fd: int | None = None
         self.bringup_seconds: float | None = None
 
-    _active: "TestBed | None" = None
+    _active: TestBed | None = None
 
     # ------------------------------------------------------------------ api
 
     @classmethod
-    def active(cls) -> "TestBed | None":
+    def active(cls) -> TestBed | None:
         """The bed that is up in this process, if any."""
         return cls._active
 
-    def __enter__(self) -> "TestBed":
+    def __enter__(self) -> TestBed:
         return self.up()
 
     def __exit__(self, *exc) -> None:
@@ -311,7 +311,7 @@ class TestBed:
 
     # --- running things on a host
 
-    def host_argv(self, host: str, argv: list[str], *, user: "User | str | None" = None,
+    def host_argv(self, host: str, argv: list[str], *, user: User | str | None = None,
                   env: dict | None = None, cwd: str | os.PathLike | None = None) -> list[str]:
         """argv run on a bed host: in its namespaces, as root or as a bed user.
 
@@ -387,7 +387,7 @@ class TestBed:
         """A host's private /tmp, seen from the root namespace."""
         return self.root / "nodetmp" / self._host(host).name
 
-    def home_dir(self, name: str, user: "User | str | None" = None) -> pathlib.Path:
+    def home_dir(self, name: str, user: User | str | None = None) -> pathlib.Path:
         """A fresh directory on the shared filesystem, owned by the user."""
         u = self._user(user or self.user)
         base = u.home / "bed-tests"
@@ -454,7 +454,7 @@ class TestBed:
 
     # --- what runs where
 
-    def processes(self, *, user: "User | str | None" = None) -> list[tuple[str, int, int, str]]:
+    def processes(self, *, user: User | str | None = None) -> list[tuple[str, int, int, str]]:
         """(host, pid, uid, cmdline) of every process on a bed host (holders and daemons included)."""
         wanted_uid = self._user(user).uid if user is not None else None
         by_ns = {h.pid_ns: h.name for h in self.hosts.values() if h.pid_ns}
@@ -489,7 +489,7 @@ class TestBed:
 
     # --------------------------------------------------------------- up/down
 
-    def up(self) -> "TestBed":
+    def up(self) -> TestBed:
         if self._up:
             return self
         reason = self.requirements_missing()
@@ -590,9 +590,9 @@ class TestBed:
             comm = (_read(f"/proc/{pid}/comm") or "").strip()
             cmd = _cmdline(pid) or ""
             if (comm in {"slurmctld", "slurmd", "slurmstepd", "tini"} or (root and str(root) in cmd)
-                    or "-bed-munged" in cmd or _uid(pid) in {u.uid for u in (self.user, self.other) if u}):
-                if _alive(pid):
-                    left.append(f"process {pid} {comm} {cmd}")
+                    or "-bed-munged" in cmd or _uid(pid) in {u.uid for u in (self.user, self.other) if u}) \
+                    and _alive(pid):
+                left.append(f"process {pid} {comm} {cmd}")
         if root is not None and root.exists():
             left.append(f"dir {root}")
         if self._slurm_conf_is_ours():
@@ -630,7 +630,7 @@ class TestBed:
         except KeyError:
             raise KeyError(f"unknown host {host!r}; bed hosts: {list(self.hosts)}") from None
 
-    def _user(self, user: "User | str") -> User:
+    def _user(self, user: User | str) -> User:
         if isinstance(user, User):
             return user
         for u in (self.user, self.other):
@@ -824,7 +824,7 @@ LogLevel INFO
 
     def _start_holders(self) -> None:
         for h in self.hosts.values():
-            log = open(self.log_dir / f"holder-{h.name}.out", "ab")
+            log = open(self.log_dir / f"holder-{h.name}.out", "ab")  # noqa: SIM115 (the child keeps its own copy)
             h.holder = subprocess.Popen(
                 ["nsenter", f"--net={NETNS_DIR / h.netns}", "--",
                  "unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private", "--",
@@ -857,7 +857,7 @@ LogLevel INFO
             return  # someone else's munged (e.g. the system's): reuse, never stop it
         MUNGE_RUN.mkdir(mode=0o755, exist_ok=True)
         shutil.chown(MUNGE_RUN, "munge", "munge")
-        log = open(self.log_dir / "munged.out", "ab")
+        log = open(self.log_dir / "munged.out", "ab")  # noqa: SIM115 (the child keeps its own copy)
         self._munged = subprocess.Popen(
             ["munged", "-F", f"--pid-file={self.munge_pidfile}"],
             user="munge", group="munge", extra_groups=[], env=DAEMON_ENV,
@@ -986,7 +986,7 @@ echo "export PBS_NODEFILE=$nodefile"
 
     def spawn(self, host: str, argv: list[str], logname: str, **spec) -> subprocess.Popen:
         """Start a long-running process on a host (a daemon, or a user's background command)."""
-        log = open(self.log_dir / logname, "ab")
+        log = open(self.log_dir / logname, "ab")  # noqa: SIM115 (the child keeps its own copy)
         p = subprocess.Popen(self.host_argv(host, argv, **spec), stdin=subprocess.DEVNULL, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

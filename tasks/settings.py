@@ -56,7 +56,7 @@ NODE_TMP_MAX_LEN = 107 - len("/ar-01234567.XXXXXX/r") - len("/session_2026-12-02
 )
 
 
-class Scheduler(str, Enum):
+class SchedulerKind(str, Enum):
     none = "none"
     slurm = "slurm"
     pbs = "pbs"
@@ -838,8 +838,8 @@ class RayClusterSettings(BaseModel):
         "or the name of a saved SSH connection block (the login node for SLURM/PBS)",
         json_schema_extra={"pattern": "^$|" + HOST_RE.pattern},
     )
-    scheduler: Scheduler = Field(
-        Scheduler.none,
+    scheduler: SchedulerKind = Field(
+        SchedulerKind.none,
         title="Scheduler",
         description="none: head and workers on the host itself; slurm or pbs: a batch job, one Ray node per node",
     )
@@ -933,7 +933,7 @@ class RayClusterSettings(BaseModel):
                     f"{name} options are set but the scheduler is {self.scheduler.value}: "
                     f"set scheduler={name}, or leave the {name} options out"
                 )
-        if self.cluster.direct_workers and self.scheduler is not Scheduler.none:
+        if self.cluster.direct_workers and self.scheduler is not SchedulerKind.none:
             raise ValueError(
                 f"direct_workers={self.cluster.direct_workers} applies without a scheduler only: with "
                 f"{self.scheduler.value} every allocated node runs one Ray node (set the node count there)"
@@ -943,9 +943,9 @@ class RayClusterSettings(BaseModel):
     @property
     def nodes(self) -> int:
         """Ray nodes the cluster will have once ready."""
-        if self.scheduler is Scheduler.slurm:
+        if self.scheduler is SchedulerKind.slurm:
             return self.slurm.nodes
-        if self.scheduler is Scheduler.pbs:
+        if self.scheduler is SchedulerKind.pbs:
             return pbs_select_chunks(self.pbs.select) if self.pbs.select else self.pbs.nodes
         return 1 + self.cluster.direct_workers
 
@@ -958,7 +958,7 @@ class RayClusterSettings(BaseModel):
         the groups that apply to it, every field spelled out."""
         skip = {"scheduler", "slurm", "pbs"} - {self.scheduler.value}
         parameters = {name: value for name, value in self.model_dump(mode="json").items() if name not in skip}
-        if self.scheduler is not Scheduler.none:  # BatchClusterOptions: one Ray node per allocated node
+        if self.scheduler is not SchedulerKind.none:  # BatchClusterOptions: one Ray node per allocated node
             parameters["cluster"].pop("direct_workers")
         return parameters
 
