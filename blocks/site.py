@@ -24,9 +24,9 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, model_validator
 
+from tasks.schedulers.options import NAME_RE
 from tasks.settings import (
     HOST_RE,
-    NAME_RE,
     TARGET_PATH_RE,
     RayClusterSettings,
     SchedulerKind,

@@ -18,25 +18,16 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from tasks.schedulers.options import positioned
+from tasks.schedulers.pbs import PbsOptions, pbs_select_chunks
+from tasks.schedulers.slurm import SlurmOptions
+
 DEFAULT_RAY_VERSION = "2.60.0"
 
-# Characters Slurm and PBS accept in account, partition, qos and queue names.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", re.ASCII)
 # A PEP 440 release, the way Ray versions are spelled (2.60.0, 2.9.3, 3.0.0rc1).
 RAY_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+((a|b|rc)\d+)?$", re.ASCII)
 # user@host:port, an ~/.ssh/config alias, or a saved SSH connection block name.
 HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}@)?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,252}(?::\d{1,5})?$", re.ASCII)
-# Slurm --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-SLURM_WALLTIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{2}|\d+-\d{1,2}:\d{2}:\d{2})$", re.ASCII)
-# PBS walltime: [[HH:]MM:]SS, or plain seconds.
-PBS_WALLTIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2})$", re.ASCII)
-# One directive argument: options, values, lists; no shell or quoting characters.
-DIRECTIVE_ARG_RE = re.compile(r"^[A-Za-z0-9_=:,.+/@%\-\[\] ]{1,200}$", re.ASCII)
-# A PBS select statement: chunks like 2:ncpus=4:mem=8gb:ngpus=1 joined by '+'; a
-# chunk without a leading count (ncpus=4:mem=8gb) is one chunk, as in PBS.
-_PBS_RESOURCE = r"[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.\-]+"
-_PBS_CHUNK = r"(\d+(:" + _PBS_RESOURCE + r")+|" + _PBS_RESOURCE + r"(:" + _PBS_RESOURCE + r")*)"
-PBS_SELECT_RE = re.compile(r"^" + _PBS_CHUNK + r"(\+" + _PBS_CHUNK + r")*$", re.ASCII)
 # Paths on the target that reach scripts: no quotes, no shell syntax.
 TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9_.~/+@\-]{1,200}$", re.ASCII)
 BIND_HOST_RE = re.compile(r"^(\d{1,3}\.){3}\d{1,3}$", re.ASCII)
@@ -67,297 +58,6 @@ class NodeFailure(str, Enum):
 
     continue_ = "continue"
     stop = "stop"
-
-
-def _check_name(value: str, what: str) -> str:
-    if value and not NAME_RE.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} is not a valid scheduler name: use letters, digits, "
-            "'_', '.', '-' (up to 64, starting with a letter or digit)"
-        )
-    return value
-
-
-def pbs_select_chunks(select: str) -> int:
-    """Chunks a select statement asks for: the sum of its chunk counts, 1 for a chunk without one.
-
-    With `-l place=scatter` (always in the job script) every chunk is on its own
-    host: this is also the number of nodes, and of Ray nodes."""
-    total = 0
-    for chunk in select.split("+"):
-        count = chunk.split(":", 1)[0]
-        total += int(count) if count.isascii() and count.isdigit() else 1
-    return total
-
-
-# --------------------------------------------------------------------------- extra directives
-#
-# Extra directives are an ALLOWLIST: resource and placement options only. Every other
-# option is refused, with the reason when it is a known one. The tables below are the
-# whole policy; _directive_options reads a line the way sbatch/qsub's getopt does (the
-# long option names in full, short options clustered, a value glued, after '=' or in the
-# next word, also when that word starts with '-') and looks every option up in them.
-
-# How an option takes its value, as in getopt: required (--opt=v, --opt v, -ov, -o v),
-# optional (only glued: --opt=v, -ov) or none.
-VALUE, OPTIONAL, NO_VALUE = "value", "optional", "none"
-
-_SET = "set by activate-ray: "
-_LAYOUT = _SET + "one task per node, one Ray node on each; use slurm.nodes"
-_OUTPUT = "changes where the job writes its output (activate-ray writes it to <cluster dir>/logs)"
-_ENVIRONMENT = "changes the environment the job runs with"
-_ARRAY = "makes a job array: many copies of the job, each starting a Ray cluster of its own"
-_OTHER_CLUSTER = ("submits to another cluster, where the flow's squeue, scontrol and scancel "
-                  "can neither follow nor cancel the job")
-
-# '#SBATCH' long options (sbatch's own names, in full: abbreviations are refused) -> what they take.
-SLURM_ALLOWED: dict[str, str] = {
-    # accounting and scheduling
-    "account": VALUE, "partition": VALUE, "qos": VALUE, "reservation": VALUE, "licenses": VALUE,
-    "comment": VALUE, "wckey": VALUE, "mail-type": VALUE, "mail-user": VALUE,
-    "begin": VALUE, "deadline": VALUE, "dependency": VALUE, "priority": VALUE, "nice": OPTIONAL,
-    "hold": NO_VALUE, "requeue": OPTIONAL, "no-requeue": NO_VALUE,
-    # node features and placement
-    "constraint": VALUE, "cluster-constraint": VALUE, "prefer": VALUE, "nodelist": VALUE, "exclude": VALUE,
-    "switches": VALUE, "exclusive": OPTIONAL, "oversubscribe": NO_VALUE, "contiguous": NO_VALUE,
-    "spread-job": NO_VALUE, "network": VALUE, "hint": VALUE, "core-spec": VALUE, "thread-spec": VALUE,
-    "threads-per-core": VALUE, "cores-per-socket": VALUE, "sockets-per-node": VALUE,
-    "extra-node-info": VALUE, "mincpus": VALUE,
-    # memory, disk, GPUs and other generic resources
-    "mem": VALUE, "mem-per-cpu": VALUE, "mem-per-gpu": VALUE, "tmp": VALUE,
-    "gres": VALUE, "gres-flags": VALUE, "gpus": VALUE, "gpus-per-node": VALUE, "gpus-per-socket": VALUE,
-    "gpus-per-task": VALUE, "cpus-per-gpu": VALUE,
-}
-# '#SBATCH' long options refused with the reason (the rest: "not in the allowlist").
-SLURM_REFUSED: dict[str, str] = {
-    # what the flow sets and relies on
-    "job-name": _SET + "the job is named after the cluster id",
-    "nodes": _SET + "use slurm.nodes (one Ray node on each node)",
-    "ntasks": _LAYOUT, "ntasks-per-node": _LAYOUT, "tasks-per-node": _LAYOUT, "ntasks-per-core": _LAYOUT,
-    "ntasks-per-socket": _LAYOUT, "ntasks-per-gpu": _LAYOUT, "ntasks-per-tres": _LAYOUT,
-    "nodefile": _SET + "use slurm.nodes, and --nodelist to pick the nodes",
-    "cpus-per-task": _SET + "use num_cpus_per_node",
-    "time": _SET + "use slurm.walltime (the flow plans the cluster's end on it)",
-    "time-min": _SET + "Slurm could cut the time limit below slurm.walltime, which the flow plans the cluster's end on",
-    "signal": _SET + "--signal=B:USR1@60 stops Ray cleanly before the time limit",
-    "distribution": _SET + "one srun step starts one worker on each node; another distribution breaks that",
-    # where the job writes or reads, its environment and interpreter, other users
-    "output": _OUTPUT, "error": _OUTPUT,
-    "input": "connects the job's standard input to a file of your choice",
-    "open-mode": "changes how the job writes its log files",
-    "chdir": "changes the job's working directory (it runs in the cluster dir)",
-    "export": _ENVIRONMENT, "export-file": _ENVIRONMENT, "get-user-env": _ENVIRONMENT,
-    "propagate": _ENVIRONMENT + " (its resource limits)",
-    "container": "runs the job in a container: another environment and interpreter",
-    "container-id": "runs the job in a container: another environment and interpreter",
-    "uid": "runs the job as another user", "gid": "runs the job as another group",
-    "bb": "burst buffer directives stage files in and out", "bbf": "burst buffer directives stage files in and out",
-    "wrap": "replaces the job script with a command of your choice",
-    # many copies, or a job the flow can not follow
-    "array": _ARRAY,
-    "wait": "sbatch would wait for the job to end; the flow needs the job id at once",
-    "test-only": "sbatch would only test the job, not submit it",
-    "clusters": _OTHER_CLUSTER, "cluster": _OTHER_CLUSTER,
-}
-# '#SBATCH' short options -> their long names (in one of the two tables above).
-SLURM_SHORT: dict[str, str] = {
-    "A": "account", "p": "partition", "q": "qos", "L": "licenses", "b": "begin", "d": "dependency", "H": "hold",
-    "C": "constraint", "w": "nodelist", "x": "exclude", "s": "oversubscribe", "S": "core-spec",
-    "B": "extra-node-info", "G": "gpus",
-    "J": "job-name", "N": "nodes", "n": "ntasks", "F": "nodefile", "c": "cpus-per-task", "t": "time",
-    "m": "distribution", "o": "output", "e": "error", "i": "input", "D": "chdir", "a": "array", "W": "wait",
-    "M": "clusters",
-}
-# Words sbatch blanks out wherever they are: they split the script into heterogeneous jobs.
-SLURM_HETJOB_WORDS = frozenset({"hetjob", "packjob"})
-
-# '#PBS' options (single letters) -> what they take. -l and -W are checked further below.
-PBS_ALLOWED: dict[str, str] = {
-    "l": VALUE, "W": VALUE, "q": VALUE, "A": VALUE, "P": VALUE, "m": VALUE, "M": VALUE, "p": VALUE,
-    "r": VALUE, "a": VALUE, "h": NO_VALUE,
-}
-_PBS_OUTPUT = "changes where the job writes its output (activate-ray writes it to <cluster dir>/logs/job.out)"
-_PBS_INTERACTIVE = "makes an interactive job; the flow submits a batch job"
-PBS_REFUSED: dict[str, str] = {
-    "N": _SET + "the job is named after the cluster id",
-    "o": _PBS_OUTPUT, "e": _PBS_OUTPUT, "j": _PBS_OUTPUT,
-    "k": "keeps the job's output and error files in your home directory",
-    "v": "passes environment variables into the job", "V": "passes your whole environment into the job",
-    "S": "sets the shell that interprets the job script",
-    "C": "changes the directive prefix: the lines after it would be read with another one",
-    "d": "changes the job's working directory", "w": "changes the job's working directory",
-    "D": "changes the job's root directory",
-    "J": _ARRAY, "t": _ARRAY,
-    "I": _PBS_INTERACTIVE, "X": _PBS_INTERACTIVE, "G": _PBS_INTERACTIVE,
-    "u": "runs the job as another user",
-    "T": "runs a prologue and epilogue of your choice",
-    "F": "passes arguments to the job script",
-    "c": "checkpoints the job, into a directory of your choice",
-    "z": "qsub would not print the job id the flow follows",
-}
-# '-W name=value' attributes.
-PBS_W_ALLOWED = frozenset({"depend", "group_list"})
-PBS_W_REFUSED: dict[str, str] = {
-    "stagein": "copies files of your choice in before the job",
-    "stageout": "copies files out to places of your choice after the job",
-    "umask": "changes the permissions of the files the job writes",
-    "block": "qsub would wait for the job to end; the flow needs the job id at once",
-    "sandbox": "changes the job's working directory (a private staging directory)",
-    "interactive": _PBS_INTERACTIVE,
-}
-# '-l name=value' resources: sites define their own (filesystems=, gpu_type=), so any
-# name is accepted except these. place= is accepted only with scatter (see _check_pbs_resource).
-_PBS_WALLTIME = _SET + "use pbs.walltime (the flow plans the cluster's end on it)"
-_PBS_NODES = _SET + "the select statement's chunks are the nodes, one Ray node each; use pbs.nodes or pbs.select"
-_PBS_CHUNK = (_SET + "per chunk in the select statement, from num_cpus_per_node, ray_memory_gb and "
-              "num_gpus_per_node; for other chunks use pbs.select")
-PBS_RESOURCE_REFUSED: dict[str, str] = {
-    "select": _SET + "use pbs.select for -l select=, not a directive",
-    "walltime": _PBS_WALLTIME, "min_walltime": _PBS_WALLTIME, "max_walltime": _PBS_WALLTIME,
-    "nodes": _PBS_NODES, "nodect": _PBS_NODES, "procs": _PBS_NODES, "tpn": _PBS_NODES,
-    "ncpus": _PBS_CHUNK, "ngpus": _PBS_CHUNK, "mem": _PBS_CHUNK, "mpiprocs": _PBS_CHUNK,
-    "ompthreads": _PBS_CHUNK, "host": _PBS_CHUNK, "vnode": _PBS_CHUNK,
-    "prologue": "runs a script of your choice before the job", "epilogue": "runs a script of your choice after the job",
-}
-PBS_RESOURCE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$", re.ASCII)
-
-
-class DirectiveRefused(ValueError):
-    """One option of an extra directive line is refused (the line number is added by the caller)."""
-
-
-def _allowed_or_refused(name: str, shown: str, allowed: dict[str, str], refused: dict[str, str], prefix: str) -> str:
-    """What an allowed option takes; else DirectiveRefused naming it, with the reason."""
-    if name in allowed:
-        return allowed[name]
-    if name in refused:
-        raise DirectiveRefused(f"{shown} is not allowed: {refused[name]}")
-    if prefix == "#SBATCH":
-        spelled = "long names in full: " + ", ".join(sorted("--" + option for option in allowed))
-    else:
-        spelled = ", ".join(sorted("-" + option for option in allowed))
-    raise DirectiveRefused(
-        f"{shown} is not in the allowlist of {prefix} options (resource and placement options only; {spelled})"
-    )
-
-
-def _directive_options(argument: str, prefix: str) -> list[tuple[str, str, str | None]]:
-    """(name, as written, value or None) of every option of one directive line, read as
-    sbatch or qsub reads it; DirectiveRefused at the first option not in the allowlist."""
-    slurm = prefix == "#SBATCH"
-    allowed, refused = (SLURM_ALLOWED, SLURM_REFUSED) if slurm else (PBS_ALLOWED, PBS_REFUSED)
-    words, options, index = argument.split(), [], 0
-    if slurm and (hetjob := next((w for w in words if w.lower() in SLURM_HETJOB_WORDS), None)):
-        raise DirectiveRefused(f"{hetjob!r} is not allowed: it splits the script into a heterogeneous job")
-
-    def value_word(shown: str) -> str:
-        # A required value that is not glued on is the next word, whatever it starts with
-        # (getopt does the same). sbatch would take it from the next line: refused.
-        nonlocal index
-        if index == len(words):
-            raise DirectiveRefused(f"{shown} needs a value on the same line")
-        index += 1
-        return words[index - 1]
-
-    while index < len(words):
-        word = words[index]
-        index += 1
-        if slurm and word.startswith("--") and len(word) > 2:
-            name, equals, value = word[2:].partition("=")
-            shown = f"'--{name}'"
-            takes = _allowed_or_refused(name, shown, allowed, refused, prefix)
-            if takes == NO_VALUE and equals:
-                raise DirectiveRefused(f"{shown} takes no value")
-            if takes == VALUE and not equals:
-                value = value_word(shown)
-            options.append((name, word, value if equals or takes == VALUE else None))
-            continue
-        if not word.startswith("-") or word in ("-", "--") or word.startswith("--"):
-            raise DirectiveRefused(
-                f"{word[:40]!r} is not an option" + ("" if slurm else " (#PBS options are single letters, e.g. -l)")
-            )
-        if slurm and (long := word[1:].partition("=")[0]) in allowed.keys() | refused.keys() and len(long) > 1:
-            raise DirectiveRefused(
-                f"{word[:40]!r} is --{long} written with one dash, which sbatch reads as -{long[0]} {word[2:]}: "
-                f"write --{long}" + (f" (--{long} is not allowed: {refused[long]})" if long in refused else "")
-            )
-        # A cluster of short options, as getopt reads it: -s, -sC a100, -Ca100, -C a100.
-        for position in range(1, len(word)):
-            letter = word[position]
-            if slurm:
-                name = SLURM_SHORT.get(letter, "")
-                shown = f"'-{letter}'" + (f" (--{name})" if name else "")
-                takes = _allowed_or_refused(name or letter, shown, allowed, refused, prefix)
-            else:
-                name, shown = letter, f"'-{letter}'"
-                takes = _allowed_or_refused(letter, shown, allowed, refused, prefix)
-            glued = word[position + 1 :]
-            if takes == NO_VALUE:
-                options.append((name, f"-{letter}", None))
-                continue
-            if takes == VALUE and not glued:
-                glued = value_word(shown)
-            options.append((name, f"-{letter}", glued or None))
-            break
-    return options
-
-
-def _check_pbs_resource(item: str) -> None:
-    name, equals, setting = item.partition("=")
-    if not equals or not setting or not PBS_RESOURCE_NAME_RE.fullmatch(name):
-        raise DirectiveRefused(f"-l {item[:60]!r} is not a resource: expected -l name=value[,name=value]")
-    if name == "place":
-        # The job asks for place=scatter: one chunk per host, one Ray node per chunk.
-        if "scatter" not in setting.split(":"):
-            raise DirectiveRefused(
-                f"-l place={setting} can put several chunks on one host; the cluster needs place=scatter "
-                "(one Ray node per chunk), e.g. -l place=scatter:excl"
-            )
-    elif name in PBS_RESOURCE_REFUSED:
-        raise DirectiveRefused(f"'-l {name}=' is not allowed: {PBS_RESOURCE_REFUSED[name]}")
-
-
-def _check_pbs_attributes(value: str) -> None:
-    # name=value[,name=value]; a comma-separated word without '=' belongs to the value before
-    # it (group_list=g1@h1,g2@h2), as qsub reads it.
-    items = value.split(",")
-    if "=" not in items[0]:
-        raise DirectiveRefused(f"-W {value[:60]!r} is not an attribute: expected -W name=value")
-    for item in items:
-        name, equals, setting = item.partition("=")
-        if not equals:
-            continue
-        if name in PBS_W_REFUSED:
-            raise DirectiveRefused(f"'-W {name}=' is not allowed: {PBS_W_REFUSED[name]}")
-        if name not in PBS_W_ALLOWED or not setting:
-            raise DirectiveRefused(
-                f"'-W {name[:40]}=' is not in the allowlist of -W attributes ({', '.join(sorted(PBS_W_ALLOWED))})"
-            )
-
-
-def _check_directives(value: str, prefix: str) -> str:
-    for number, line in enumerate(value.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if not line.startswith(prefix + " "):
-            raise ValueError(f"extra directive line {number} must start with '{prefix} ': {line[:80]!r}")
-        argument = line[len(prefix) + 1 :].strip()
-        if not DIRECTIVE_ARG_RE.fullmatch(argument) or not argument.startswith("-"):
-            raise ValueError(
-                f"extra directive line {number} {line[:80]!r}: expected '{prefix} -option[=value]' "
-                "with letters, digits and _=:,.+/@%-[] only"
-            )
-        try:
-            for name, _, setting in _directive_options(argument, prefix):
-                if prefix == "#PBS" and name == "l":
-                    for item in (setting or "").split(","):
-                        _check_pbs_resource(item)
-                elif prefix == "#PBS" and name == "W":
-                    _check_pbs_attributes(setting or "")
-        except DirectiveRefused as refused:
-            raise ValueError(f"extra directive line {number}: {refused}") from None
-    return "\n".join(line.strip() for line in value.splitlines() if line.strip())
 
 
 # Local files the flow reads (uploads, hashes, hands to asyncssh): regular files only, never
@@ -398,160 +98,7 @@ def check_local_file(value: str, what: str) -> str:
     return value
 
 
-def _positioned(model: type[BaseModel]) -> type[BaseModel]:
-    """Give every field of a group its place in the form: the order it is declared in."""
-    for position, field in enumerate(model.model_fields.values()):
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        field.json_schema_extra = {**extra, "position": position}
-    model.model_rebuild(force=True)
-    return model
-
-
-@_positioned
-class SlurmOptions(BaseModel):
-    """Where and how long the SLURM job runs."""
-
-    model_config = ConfigDict(extra="forbid", title="SLURM")
-
-    account: str = Field(
-        "",
-        title="Account",
-        description="--account to charge (empty: your default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    partition: str = Field(
-        "",
-        title="Partition",
-        description="--partition (empty: the cluster default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    qos: str = Field(
-        "", title="QOS", description="--qos (empty: the default)", json_schema_extra={"pattern": "^$|" + NAME_RE.pattern}
-    )
-    walltime: str = Field(
-        "01:00:00",
-        title="Walltime",
-        description="--time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 30, 01:00:00 or 1-12:00:00",
-        json_schema_extra={"pattern": SLURM_WALLTIME_RE.pattern},
-    )
-    nodes: int = Field(1, ge=1, le=10000, title="Nodes", description="Nodes in the allocation: one Ray node on each")
-    extra_directives: str = Field(
-        "", title="Extra directives", description="More '#SBATCH --option=value' lines, one per line: resource and placement options "
-        "(--constraint, --gres, --exclusive, --mail-type, ...); others are refused with the reason"
-    )
-
-    @field_validator("account", "partition", "qos")
-    @classmethod
-    def _names(cls, value: str, info) -> str:
-        return _check_name(value, f"slurm.{info.field_name}")
-
-    @field_validator("walltime")
-    @classmethod
-    def _walltime(cls, value: str) -> str:
-        if not SLURM_WALLTIME_RE.fullmatch(value):
-            raise ValueError(
-                f"slurm.walltime {value!r} is not a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
-            )
-        return value
-
-    @field_validator("extra_directives")
-    @classmethod
-    def _directives(cls, value: str) -> str:
-        return _check_directives(value, "#SBATCH")
-
-
-@_positioned
-class PbsOptions(BaseModel):
-    """Where and how long the PBS job runs."""
-
-    model_config = ConfigDict(extra="forbid", title="PBS")
-
-    account: str = Field(
-        "",
-        title="Account",
-        description="-A account (empty: your default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    queue: str = Field(
-        "",
-        title="Queue",
-        description="-q queue (empty: the server default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    walltime: str = Field(
-        "01:00:00",
-        title="Walltime",
-        description="-l walltime=: HH:MM:SS, MM:SS or seconds, e.g. 01:00:00",
-        json_schema_extra={"pattern": PBS_WALLTIME_RE.pattern},
-    )
-    nodes: int = Field(
-        1, ge=1, le=10000, title="Nodes",
-        description="Chunks (nodes): one Ray node on each (with a select statement: its chunk count, leave this out)",
-    )
-    select: str = Field(
-        "",
-        title="Select",
-        description="Your own -l select= statement, e.g. 2:ncpus=8:mem=32gb; its chunks are the nodes "
-        "(empty: built from nodes, CPUs, memory, GPUs)",
-        json_schema_extra={"pattern": "^$|" + PBS_SELECT_RE.pattern},
-    )
-    extra_directives: str = Field(
-        "", title="Extra directives", description="More '#PBS -option value' lines, one per line: resources and placement "
-        "(-l name=value, -q, -A, -P, -m, -M, -W depend=, ...); others are refused with the reason"
-    )
-
-    @field_validator("account", "queue")
-    @classmethod
-    def _names(cls, value: str, info) -> str:
-        return _check_name(value, f"pbs.{info.field_name}")
-
-    @field_validator("walltime")
-    @classmethod
-    def _walltime(cls, value: str) -> str:
-        if not PBS_WALLTIME_RE.fullmatch(value):
-            raise ValueError(f"pbs.walltime {value!r} is not a PBS walltime: use HH:MM:SS, MM:SS or seconds")
-        return value
-
-    @field_validator("select")
-    @classmethod
-    def _select(cls, value: str) -> str:
-        if value and not PBS_SELECT_RE.fullmatch(value):
-            raise ValueError(
-                f"pbs.select {value!r} is not a select statement: expected [N:]res=value[:res=value]...[+[N:]...]"
-            )
-        if value:
-            for chunk in value.split("+"):
-                count = chunk.split(":", 1)[0]
-                if count.isdigit() and int(count) == 0:
-                    raise ValueError(f"pbs.select {value!r}: chunk {chunk!r} asks for 0 chunks")
-            if pbs_select_chunks(value) > 10000:
-                raise ValueError(f"pbs.select {value!r} asks for {pbs_select_chunks(value)} chunks: at most 10000")
-        return value
-
-    @field_validator("extra_directives")
-    @classmethod
-    def _directives(cls, value: str) -> str:
-        # Also: -l select= and a place= without scatter are refused (one chunk per host,
-        # one Ray node per chunk; see PBS_RESOURCE_REFUSED).
-        return _check_directives(value, "#PBS")
-
-    @model_validator(mode="after")
-    def _nodes_from_select(self) -> PbsOptions:
-        """With a select statement, its chunks are the nodes: nodes given beside it must agree."""
-        if not self.select:
-            return self
-        chunks = pbs_select_chunks(self.select)
-        if "nodes" in self.model_fields_set and self.nodes != chunks:
-            raise ValueError(
-                f"pbs.nodes={self.nodes} but pbs.select asks for {chunks} chunks ({self.select}): "
-                "leave pbs.nodes out (the select statement sets it) or make them agree"
-            )
-        # Not an assignment through pydantic: nodes stays "not given" in model_fields_set.
-        object.__setattr__(self, "nodes", chunks)
-        return self
-
-
-@_positioned
+@positioned
 class ClusterOptions(BaseModel):
     """How big each Ray node is and how long the cluster lives."""
 
@@ -602,14 +149,14 @@ def _without(model: type[BaseModel], name: str, *left_out: str) -> type[BaseMode
     """The group without fields that cannot apply on some form; the same definitions otherwise."""
     fields = {field: (info.annotation, FieldInfo.merge_field_infos(info))
               for field, info in model.model_fields.items() if field not in left_out}
-    return _positioned(create_model(name, __config__=model.model_config, __doc__=model.__doc__, **fields))
+    return positioned(create_model(name, __config__=model.model_config, __doc__=model.__doc__, **fields))
 
 
 # The batch schedulers' forms: one Ray node per allocated node, no extra workers beside the head.
 BatchClusterOptions = _without(ClusterOptions, "BatchClusterOptions", "direct_workers")
 
 
-@_positioned
+@positioned
 class EnvironmentOptions(BaseModel):
     """The Python and Ray the nodes run, and where the cluster's files live."""
 
@@ -657,7 +204,7 @@ class EnvironmentOptions(BaseModel):
         return check_local_file(value, info.field_name)
 
 
-@_positioned
+@positioned
 class AdvancedOptions(BaseModel):
     """Ports, timeouts, security and SSH: the defaults suit most sites."""
 
@@ -774,7 +321,7 @@ def is_script_text(user_script: str) -> bool:
 ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", re.ASCII)
 
 
-@_positioned
+@positioned
 class RuntimeEnvOptions(BaseModel):
     """The user job's runtime environment, as Ray's job API takes it."""
 

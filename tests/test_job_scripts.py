@@ -25,13 +25,9 @@ from tasks.schedulers import (
     SlurmScheduler,
     scheduler_for,
 )
-from tasks.settings import (
-    PBS_ALLOWED,
-    PBS_W_ALLOWED,
-    SLURM_ALLOWED,
-    SLURM_SHORT,
-    RayClusterSettings,
-)
+from tasks.schedulers.pbs import PBS_ALLOWED, PBS_W_ALLOWED
+from tasks.schedulers.slurm import SLURM_ALLOWED, SLURM_SHORT
+from tasks.settings import RayClusterSettings
 
 CLUSTER_ID = "ar-0123abcd"
 CLUSTER_DIR = "/home/alice/.activate-ray/clusters/ar-0123abcd"

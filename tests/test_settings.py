@@ -24,24 +24,18 @@ import tasks.settings as settings_module
 from flows.ray_cluster import RayClusterCli, main
 from tasks.cluster import ClusterPlan, RayEnvironment
 from tasks.schedulers import DirectScheduler, PbsScheduler, SlurmScheduler
-from tasks.settings import (
-    NO_VALUE,
-    NODE_TMP_MAX_LEN,
-    OPTIONAL,
+from tasks.schedulers.options import NO_VALUE, OPTIONAL, VALUE
+from tasks.schedulers.pbs import (
     PBS_ALLOWED,
     PBS_REFUSED,
     PBS_RESOURCE_REFUSED,
     PBS_W_ALLOWED,
     PBS_W_REFUSED,
-    SLURM_ALLOWED,
-    SLURM_REFUSED,
-    SLURM_SHORT,
-    VALUE,
     PbsOptions,
-    RayClusterSettings,
-    SlurmOptions,
     pbs_select_chunks,
 )
+from tasks.schedulers.slurm import SLURM_ALLOWED, SLURM_REFUSED, SLURM_SHORT, SlurmOptions
+from tasks.settings import NODE_TMP_MAX_LEN, RayClusterSettings
 
 REPO = Path(__file__).resolve().parent.parent
 BASH = shutil.which("bash") or "/bin/bash"

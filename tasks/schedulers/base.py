@@ -1,0 +1,160 @@
+"""The lifecycle every scheduler shares (after dask-jobqueue's JobQueueCluster).
+
+The base renders the job script (the scheduler's directives, the cluster env, its
+worker launcher scripts/launch_workers_*.sh, the common body scripts/cluster_main.sh),
+submits it (retrying transient errors, never twice), reads its state and cancels it.
+Each scheduler, one module each, states only what is its own: options, directives,
+launcher, submit/state/cancel commands and the parsing of their output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+import shlex
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar
+
+from tasks.logs import get_run_logger
+
+if TYPE_CHECKING:
+    from tasks.settings import RayClusterSettings
+    from tasks.transport import Transport
+
+
+class JobPhase(str, Enum):
+    pending = "pending"
+    running = "running"
+    ended = "ended"
+
+
+@dataclass
+class JobState:
+    phase: JobPhase
+    detail: str = ""  # scheduler's own words: PENDING (Resources), job_state = R, ...
+    hopeless: bool = False  # pending for a reason that will never clear (node limit, bad account)
+
+    def __str__(self) -> str:
+        return f"{self.phase.value}{f' ({self.detail})' if self.detail else ''}"
+
+
+class SchedulerRejected(RuntimeError):
+    """The scheduler refused the job (bad partition, too many nodes, ...)."""
+
+
+# A scheduler's answers that say "not now" rather than "no": the submission is tried again.
+TRANSIENT_SUBMIT_ERROR = re.compile(
+    r"Socket timed out|temporarily unavailable|Unable to contact slurm controller|Connection (reset|refused|timed out)"
+    r"|Transport endpoint is not connected|try again later|cannot connect to (PBS )?server|pbs_iff.*timed out",
+    re.I,
+)
+
+
+class Scheduler(ABC):
+    name: ClassVar[str]
+    directive_prefix: ClassVar[str] = ""
+    # What this scheduler's job ids look like: anything else (a crafted state file,
+    # a log line) is never passed to its cancel or state commands.
+    job_id_re: ClassVar[re.Pattern]
+
+    def __init__(self, settings: RayClusterSettings):
+        self.settings = settings
+        self.exclude_nodes = []
+
+    # --- what each scheduler states
+    def directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
+        return []
+
+    # scripts/launch_workers_*.sh: defines ar_launch_workers, how this scheduler starts every
+    # other node at once (sourced by the job script)
+    launch_script: ClassVar[str]
+
+    @abstractmethod
+    def submit_command(self, cluster_dir: str) -> str:
+        """The command line that submits <cluster_dir>/bin/job.sh."""
+
+    def parse_job_id(self, stdout: str) -> str:
+        """The job id in the submit command's answer (SchedulerRejected if there is none)."""
+        raise NotImplementedError
+
+    def find_job_command(self, job_name: str) -> str:
+        """A command printing the ids of this user's jobs named job_name; exit 3 when the
+        scheduler cannot be asked (then a failed submission is never tried again)."""
+        raise NotImplementedError
+
+    # Nodes a retry must not get (the ones that failed the attempt before), where the scheduler can exclude.
+    exclude_nodes: list[str]
+    can_exclude_nodes: ClassVar[bool] = False
+    # Seconds before the first resubmission; doubled each time, with jitter.
+    submit_backoff: ClassVar[float] = 1.0
+    submit_attempts: ClassVar[int] = 4
+    submit_program: ClassVar[str] = ""
+
+    async def submit(self, target: Transport, cluster_dir: str) -> str:
+        """Submit, retrying with backoff on errors that pass (a busy controller, a timeout),
+        never twice: before each new try the job is looked up by its name, the cluster id,
+        since a timed-out answer can come after the scheduler took the job."""
+        job_name = cluster_dir.rstrip("/").rsplit("/", 1)[-1]
+        delay = self.submit_backoff
+        for attempt in range(1, self.submit_attempts + 1):
+            result = await target.run(self.submit_command(cluster_dir), check=False)
+            if result.returncode == 0:
+                return self.parse_job_id(result.stdout)
+            said = (result.stderr or result.stdout).strip()
+            if not TRANSIENT_SUBMIT_ERROR.search(said) or attempt == self.submit_attempts:
+                raise SchedulerRejected(f"{self.submit_program} refused the job: {said[-1000:]}")
+            get_run_logger().warning("submission %d of %d failed (%s); looking the job up, then again in ~%.0fs",
+                                     attempt, self.submit_attempts, said[-300:], delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay *= 2
+            found = await target.query(self.find_job_command(job_name))
+            if found.returncode == 3:
+                raise SchedulerRejected(f"{self.submit_program} failed ({said[-500:]}) and this scheduler "
+                                        "cannot be asked whether it took the job: not submitting again")
+            ids = [line.strip() for line in found.stdout.splitlines() if self.job_id_re.match(line.strip())]
+            if found.returncode == 0 and ids:
+                get_run_logger().info("the scheduler had taken the job after all: %s", ids[0])
+                return ids[0]
+        raise AssertionError("unreachable")
+
+    async def allocated_nodes(self, target: Transport, job_id: str) -> list[str]:
+        """The scheduler's names of the job's nodes, head first ([] where unknown)."""
+        return []
+
+    @abstractmethod
+    async def state(self, target: Transport, job_id: str) -> JobState: ...
+
+    @abstractmethod
+    async def cancel(self, target: Transport, job_id: str) -> None: ...
+
+    @property
+    def walltime_seconds(self) -> int | None:
+        return None
+
+    # --- shared lifecycle
+    def render(self, cluster_id: str, cluster_dir: str) -> str:
+        lines = ["#!/usr/bin/env bash"]
+        lines += [f"{self.directive_prefix} {d}" for d in self.directives(cluster_id, cluster_dir)]
+        lines += [
+            f"# activate-ray cluster {cluster_id} ({self.name})",
+            "set -euo pipefail",
+            f"export AR_CLUSTER_DIR={shlex.quote(cluster_dir)}",
+            '. "$AR_CLUSTER_DIR/cluster.env"',
+            f'. "$AR_CLUSTER_DIR/bin/{self.launch_script}"',
+            '. "$AR_CLUSTER_DIR/bin/cluster_main.sh"',
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def mem_mb(settings: RayClusterSettings) -> int | None:
+    """Memory to ask the scheduler for, only when the user sized Ray's heap: heap + object
+    store (if set) + 512 MB for Ray itself. None: ask for nothing (the site's default)."""
+    if settings.ray_memory_gb is None:
+        return None
+    return math.ceil((settings.ray_memory_gb + (settings.object_store_memory_gb or 0)) * 1024) + 512
+
+

@@ -1,0 +1,39 @@
+"""No scheduler: the whole cluster runs on the host under one supervisor (start_ray_ssh.sh)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import TYPE_CHECKING
+
+from tasks.schedulers.base import JobPhase, JobState, Scheduler
+
+if TYPE_CHECKING:
+    from tasks.transport import Transport
+
+
+class DirectScheduler(Scheduler):
+    """No batch system: the whole cluster runs on the host under one supervisor."""
+
+    name = "none"
+    launch_script = "launch_workers_direct.sh"
+    job_id_re = re.compile(r"^[1-9][0-9]{0,9}$")  # the supervisor's process group on the host
+
+
+    def submit_command(self, cluster_dir: str) -> str:
+        return shlex.join(["bash", f"{cluster_dir}/bin/start_ray_ssh.sh", cluster_dir])
+
+    async def submit(self, target: Transport, cluster_dir: str) -> str:
+        out = (await target.run(self.submit_command(cluster_dir))).stdout
+        match = re.search(r"^RAY_SUPERVISOR_PID=(\d+)$", out, re.M)
+        if not match:
+            raise RuntimeError(f"the cluster supervisor did not start: {out[-500:]}")
+        return match.group(1)
+
+    async def state(self, target: Transport, job_id: str) -> JobState:
+        alive = await target.query(f"kill -0 {int(job_id)}")
+        return JobState(JobPhase.running if alive.returncode == 0 else JobPhase.ended)
+
+    async def cancel(self, target: Transport, job_id: str) -> None:
+        # The supervisor's trap stops every node; shutdown_ray.sh then sweeps.
+        await target.query(f"kill -TERM -- -{int(job_id)} 2>/dev/null || true")
