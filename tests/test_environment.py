@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 SETUP = REPO / "scripts" / "setup_ray.sh"
@@ -52,6 +54,7 @@ def test_accepts_a_venv_directory_and_the_venv_an_earlier_run_made(tmp_path):
     assert not calls.exists()
 
 
+@pytest.mark.bed  # a real process or server: seconds, not milliseconds
 def test_wrong_version_interpreter_is_not_reused_and_a_failed_build_leaves_nothing(tmp_path):
     """An interpreter with another Ray is skipped; building 0.0.1 fails with pip's own words."""
     work = tmp_path / "work"

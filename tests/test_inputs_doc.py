@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from flows.inputs_doc import README, form_fields, inputs_table, readme_section
 from tests.helpers import REPO
 
@@ -26,6 +28,7 @@ def test_the_readme_holds_the_table_made_from_the_form():
     assert readme_section(README.read_text()) == inputs_table(), "README.md's inputs table is stale: run make docs"
 
 
+@pytest.mark.bed  # a real process or server: seconds, not milliseconds
 def test_help_lists_exactly_the_forms_fields():
     table_flags = set(re.findall(r"\| `(--[a-z0-9.\-]+)` \|", inputs_table()))
     assert len(table_flags) == len(form_fields())

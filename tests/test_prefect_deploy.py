@@ -26,7 +26,7 @@ import pytest
 from tasks.settings import NODE_TMP_MAX_LEN
 from tests.helpers import REPO, assert_nothing_left, flow_env
 
-pytestmark = pytest.mark.timeout(120)  # the whole file runs in about 40 s
+pytestmark = [pytest.mark.bed, pytest.mark.timeout(120)]  # a real Prefect server; the file runs in about 2 min
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "activate-ray-pool"

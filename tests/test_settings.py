@@ -1275,6 +1275,7 @@ def expected_flags() -> list[str]:
     return flags
 
 
+@pytest.mark.bed  # a real process or server: seconds, not milliseconds
 def test_help_lists_every_field(help_text):
     flags = expected_flags()
     assert len(flags) == len(set(flags)) >= 35

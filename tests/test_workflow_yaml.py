@@ -275,6 +275,7 @@ def test_the_defaults_are_valid_settings(scheduler):
         ("", "# target: login.example.org; scheduler: none; nodes: 1"),  # a resource without a scheduler
     ],
 )
+@pytest.mark.bed  # a real process or server: seconds, not milliseconds
 def test_the_job_command_line_with_the_defaults_dry_runs(tmp_path, scheduler_type, plan_line):
     result = run_script(SCRIPT, job_env(scheduler_type, tmp_path), tmp_path, "--dry-run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -288,6 +289,7 @@ def test_the_job_command_line_with_the_defaults_dry_runs(tmp_path, scheduler_typ
         assert "#SBATCH" in result.stdout and "--time=01:00:00" in result.stdout
 
 
+@pytest.mark.bed  # a real process or server: seconds, not milliseconds
 def test_the_job_command_line_passes_edited_inputs_through(tmp_path):
     env = job_env(
         "slurm",
@@ -313,6 +315,7 @@ def test_the_job_command_line_passes_edited_inputs_through(tmp_path):
     assert not (tmp_path / "user_script.py").exists()
 
 
+@pytest.mark.bed  # a real process or server: seconds, not milliseconds
 def test_a_bad_input_is_refused_with_the_field_named(tmp_path):
     env = job_env("slurm", tmp_path, WF_SLURM_WALLTIME="abc")
     result = run_script(SCRIPT, env, tmp_path, "--dry-run")
@@ -500,6 +503,7 @@ def big_info(round_: int) -> dict:
     }
 
 
+@pytest.mark.bed  # a real process or server: seconds, not milliseconds
 def test_info_file_rewritten_under_a_polling_reader_is_always_whole(tmp_path):
     import threading
 
@@ -560,6 +564,7 @@ def test_info_file_mode_is_0600_whatever_the_umask_and_a_failed_write_leaves_the
     assert sorted(p.name for p in tmp_path.iterdir()) == ["info.json"]
 
 
+@pytest.mark.bed  # a real process or server: seconds, not milliseconds
 def test_publish_connection_info_writes_the_info_file_atomically(tmp_path, monkeypatch):
     import asyncio
 
