@@ -85,3 +85,11 @@ def work(bed, request) -> Path:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """Submissions retried at once: the backoff is the scheduler's, its length is not under test."""
+    from tasks.schedulers import Scheduler
+
+    monkeypatch.setattr(Scheduler, "submit_backoff", 0.0)
