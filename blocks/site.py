@@ -22,15 +22,24 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.blocks.core import Block
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+from pydantic.fields import FieldInfo
 
-from tasks.schedulers.options import NAME_RE
+from tasks.schedulers.options import name_field
 from tasks.settings import (
     HOST_RE,
-    TARGET_PATH_RE,
+    AdvancedOptions,
+    EnvironmentOptions,
     RayClusterSettings,
     SchedulerKind,
 )
+
+
+def _as_in_the_flow(group: type[BaseModel], name: str, **label: str) -> Any:
+    """The flow's own field (its default, pattern and limits), labelled for the site's form."""
+    field = group.model_fields[name]
+    extra = {k: v for k, v in (field.json_schema_extra or {}).items() if k != "position"}
+    return FieldInfo.merge_field_infos(field, json_schema_extra=extra, **label)
 
 
 class HpcSite(Block):
@@ -55,47 +64,23 @@ class HpcSite(Block):
         title="Scheduler",
         description="slurm or pbs: clusters run as batch jobs; none: directly on the login node",
     )
-    account: str = Field(
-        "",
-        title="Default account",
-        description="SLURM --account / PBS -A (empty: your default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    partition: str = Field(
-        "",
-        title="Partition or queue",
-        description="SLURM --partition / PBS -q (empty: the site default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    qos: str = Field(
-        "",
-        title="QOS (SLURM)",
-        description="SLURM --qos (empty: the default; ignored for PBS)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
+    account: str = name_field("Default account", "SLURM --account / PBS -A (empty: your default)")
+    partition: str = name_field("Partition or queue", "SLURM --partition / PBS -q (empty: the site default)")
+    qos: str = name_field("QOS (SLURM)", "SLURM --qos (empty: the default; ignored for PBS)")
     extra_directives: str = Field(
         "",
         title="Site directives",
         description="'#SBATCH --option=value' or '#PBS -option value' lines every job here needs, one per line",
     )
-    python: str = Field(
-        "",
-        title="Python env with Ray",
+    python: str = _as_in_the_flow(
+        EnvironmentOptions, "python", title="Python env with Ray",
         description="Conda env, venv or interpreter on the site that already has Ray (empty: build a venv in the work dir)",
-        json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern},
     )
-    work_dir: str = Field(
-        "~/.activate-ray",
-        title="Shared work dir",
+    work_dir: str = _as_in_the_flow(
+        EnvironmentOptions, "work_dir", title="Shared work dir",
         description="Directory visible on every node (venvs, cluster state), e.g. /scratch/alice/activate-ray",
-        json_schema_extra={"pattern": TARGET_PATH_RE.pattern},
     )
-    node_tmp: str = Field(
-        "/tmp",
-        title="Node temp root",
-        description="Node-local directory for Ray's temp dirs (at most 40 characters)",
-        json_schema_extra={"pattern": TARGET_PATH_RE.pattern, "maxLength": 40},
-    )
+    node_tmp: str = _as_in_the_flow(AdvancedOptions, "node_tmp")
 
     @model_validator(mode="after")
     def _valid_for_the_flow(self) -> HpcSite:

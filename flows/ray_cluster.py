@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -378,6 +379,35 @@ def settings_from_parameters(parameters: dict, scheduler: SchedulerKind | None =
     return RayClusterSettings.model_validate(values)
 
 
+# Each parameter's help, shown under its field in the run form (Prefect reads it from
+# the flow function's docstring, which `described` writes from here).
+PARAMETER_HELP = {
+    'user_script': 'The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)',
+    'script_args': 'Arguments after the script: python SCRIPT ARG...',
+    'runtime_env': "The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)",
+    'host': 'The login node: user@host:port, an ~/.ssh/config alias, or a saved SSH connection block',
+    'scheduler': 'none (head and workers on the host itself), slurm or pbs (a batch job, one Ray node per allocated node)',
+    'cluster': 'Node sizes and how long the cluster lives',
+    'slurm': 'SLURM job options (scheduler slurm only)',
+    'pbs': 'PBS job options (scheduler pbs only)',
+    'environment': 'Ray version, Python and the shared work dir (visible on every node)',
+    'advanced': 'Ports, timeouts, security and SSH',
+}
+
+
+def described(summary: str, **own: str):
+    """Write a flow function's docstring: the summary, then Args for its parameters, each
+    from PARAMETER_HELP unless the flow says it its own way."""
+
+    def decorate(fn):
+        args = "".join(f"        {name}: {own.get(name, PARAMETER_HELP[name])}\n"
+                       for name in inspect.signature(fn).parameters)
+        fn.__doc__ = f"{summary}\n\n    Args:\n{args}"
+        return fn
+
+    return decorate
+
+
 FLOW_OPTIONS = dict(
     name="ray-cluster",
     log_prints=False,
@@ -387,6 +417,11 @@ FLOW_OPTIONS = dict(
 
 
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(None))
+@described(
+    "Start a Ray cluster on the host (directly, or as a SLURM/PBS job), wait until every node is up, show how to connect, run the user's script, and always tear down.",
+    host="Where to run: empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block (the login node for SLURM/PBS)",
+    environment='Ray version, Python and the shared work dir on the target',
+)
 async def ray_cluster(
     user_script: str = "",
     script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
@@ -399,25 +434,14 @@ async def ray_cluster(
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),
 ) -> dict:
-    """Start a Ray cluster on the host (directly, or as a SLURM/PBS job), wait until
-    every node is up, show how to connect, run the user's script, and always tear down.
-
-    Args:
-        user_script: The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
-        script_args: Arguments after the script: python SCRIPT ARG...
-        runtime_env: The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)
-        host: Where to run: empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block (the login node for SLURM/PBS)
-        scheduler: none (head and workers on the host itself), slurm or pbs (a batch job, one Ray node per allocated node)
-        cluster: Node sizes and how long the cluster lives
-        slurm: SLURM job options (scheduler slurm only)
-        pbs: PBS job options (scheduler pbs only)
-        environment: Ray version, Python and the shared work dir on the target
-        advanced: Ports, timeouts, security and SSH
-    """
     return await run_cluster(settings_from_parameters(locals()))
 
 
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerKind.slurm))
+@described(
+    'A Ray cluster as one SLURM job through the login node: one Ray node per allocated node.',
+    slurm='Nodes, walltime, account, partition, QOS and extra directives of the job',
+)
 async def ray_cluster_slurm(
     *,
     user_script: str = "",
@@ -429,22 +453,14 @@ async def ray_cluster_slurm(
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),
 ) -> dict:
-    """A Ray cluster as one SLURM job through the login node: one Ray node per allocated node.
-
-    Args:
-        user_script: The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
-        script_args: Arguments after the script: python SCRIPT ARG...
-        runtime_env: The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)
-        host: The login node: user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
-        cluster: Node sizes and how long the cluster lives
-        slurm: Nodes, walltime, account, partition, QOS and extra directives of the job
-        environment: Ray version, Python and the shared work dir (visible on every node)
-        advanced: Ports, timeouts, security and SSH
-    """
     return await run_cluster(settings_from_parameters(locals(), SchedulerKind.slurm))
 
 
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerKind.pbs))
+@described(
+    'A Ray cluster as one PBS job through the login node: one Ray node per chunk.',
+    pbs='Chunks (select) or nodes, walltime, account, queue and extra directives of the job',
+)
 async def ray_cluster_pbs(
     *,
     user_script: str = "",
@@ -456,22 +472,16 @@ async def ray_cluster_pbs(
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),
 ) -> dict:
-    """A Ray cluster as one PBS job through the login node: one Ray node per chunk.
-
-    Args:
-        user_script: The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
-        script_args: Arguments after the script: python SCRIPT ARG...
-        runtime_env: The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)
-        host: The login node: user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
-        cluster: Node sizes and how long the cluster lives
-        pbs: Chunks (select) or nodes, walltime, account, queue and extra directives of the job
-        environment: Ray version, Python and the shared work dir (visible on every node)
-        advanced: Ports, timeouts, security and SSH
-    """
     return await run_cluster(settings_from_parameters(locals(), SchedulerKind.pbs))
 
 
 @flow(**FLOW_OPTIONS, flow_run_name=run_name_for(SchedulerKind.none))
+@described(
+    'A Ray cluster directly on one host (this machine or one over SSH), no scheduler.',
+    host="Empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block",
+    cluster='Node sizes (extra workers beside the head) and how long the cluster lives',
+    environment='Ray version, Python and the work dir on the host',
+)
 async def ray_cluster_direct(
     user_script: str = "",
     script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
@@ -481,17 +491,6 @@ async def ray_cluster_direct(
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),
 ) -> dict:
-    """A Ray cluster directly on one host (this machine or one over SSH), no scheduler.
-
-    Args:
-        user_script: The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)
-        script_args: Arguments after the script: python SCRIPT ARG...
-        runtime_env: The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)
-        host: Empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block
-        cluster: Node sizes (extra workers beside the head) and how long the cluster lives
-        environment: Ray version, Python and the work dir on the host
-        advanced: Ports, timeouts, security and SSH
-    """
     return await run_cluster(settings_from_parameters(locals(), SchedulerKind.none))
 
 

@@ -73,13 +73,21 @@ class Scheduler(ABC):
     # other node at once (sourced by the job script)
     launch_script: ClassVar[str]
 
-    @abstractmethod
     def submit_command(self, cluster_dir: str) -> str:
-        """The command line that submits <cluster_dir>/bin/job.sh."""
+        """The command line that submits <cluster_dir>/bin/job.sh, from the cluster dir:
+        anything the scheduler drops in the submit dir is removed with it."""
+        return f"cd {shlex.quote(cluster_dir)} && {shlex.join([self.submit_program, *self.submit_flags, 'bin/job.sh'])}"
+
+    def job_id_in(self, stdout: str) -> str:
+        """Where the submit command's answer has the job id: all of it, unless a scheduler says otherwise."""
+        return stdout.strip()
 
     def parse_job_id(self, stdout: str) -> str:
         """The job id in the submit command's answer (SchedulerRejected if there is none)."""
-        raise NotImplementedError
+        job_id = self.job_id_in(stdout)
+        if not self.job_id_re.match(job_id):
+            raise SchedulerRejected(f"{self.submit_program} printed no job id: {stdout.strip()[:200]!r}")
+        return job_id
 
     def find_job_command(self, job_name: str) -> str:
         """A command printing the ids of this user's jobs named job_name; exit 3 when the
@@ -93,6 +101,7 @@ class Scheduler(ABC):
     submit_backoff: ClassVar[float] = 1.0
     submit_attempts: ClassVar[int] = 4
     submit_program: ClassVar[str] = ""
+    submit_flags: ClassVar[tuple[str, ...]] = ()
 
     async def submit(self, target: Transport, cluster_dir: str) -> str:
         """Submit, retrying with backoff on errors that pass (a busy controller, a timeout),

@@ -13,8 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 # Characters Slurm and PBS accept in account, partition, qos and queue names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", re.ASCII)
@@ -46,6 +47,11 @@ def positioned(model: type[BaseModel]) -> type[BaseModel]:
     model.model_rebuild(force=True)
     return model
 
+
+
+def name_field(title: str, description: str) -> Any:
+    """A scheduler name (account, partition, queue, QOS): empty, or what Slurm and PBS accept."""
+    return Field("", title=title, description=description, json_schema_extra={"pattern": "^$|" + NAME_RE.pattern})
 
 
 class DirectiveRefused(ValueError):

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.schedulers.base import JobPhase, JobState, Scheduler, SchedulerRejected, mem_mb
+from tasks.schedulers.base import JobPhase, JobState, Scheduler, mem_mb
 from tasks.schedulers.options import (
     MAKES_AN_ARRAY,
-    NAME_RE,
     NO_VALUE,
     SET_BY_US,
     VALUE,
@@ -22,6 +21,7 @@ from tasks.schedulers.options import (
     DirectiveRefused,
     check_directives,
     check_name,
+    name_field,
     positioned,
 )
 
@@ -159,18 +159,8 @@ class PbsOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="PBS")
 
-    account: str = Field(
-        "",
-        title="Account",
-        description="-A account (empty: your default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    queue: str = Field(
-        "",
-        title="Queue",
-        description="-q queue (empty: the server default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
+    account: str = name_field("Account", "-A account (empty: your default)")
+    queue: str = name_field("Queue", "-q queue (empty: the server default)")
     walltime: str = Field(
         "01:00:00",
         title="Walltime",
@@ -293,19 +283,9 @@ class PbsScheduler(Scheduler):
         lines += [line.split(" ", 1)[1] for line in pbs.extra_directives.splitlines() if line]
         return lines
 
-
     @property
     def walltime_seconds(self) -> int | None:
         return pbs_seconds(self.settings.pbs.walltime)
-
-    def submit_command(self, cluster_dir: str) -> str:
-        return f"cd {shlex.quote(cluster_dir)} && qsub bin/job.sh"
-
-    def parse_job_id(self, stdout: str) -> str:
-        job_id = stdout.strip()
-        if not self.job_id_re.match(job_id):
-            raise SchedulerRejected(f"qsub printed no job id: {job_id[:200]!r}")
-        return job_id
 
     def find_job_command(self, job_name: str) -> str:
         # qselect is OpenPBS/Torque's; where it is missing (some wrappers), nobody can tell

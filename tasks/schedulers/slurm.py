@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.schedulers.base import JobPhase, JobState, Scheduler, SchedulerRejected, mem_mb
+from tasks.schedulers.base import JobPhase, JobState, Scheduler, mem_mb
 from tasks.schedulers.options import (
     MAKES_AN_ARRAY,
-    NAME_RE,
     NO_VALUE,
     OPTIONAL,
     SET_BY_US,
@@ -20,6 +19,7 @@ from tasks.schedulers.options import (
     DirectivePolicy,
     check_directives,
     check_name,
+    name_field,
     positioned,
 )
 
@@ -110,21 +110,9 @@ class SlurmOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="SLURM")
 
-    account: str = Field(
-        "",
-        title="Account",
-        description="--account to charge (empty: your default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    partition: str = Field(
-        "",
-        title="Partition",
-        description="--partition (empty: the cluster default)",
-        json_schema_extra={"pattern": "^$|" + NAME_RE.pattern},
-    )
-    qos: str = Field(
-        "", title="QOS", description="--qos (empty: the default)", json_schema_extra={"pattern": "^$|" + NAME_RE.pattern}
-    )
+    account: str = name_field("Account", "--account to charge (empty: your default)")
+    partition: str = name_field("Partition", "--partition (empty: the cluster default)")
+    qos: str = name_field("QOS", "--qos (empty: the default)")
     walltime: str = Field(
         "01:00:00",
         title="Walltime",
@@ -174,6 +162,7 @@ class SlurmScheduler(Scheduler):
     name = "slurm"
     launch_script = "launch_workers_slurm.sh"
     submit_program = "sbatch"
+    submit_flags = ("--parsable",)
     can_exclude_nodes = True
     directive_prefix = "#SBATCH"
     job_id_re = re.compile(r"^[0-9]{1,12}$")
@@ -201,20 +190,12 @@ class SlurmScheduler(Scheduler):
         lines += [line.split(" ", 1)[1] for line in slurm.extra_directives.splitlines() if line]
         return lines
 
-
     @property
     def walltime_seconds(self) -> int | None:
         return slurm_seconds(self.settings.slurm.walltime)
 
-    def submit_command(self, cluster_dir: str) -> str:
-        # From the cluster dir: anything the scheduler drops in the submit dir is removed with it.
-        return f"cd {shlex.quote(cluster_dir)} && sbatch --parsable bin/job.sh"
-
-    def parse_job_id(self, stdout: str) -> str:
-        job_id = stdout.strip().split(";")[0]
-        if not self.job_id_re.match(job_id):
-            raise SchedulerRejected(f"sbatch printed no job id: {stdout.strip()[:200]!r}")
-        return job_id
+    def job_id_in(self, stdout: str) -> str:
+        return stdout.strip().split(";")[0]  # --parsable: id[;cluster]
 
     def find_job_command(self, job_name: str) -> str:
         return f'squeue -h -u "$(id -un)" --name={shlex.quote(job_name)} -o %i'
