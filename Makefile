@@ -32,7 +32,7 @@ lint: setup
 	shellcheck -x $$(git ls-files '*.sh' 2>/dev/null || find . -name '*.sh' -not -path './.venv/*')
 
 bench: system-deps setup
-	$(PY) -m tests.benchmark
+	$(PY) -m bench
 
 docs: setup
 	$(PY) -m flows.inputs_doc --write

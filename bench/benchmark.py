@@ -1,4 +1,4 @@
-"""Benchmarks of activate-ray, for real: `python -m tests.benchmark` (what `make bench` runs).
+"""Benchmarks of activate-ray, for real: `python -m bench` (what `make bench` runs).
 
 Not a timed test. It measures, prints the figures and writes BENCHMARKS.md and
 bench_time_to_ready.png at the repository root. Every figure is the median of
@@ -584,72 +584,13 @@ def bench_setup(reps: int, results: dict) -> None:
 
 # ------------------------------------------------------------ Slurm section
 
-TEMPLATE_JOB = """\
-#!/bin/bash
-#SBATCH --job-name={tag}
-#SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=1
-#SBATCH --mem={mem}M
-#SBATCH --time=00:10:00
-#SBATCH --output={dir}/job-%j.out
-# Ray's classic Slurm template (docs: slurm-basic.sh), with what this machine needs:
-# a --temp-dir per node, small memory, token auth set explicitly.
-{env}
-mark() {{ echo "$(date +%s.%N) $1" >>{dir}/marks; }}
-mark start
-nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
-nodes_array=($nodes)
-head_node=${{nodes_array[0]}}
-head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)
-port=6379
-ip_head=$head_node_ip:$port
-export ip_head
-echo "IP Head: $ip_head"
-{poller} &  # not part of the template: records when every node really is alive
-echo "Starting HEAD at $head_node"
-srun --nodes=1 --ntasks=1 -w "$head_node" \\
-    ray start --head --node-ip-address="$head_node_ip" --port=$port \\
-    --temp-dir={tmp}-"$head_node" {resources} --block &
-# optional, though may be useful in certain versions of Ray < 1.0.
-sleep 10
-worker_num=$((SLURM_JOB_NUM_NODES - 1))
-for ((i = 1; i <= worker_num; i++)); do
-    node_i=${{nodes_array[$i]}}
-    echo "Starting WORKER $i at $node_i"
-    srun --nodes=1 --ntasks=1 -w "$node_i" \\
-        ray start --address "$ip_head" --temp-dir={tmp}-"$node_i" {resources} --block &
-    sleep 5
-done
-mark ready  # the template starts the user's script here
-wait
-"""
-
-BARE_JOB = """\
-#!/bin/bash
-#SBATCH --job-name={tag}
-#SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=1
-#SBATCH --mem={mem}M
-#SBATCH --time=00:10:00
-#SBATCH --output={dir}/job-%j.out
+# The job scripts compared with the flow, as str.format templates ({tag}, {nodes}, {mem},
+# {dir}, {env}, {poller}, {tmp}, {resources}, {head_ports}, {ports}; braces doubled).
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# Ray's classic Slurm template (docs: slurm-basic.sh), with what this machine needs.
+TEMPLATE_JOB = (TEMPLATES / "ray_docs_slurm_basic.sh.in").read_text()
 # The floor: head, then every worker at once in one srun step, polled until all are ALIVE.
-# Same port flags as the flow's nodes (fixed: every bed node has its own network namespace).
-{env}
-mark() {{ echo "$(date +%s.%N) $1" >>{dir}/marks; }}
-mark start
-head_ip=$(hostname -I | awk '{{print $1}}')
-{poller} &
-ray start --head --node-ip-address="$head_ip" --temp-dir={tmp}-"$SLURMD_NODENAME" {resources} {head_ports} --block &
-count=$((SLURM_JOB_NUM_NODES - 1))
-if [ "$count" -gt 0 ]; then
-    srun --nodes="$count" --ntasks="$count" --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" \\
-        bash -c 'exec ray start --address='"$head_ip"':6379 --node-ip-address="$(hostname -I | cut -d" " -f1)" \\
-        --temp-dir={tmp}-"$SLURMD_NODENAME" {resources} {ports} --block' &
-fi
-wait
-"""
+BARE_JOB = (TEMPLATES / "bare_parallel.sh.in").read_text()
 
 
 class SlurmBench:
@@ -698,7 +639,7 @@ class SlurmBench:
             f"export RAY_AUTH_TOKEN_PATH={shlex.quote(str(token_file))}",
             "unset PREFECT_API_URL",
         ])
-        poller = (f"(cd {shlex.quote(str(REPO))} && {shlex.quote(PY)} -m tests.benchmark --poll-alive "
+        poller = (f"(cd {shlex.quote(str(REPO))} && {shlex.quote(PY)} -m bench --poll-alive "
                   f"{nodes} 8265 {shlex.quote(str(token_file))} {shlex.quote(str(job_dir / 'marks'))})")
         text = (TEMPLATE_JOB if kind == "template" else BARE_JOB).format(
             tag=tag, nodes=nodes, mem=SLURM_MEM_MB, dir=shlex.quote(str(job_dir)), env=env, poller=poller,
@@ -1030,7 +971,7 @@ def report(results: dict) -> str:
         f"{results['command']}",
         "```",
         "",
-        f"(`.venv/bin/python -m tests.benchmark --help` for the options; every figure is the median of "
+        f"(`.venv/bin/python -m bench --help` for the options; every figure is the median of "
         f"{results['args']['reps']} runs; the whole run took {results['total_s'] / 60:.1f} min.)",
         "",
         "## Machine",
@@ -1245,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--poll-alive"]:
         return poll_alive_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m tests.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="runs per figure (median); default 3")
     parser.add_argument("--nodes", default="1,2,3", help="Slurm node counts, comma separated; default 1,2,3")
     parser.add_argument("--sections", default="local,setup,slurm", help="any of local,setup,slurm; default all")
@@ -1261,8 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.sections.split(","))
     node_counts = sorted({int(n) for n in args.nodes.split(",")})
     BENCH.mkdir(exist_ok=True)
-    command = ".venv/bin/python -m tests.benchmark " + " ".join(shlex.quote(a) for a in argv) if argv else \
-        "make bench   # = .venv/bin/python -m tests.benchmark"
+    command = ".venv/bin/python -m bench " + " ".join(shlex.quote(a) for a in argv) if argv else \
+        "make bench   # = .venv/bin/python -m bench"
     results: dict = {"machine": machine_facts(), "command": command, "args": vars(args)}
     if (Path.home() / ".ray" / "auth_token").exists():
         log("warning: ~/.ray/auth_token exists; Ray heads will turn token auth on by themselves")
