@@ -50,8 +50,10 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from tasks.settings import node_tmp_name
+from tasks.schedulers import mem_mb
+from tasks.settings import RayClusterSettings, node_tmp_name
 from tests.helpers import PrefectServer, free_port, prefect_env
+from tests.procs import all_pids, cmdline
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -61,7 +63,8 @@ BENCH = REPO / ".bench"  # git-ignored scratch space
 MARK = "arbench"  # in every temp dir of a baseline: how their processes are found
 GIB = 1024**3
 MEMORY_GB, OBJECT_STORE_GB = 0.5, 0.25  # small: every "node" shares this machine
-SLURM_MEM_MB = int((MEMORY_GB + OBJECT_STORE_GB) * 1024) + 512  # what the flow asks sbatch for
+# what the flow asks sbatch for, so the baselines get the same allocation
+SLURM_MEM_MB = mem_mb(RayClusterSettings(scheduler="slurm", ray_memory_gb=MEMORY_GB, object_store_memory_gb=OBJECT_STORE_GB))
 RAY_RESOURCES = (
     f"--num-cpus 1 --num-gpus 0 --memory {int(MEMORY_GB * GIB)} "
     f"--object-store-memory {int(OBJECT_STORE_GB * GIB)} --disable-usage-stats"
@@ -102,15 +105,10 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.05) -> 
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    return cmdline(pid) or ""
 
 
-def _pids():
-    return (int(p) for p in os.listdir("/proc") if p.isdigit())
+_pids = all_pids
 
 
 def marker_pids(marker: str) -> list[int]:

@@ -55,6 +55,11 @@ import time
 import tomllib
 
 from tasks.settings import node_tmp_name
+from tests.procs import alive as _alive
+from tests.procs import all_pids as _all_pids
+from tests.procs import cmdline as _cmdline
+from tests.procs import read as _read
+from tests.procs import uid as _uid
 
 __all__ = ["TestBed", "BedError"]
 
@@ -97,46 +102,7 @@ class BedError(RuntimeError):
     """The bed could not be brought up."""
 
 
-# ---------------------------------------------------------------- /proc helpers
-
-def _read(path: str, binary: bool = False):
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data if binary else data.decode(errors="replace")
-
-
-def _cmdline(pid: int) -> str | None:
-    raw = _read(f"/proc/{pid}/cmdline", binary=True)
-    return None if raw is None else raw.replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def _alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie."""
-    stat = _read(f"/proc/{pid}/stat", binary=True)
-    if not stat:
-        return False
-    try:
-        state = stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3]
-    except ValueError:
-        return False
-    return state not in (b"Z", b"X")
-
-
-def _all_pids():
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            yield int(entry)
-
-
-def _uid(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
-
+# ---------------------------------------------------------------- /proc helpers (tests/procs.py)
 
 def _ns(pid: int, kind: str) -> str | None:
     try:
