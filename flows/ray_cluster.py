@@ -261,22 +261,37 @@ async def _settle(task: asyncio.Task, grace: float = 5.0) -> None:
 async def _bring_up_and_hold(
     target: Transport, scheduler: Scheduler, plan: ClusterPlan, work_dir: str, background: list[asyncio.Task]
 ) -> dict:
-    """Environment, start, readiness, connection info, then the user job and/or keep-alive."""
-    settings = plan.settings
-    plan.environment = await prepare_environment(target, settings, work_dir)
+    """The pipeline of one cluster: environment, start, readiness, connection info, then
+    the user job and/or keep-alive. Its teardown is the caller's (_one_cluster)."""
+    plan.environment = await prepare_environment(target, plan.settings, work_dir)
     await start_cluster(target, scheduler, plan)
-    save_cluster_state(plan, str(current_flow_run.id or ""))
-    write_state_file(settings.state_file, plan, scheduler)
-    background.append(asyncio.create_task(beat(target, plan, every=max(2.0, settings.heartbeat_timeout / 4))))
-    head, local_port, nodes = await wait_until_ready(target, scheduler, plan)
-    info = await publish_connection_info(target, scheduler, plan, head, local_port, nodes, settings.info_file)
-    watcher = asyncio.create_task(watch_nodes(plan, local_port, nodes))
-    background.append(watcher)
-    if settings.user_script:
-        await _unless_a_node_dies(run_user_job(target, plan, local_port, nodes), watcher)
-    if settings.keep_alive or not settings.user_script:
-        await _unless_a_node_dies(keep_alive(plan, local_port, scheduler.walltime_seconds), watcher)
+    remember(plan, scheduler)
+    background.append(asyncio.create_task(beat(target, plan)))
+    ready = await wait_until_ready(target, scheduler, plan)
+    info = await publish_connection_info(target, scheduler, plan, ready)
+    await _run_job_or_hold(target, scheduler, plan, ready, background)
     return asdict(info)
+
+
+async def _run_job_or_hold(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, ready, background: list[asyncio.Task]
+) -> None:
+    """The user's script, then keep-alive if asked (or if there is no script); a node lost
+    meanwhile (node_failure=stop) ends both."""
+    watcher = asyncio.create_task(watch_nodes(plan, ready.local_port, ready.nodes))
+    background.append(watcher)
+    settings = plan.settings
+    if settings.user_script:
+        await _unless_a_node_dies(run_user_job(target, plan, ready.local_port, ready.nodes), watcher)
+    if settings.keep_alive or not settings.user_script:
+        await _unless_a_node_dies(keep_alive(plan, ready.local_port, scheduler.walltime_seconds), watcher)
+
+
+def remember(plan: ClusterPlan, scheduler: Scheduler) -> None:
+    """Save what a teardown needs if this process dies: for the crash/cancel hooks (under
+    this flow run's id) and for the workflow's cleanup step (settings.state_file)."""
+    save_cluster_state(plan, str(current_flow_run.id or ""))
+    write_state_file(plan.settings.state_file, plan, scheduler)
 
 
 async def run_cluster(settings: RayClusterSettings) -> dict:
@@ -302,8 +317,7 @@ async def _one_cluster(target: Transport, scheduler: Scheduler, settings: RayClu
     logger = get_run_logger()
     plan = ClusterPlan.new(settings, work_dir)
     logger.info("cluster %s on %s (%s, %d node(s))", plan.cluster_id, target.label, scheduler.name, settings.nodes)
-    save_cluster_state(plan, str(current_flow_run.id or ""))
-    write_state_file(settings.state_file, plan, scheduler)
+    remember(plan, scheduler)
     background: list[asyncio.Task] = []
     # Bring-up and hold run in a task of their own: a stop cancels that task and
     # waits until it is over, and only then does this finally tear down, whole.

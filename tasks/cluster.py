@@ -305,8 +305,10 @@ async def _delete_token_block(plan: ClusterPlan) -> None:
         pass
 
 
-async def beat(target: Transport, plan: ClusterPlan, every: float) -> None:
-    """Keep the dead-man switch from firing while the flow is alive."""
+async def beat(target: Transport, plan: ClusterPlan) -> None:
+    """Keep the dead-man switch from firing while the flow is alive: four beats per
+    heartbeat_timeout, so one lost beat never stops a cluster."""
+    every = max(2.0, plan.settings.heartbeat_timeout / 4)
     path = shlex.quote(plan.cluster_dir + "/heartbeat")
     while True:
         await asyncio.sleep(every)

@@ -54,6 +54,15 @@ class HeadInfo:
 
 
 @dataclass
+class ReadyCluster:
+    """What readiness found: the head, the local port that reaches its dashboard, the nodes."""
+
+    head: HeadInfo
+    local_port: int
+    nodes: list[dict]
+
+
+@dataclass
 class ConnectionInfo:
     cluster_id: str
     scheduler: str
@@ -169,19 +178,16 @@ class Deadline:
 
 
 @task(name="wait-for-ray-cluster", cache_policy=NO_CACHE)
-async def wait_until_ready(
-    target: Transport, scheduler: Scheduler, plan: ClusterPlan
-) -> tuple[HeadInfo, int, list[dict]]:
+async def wait_until_ready(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> ReadyCluster:
     """Wait for the head (job state, then its head.env), then for every node ALIVE on its
-    dashboard; poll with short backoff. Returns the head, the local port that reaches
-    its dashboard, and the nodes."""
+    dashboard; poll with short backoff."""
     report = ReadinessReport(plan)
     deadline = Deadline(plan.settings.readiness_timeout)
     head = await wait_for_head(target, scheduler, plan, report, deadline)
     head_host = "127.0.0.1" if plan.settings.scheduler is SchedulerKind.none else head.ip
     local_port = await target.forward_to(head_host, head.dashboard_port)
     nodes = await wait_for_nodes(target, scheduler, plan, local_port, report, deadline)
-    return head, local_port, nodes
+    return ReadyCluster(head, local_port, nodes)
 
 
 async def wait_for_head(
@@ -310,12 +316,13 @@ async def watch_nodes(plan: ClusterPlan, local_port: int, ready_nodes: list[dict
 
 @task(name="publish-connection-info", cache_policy=NO_CACHE)
 async def publish_connection_info(
-    target: Transport, scheduler: Scheduler, plan: ClusterPlan, head: HeadInfo, local_port: int, nodes: list[dict],
-    info_file: str = "",
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, ready: ReadyCluster
 ) -> ConnectionInfo:
-    """Print, save (JSON) and publish (Prefect artifact) how to reach the cluster. No secret in any of them."""
+    """Print, save (JSON, settings.info_file) and publish (Prefect artifact) how to reach the
+    cluster. No secret in any of them."""
     logger = get_run_logger()
     settings = plan.settings
+    head, local_port, nodes, info_file = ready.head, ready.local_port, ready.nodes, settings.info_file
     head_is_target = settings.scheduler is SchedulerKind.none
     info = ConnectionInfo(
         cluster_id=plan.cluster_id,

@@ -582,15 +582,15 @@ def test_publish_connection_info_writes_the_info_file_atomically(tmp_path, monke
     writes = []
     real = tasks.atomic_file.write_text_atomic
     monkeypatch.setattr(readiness, "write_text_atomic", lambda *a, **k: writes.append(a[0]) or real(*a, **k))
-    settings = RayClusterSettings(scheduler="pbs", pbs={"select": "2:ncpus=1"})
+    info_file = tmp_path / "ray-cluster.json"
+    settings = RayClusterSettings(scheduler="pbs", pbs={"select": "2:ncpus=1"}, info_file=str(info_file))
     plan = ClusterPlan.new(settings, "/home/a/.activate-ray")
     plan.job_id = "77.pbs"
     head = readiness.HeadInfo("c1", "10.0.0.1", 6379, 8265, 10001)
     nodes = [{"node_name": f"c{i}", "node_ip": f"10.0.0.{i}", "is_head_node": i == 1,
               "resources_total": {"CPU": 1.0, "memory": 2 * 1024**3}} for i in (1, 2)]
-    info_file = tmp_path / "ray-cluster.json"
     info = asyncio.run(readiness.publish_connection_info.fn(
-        LocalTransport(), PbsScheduler(settings), plan, head, 40001, nodes, str(info_file)))
+        LocalTransport(), PbsScheduler(settings), plan, readiness.ReadyCluster(head, 40001, nodes)))
     assert writes == [str(info_file)]
     written = json.loads(info_file.read_text())
     assert written["cluster_id"] == info.cluster_id == plan.cluster_id
