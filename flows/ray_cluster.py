@@ -120,10 +120,14 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import (
+    CLUSTER_ID_RE,
+    SCRIPTS_DIR,
     ClusterPlan,
     beat,
     load_cluster_states,
+    logs_dir_of,
     prepare_environment,
+    prune_old_logs,
     save_cluster_state,
     start_cluster,
     target_work_dir,
@@ -264,6 +268,7 @@ async def _bring_up_and_hold(
     """The pipeline of one cluster: environment, start, readiness, connection info, then
     the user job and/or keep-alive. Its teardown is the caller's (_one_cluster)."""
     plan.environment = await prepare_environment(target, plan.settings, work_dir)
+    await prune_old_logs(target, plan.settings, work_dir)
     await start_cluster(target, scheduler, plan)
     remember(plan, scheduler)
     background.append(asyncio.create_task(beat(target, plan)))
@@ -337,6 +342,33 @@ async def _one_cluster(target: Transport, scheduler: Scheduler, settings: RayClu
     except StoppedOnPurpose as stop:
         # on purpose, and torn down: Cancelled, not Crashed (a failure stays Failed)
         return Cancelled(message=f"{stop}: cluster {plan.cluster_id} torn down")
+    except ClusterFailed as failure:
+        await show_the_failed_nodes_logs(target, plan, failure)
+        raise
+
+
+# The log that explains a node that failed: its raylet's (a worker), the GCS's (the head).
+EXPLAINING_LOGS = {"head": ("gcs_server.out", "raylet.out", "ray-head.log"), "worker": ("raylet.out", "ray-{node}.log")}
+
+
+async def show_the_failed_nodes_logs(target: Transport, plan: ClusterPlan, failure: ClusterFailed) -> None:
+    """After teardown (the nodes have copied their logs): the failure names the node(s) that
+    failed and ends with the last lines of the log that explains each."""
+    if not plan.settings.keep_logs:
+        return
+    nodes = ["head"] if failure.head_failed else failure.failed_nodes[:3]
+    tails = []
+    for node in nodes:
+        names = EXPLAINING_LOGS["head" if node == "head" else "worker"]
+        for name in (n.format(node=node) for n in names):
+            path = f"{plan.logs_dir}/{node}/{name}.gz"
+            shown = await target.run(f"zcat {shlex.quote(path)} 2>/dev/null | tail -n 15", check=False, timeout=30)
+            if shown.stdout.strip():
+                tails.append(f"--- {node}: last lines of {name} ({path}) ---\n{shown.stdout.rstrip()}")
+                break
+    if nodes:
+        where = f"failed node(s): {', '.join(nodes)}; logs of every node: {plan.logs_dir}"
+        failure.args = ("\n".join([str(failure), where, *tails]),)
 
 
 async def failed_nodes(target: Transport, scheduler: Scheduler, plan: ClusterPlan, failure: ClusterFailed) -> list[str]:
@@ -580,9 +612,54 @@ def render_plan(settings: RayClusterSettings) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+
+
+def logs_main(argv: list[str]) -> int:
+    """python -m flows.ray_cluster logs CLUSTER_ID [--host H] [--work-dir W] [--node N] [--tail K]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.ray_cluster logs",
+        description="Show the logs a cluster left in <work_dir>/logs/<cluster id> (every node's Ray logs and the job's output)")
+    parser.add_argument("cluster_id", help="the cluster's id (ar-...), as the flow printed it")
+    parser.add_argument("--host", default="", help="where the cluster ran, as given to the flow (empty: this machine)")
+    parser.add_argument("--work-dir", default=EnvironmentOptions().work_dir, help="the cluster's work dir")
+    parser.add_argument("--node", default="", help="only this node's logs (head, a node name, or job)")
+    parser.add_argument("--tail", type=int, default=20, help="last lines of each file (default 20)")
+    args = parser.parse_args(argv)
+    problems = [what for what, bad in [
+        ("cluster_id: not a cluster id (ar- and 32 hex digits)", not CLUSTER_ID_RE.fullmatch(args.cluster_id)),
+        ("--node: not a node name", bool(args.node) and not NODE_NAME_RE.fullmatch(args.node)),
+        ("--tail: between 1 and 100000", not 1 <= args.tail <= 100000)] if bad]
     try:
-        cli = CliApp.run(RayClusterCli, cli_args=sys.argv[1:] if argv is None else argv)
+        settings = RayClusterSettings(host=args.host, work_dir=args.work_dir)
+    except ValidationError as exc:
+        problems += [f"{'.'.join(map(str, e['loc'][-1:]))}: {e['msg']}" for e in exc.errors()]
+    for problem in problems:
+        print(f"invalid input {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    return asyncio.run(_show_logs(settings, args.cluster_id, args.node, args.tail))
+
+
+async def _show_logs(settings: RayClusterSettings, cluster_id: str, node: str, tail: int) -> int:
+    async with await open_target(settings) as target:
+        work_dir = await target_work_dir(target, settings)
+        await target.put_file(SCRIPTS_DIR / "show_logs.sh", f"{work_dir}/bin/show_logs.sh", 0o700)
+        command = shlex.join(["bash", f"{work_dir}/bin/show_logs.sh", logs_dir_of(work_dir, cluster_id), str(tail), node])
+        shown = await target.run(command, check=False, timeout=300)
+    sys.stdout.write(shown.stdout)
+    sys.stderr.write(shown.stderr)
+    return shown.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["logs"]:
+        return logs_main(argv[1:])
+    try:
+        cli = CliApp.run(RayClusterCli, cli_args=argv)
         settings = RayClusterSettings.model_validate(cli.model_dump(exclude={"dry_run"}))
     except ValidationError as exc:
         for error in exc.errors():

@@ -76,6 +76,7 @@ class ConnectionInfo:
     job_submit_example: str
     token_file: str
     token_block: str  # Prefect Secret block holding the token while the cluster lives (only if published)
+    logs_dir: str  # where every node's logs are copied before teardown ("" with keep_logs off)
     nodes: list[dict] = field(default_factory=list)
 
     def as_text(self) -> str:
@@ -90,6 +91,7 @@ class ConnectionInfo:
                 "  then open        http://127.0.0.1:8265",
                 f"  submit a job   : {self.job_submit_example}",
             ]
+            + ([f"  logs (after)   : {self.logs_dir}"] if self.logs_dir else [])
             + ([f"  Ray token      : {self.token_file} (0600)"
                 + (f" or Prefect Secret block '{self.token_block}'" if self.token_block else "")]
                if self.token_file else ["  Ray token      : OFF (token_auth disabled)"])
@@ -340,6 +342,7 @@ async def publish_connection_info(
         ),
         token_file=plan.token_path if settings.token_auth else "",
         token_block=token_block_name(plan) if settings.token_auth and settings.publish_token_block else "",
+        logs_dir=plan.logs_dir if settings.keep_logs else "",
         nodes=[
             {
                 "node": node_name(n),

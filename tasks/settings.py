@@ -270,6 +270,22 @@ class AdvancedOptions(BaseModel):
         description="Where to write cluster_id=, scheduler=, job_id= lines as soon as each is known "
         "(for a cleanup step that runs when the flow could not tear down; empty: none)",
     )
+    keep_logs: bool = Field(
+        True, title="Keep logs",
+        description="Before teardown, every node copies its Ray logs (and the job its output) to "
+        "<work_dir>/logs/<cluster id>/, gzip'd: what explains a failure survives the cluster",
+    )
+    logs_keep_clusters: int = Field(
+        20, ge=1, le=10000, title="Logs of how many clusters",
+        description="Logs of older clusters are removed before the next cluster starts",
+    )
+    logs_keep_days: float = Field(
+        7, gt=0, le=3650, title="Logs kept (days)", description="Logs older than this are removed before the next cluster starts",
+    )
+    log_cap_mb: int = Field(
+        50, ge=1, le=100000, title="Logs per node (MB)",
+        description="At most this much (uncompressed) of each node's logs is kept, the newest files first",
+    )
 
     @field_validator("node_tmp")
     @classmethod
