@@ -29,7 +29,7 @@ test: system-deps setup lint
 # ruff over every .py of ours, shellcheck over every .sh (sourced ones say `shell=bash`)
 lint: setup
 	$(VENV)/bin/ruff check .
-	shellcheck -x $$(git ls-files '*.sh' 2>/dev/null || find . -name '*.sh' -not -path './.venv/*')
+	shellcheck -x -e SC1091 $$(git ls-files '*.sh' 2>/dev/null || find . -name '*.sh' -not -path './.venv/*')
 
 bench: system-deps setup
 	$(PY) -m bench
