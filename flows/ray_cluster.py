@@ -133,9 +133,10 @@ from tasks.cluster import (
     target_work_dir,
     teardown_cluster,
 )
+from tasks.failures import FailureReason, InvalidInput, reason_of
 from tasks.logs import get_run_logger
 from tasks.readiness import ClusterFailed, publish_connection_info, wait_until_ready, watch_nodes
-from tasks.schedulers import Scheduler, scheduler_for
+from tasks.schedulers import JobPhase, Scheduler, scheduler_for
 from tasks.settings import (
     GROUPS,
     AdvancedOptions,
@@ -191,7 +192,7 @@ def refuse_token_block_without_a_server(settings: RayClusterSettings) -> None:
     """Prefect's temporary server has no authentication and listens on loopback, where
     every user of the machine reaches it: a token saved there is everyone's."""
     if settings.publish_token_block and not get_current_settings().api.url:
-        raise ValueError(
+        raise InvalidInput(
             "publish_token_block needs a configured Prefect server (PREFECT_API_URL): Prefect's temporary "
             "server has no authentication, and every user of this machine could read the token from it"
         )
@@ -286,10 +287,37 @@ async def _run_job_or_hold(
     watcher = asyncio.create_task(watch_nodes(plan, ready.local_port, ready.nodes))
     background.append(watcher)
     settings = plan.settings
-    if settings.user_script:
-        await _unless_a_node_dies(run_user_job(target, plan, ready.local_port, ready.nodes), watcher)
-    if settings.keep_alive or not settings.user_script:
-        await _unless_a_node_dies(keep_alive(plan, ready.local_port, scheduler.walltime_seconds), watcher)
+    try:
+        if settings.user_script:
+            await _unless_a_node_dies(run_user_job(target, plan, ready.local_port, ready.nodes), watcher)
+        if settings.keep_alive or not settings.user_script:
+            await _unless_a_node_dies(keep_alive(plan, ready.local_port, scheduler.walltime_seconds), watcher)
+    except Exception as failure:
+        await keep_the_failed_cluster_up(target, scheduler, plan, ready, failure)
+        raise
+
+
+async def keep_the_failed_cluster_up(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, ready, failure: Exception
+) -> None:
+    """on_failure keep=MINUTES: a cluster whose job failed or whose node died stays up for
+    debugging, that long, until cancelled, or until its job ends; then the usual teardown.
+    A failure that a retry will answer is not kept (the retry needs the allocation)."""
+    seconds = plan.settings.cluster.keep_on_failure_seconds
+    if not seconds or (isinstance(failure, ClusterFailed) and failure.retryable and plan.settings.retries):
+        return
+    get_run_logger().warning(
+        "%s: keeping the failed cluster %s up for %.1f min for debugging (dashboard http://127.0.0.1:%d "
+        "through the flow's tunnel; the tunnel command and Ray address are above); cancel the run to tear it down now",
+        reason_of(failure).value, plan.cluster_id, seconds / 60, ready.local_port)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while loop.time() < until:
+        await asyncio.sleep(min(5.0, max(0.0, until - loop.time())))
+        if (await scheduler.state(target, plan.job_id)).phase is JobPhase.ended:
+            get_run_logger().warning("the job of cluster %s ended while kept up", plan.cluster_id)
+            return
+    get_run_logger().info("kept cluster %s up for %.1f min: tearing it down", plan.cluster_id, seconds / 60)
 
 
 def remember(plan: ClusterPlan, scheduler: Scheduler) -> None:
@@ -301,7 +329,30 @@ def remember(plan: ClusterPlan, scheduler: Scheduler) -> None:
 
 async def run_cluster(settings: RayClusterSettings) -> dict:
     """The pipeline, whichever entry point: a cluster from start to teardown, and a fresh
-    one (without the nodes that failed) while one fails to come up and retries are left."""
+    one (without the nodes that failed) while one fails to come up and retries are left.
+    A failure is reported with its reason (tasks/failures.py) before it ends the run."""
+    try:
+        return await _clusters_until_one_works(settings)
+    except BaseException as failure:
+        await report_failure(failure)
+        raise
+
+
+async def report_failure(failure: BaseException) -> None:
+    """The run log and the `ray-cluster-failure` artifact: the reason, then what happened."""
+    reason = reason_of(failure)
+    if reason is FailureReason.cancelled:
+        return  # not a failure: the Cancelled state says it
+    get_run_logger().error("ray-cluster failed (%s): %s", reason.value, str(failure).splitlines()[0] if str(failure) else type(failure).__name__)
+    try:
+        await create_markdown_artifact(
+            key="ray-cluster-failure", description=f"Why the run failed: {reason.value}",
+            markdown=f"# Failed: {reason.value}\n\n```\n{str(failure)[-6000:]}\n```\n")
+    except Exception:  # the artifact is a courtesy; the error itself is what counts
+        pass
+
+
+async def _clusters_until_one_works(settings: RayClusterSettings) -> dict:
     logger = get_run_logger()
     refuse_token_block_without_a_server(settings)
     scheduler = scheduler_for(settings)
@@ -341,7 +392,7 @@ async def _one_cluster(target: Transport, scheduler: Scheduler, settings: RayClu
             await teardown_cluster(target, scheduler, plan)
     except StoppedOnPurpose as stop:
         # on purpose, and torn down: Cancelled, not Crashed (a failure stays Failed)
-        return Cancelled(message=f"{stop}: cluster {plan.cluster_id} torn down")
+        return Cancelled(message=f"{FailureReason.cancelled.value}: {stop}; cluster {plan.cluster_id} torn down")
     except ClusterFailed as failure:
         await show_the_failed_nodes_logs(target, plan, failure)
         raise
@@ -713,7 +764,7 @@ async def _run(settings: RayClusterSettings) -> int:
         print(f"interrupted ({STOP.name or 'cancelled'}): cluster torn down", file=sys.stderr)
         return 128 + (STOP.signum or signal.SIGINT)
     except Exception as exc:
-        print(f"ray-cluster failed: {exc}", file=sys.stderr)
+        print(f"ray-cluster failed ({reason_of(exc).value}): {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"cluster_id": info["cluster_id"], "ready": True}))
     return 0

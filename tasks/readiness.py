@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import ClusterPlan, token_block_name
 from tasks.events import emit_cluster_event
+from tasks.failures import FailureReason
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.settings import NodeFailure, RayClusterSettings, SchedulerKind
@@ -35,9 +36,10 @@ class ClusterFailed(RuntimeError):
     while starting), never a job that can not run as asked. joined: the scheduler's names
     of the nodes that were alive; head_failed: the head itself never came up."""
 
-    def __init__(self, message: str, *, retryable: bool = False, joined: list[str] | None = None,
-                 head_failed: bool = False):
+    def __init__(self, message: str, *, reason: FailureReason, retryable: bool = False,
+                 joined: list[str] | None = None, head_failed: bool = False):
         super().__init__(message)
+        self.reason = reason
         self.retryable = retryable
         self.joined = joined or []
         self.head_failed = head_failed
@@ -203,13 +205,13 @@ async def wait_for_head(
         status = await target.read_text(f"{plan.cluster_dir}/status")
         if status and "RAY_FAILED=" in status:
             raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {status.strip()}",
-                                retryable=True, head_failed=True)
+                                reason=FailureReason.start_failed, retryable=True, head_failed=True)
         if state.hopeless:
-            raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}")
+            raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}", reason=FailureReason.never_startable)
         if state.phase is JobPhase.ended:
             raise ClusterFailed(
                 f"job {plan.job_id} ended before the cluster was ready ({state}).\n{await _log_tail(target, plan)}",
-                retryable=True,
+                reason=FailureReason.start_failed, retryable=True,
             )
         if state.phase is JobPhase.running:
             text = await target.read_text(f"{plan.cluster_dir}/head.env")
@@ -221,7 +223,7 @@ async def wait_for_head(
             # still queued: a fresh allocation would queue the same; started: the head failed it
             raise ClusterFailed(
                 f"cluster {plan.cluster_id} not ready after {deadline.seconds:g}s: {report.last or 'no answer'}",
-                retryable=state.phase is JobPhase.running, head_failed=True,
+                reason=FailureReason.readiness_timeout, retryable=state.phase is JobPhase.running, head_failed=True,
             )
         await asyncio.sleep(delay)  # back off while the job waits in the queue
         delay = min(delay * 1.5, 2.0)
@@ -252,12 +254,12 @@ async def wait_for_nodes(
                 state = await scheduler.state(target, plan.job_id)
                 if state.phase is JobPhase.ended:
                     raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})",
-                                        retryable=True, joined=joined)
+                                        reason=FailureReason.start_failed, retryable=True, joined=joined)
             if deadline.passed:
                 raise ClusterFailed(
                     f"cluster {plan.cluster_id} not ready after {deadline.seconds:g}s: {report.last}"
                     + (f" (joined: {', '.join(joined)})" if joined else ""),
-                    retryable=True, joined=joined,
+                    reason=FailureReason.readiness_timeout, retryable=True, joined=joined,
                 )
             # once the head is up, nodes join within seconds: poll briskly to see readiness at once
             await asyncio.sleep(0.25)
@@ -285,12 +287,14 @@ async def confirm_nodes_alive(plan: ClusterPlan, local_port: int, ready_nodes: l
     if lost:
         raise ClusterFailed(
             f"Ray node(s) lost before the job began: {', '.join(lost)} ({len(alive)} of {len(ready_nodes)} alive)",
-            retryable=True, joined=[node_name(node) for node in alive.values()],
+            reason=FailureReason.node_lost, retryable=True, joined=[node_name(node) for node in alive.values()],
         )
 
 
 class NodeLost(RuntimeError):
     """A node of the ready cluster died and node_failure is 'stop'."""
+
+    reason = FailureReason.node_lost
 
 
 async def watch_nodes(plan: ClusterPlan, local_port: int, ready_nodes: list[dict], every: float = 3.0) -> None:

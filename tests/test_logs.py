@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, SMALL, KeepKilling, assert_nothing_left, batch_args, run_flow
+from tests.helpers import REPO, SMALL, BackgroundFlow, KeepKilling, assert_nothing_left, batch_args, run_flow, wait_for
 
 CLUSTER_RE = re.compile(r"cluster (ar-[0-9a-f]{32}) on ")
 
@@ -110,3 +110,36 @@ def test_retention_by_age_alone(tmp_path):
 def test_retention_of_a_work_dir_without_logs_is_nothing(tmp_path):
     prune(tmp_path / "nope", keep=1, days=1)
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.bed
+@pytest.mark.timeout(300)
+def test_on_failure_keep_leaves_the_failed_cluster_up_for_that_long_then_nothing(work, prefect_api, bed):
+    script = work / "boom.py"
+    script.write_text("raise SystemExit(3)\n")
+    flow = BackgroundFlow(bed, ["--user-script", script, "--work-dir", work / "w", "--on-failure", "keep=0.25", *SMALL],
+                          work, prefect_api)
+    try:
+        info = flow.wait_ready()
+        wait_for(lambda: "keeping the failed cluster" in flow.output, 120, "the failed cluster kept up")
+        assert "user job failed: keeping the failed cluster" in flow.output
+        kept_at = time.monotonic()
+        # still up and answering: its Ray processes run, its job API answers with the token
+        assert bed.cluster_processes(info["cluster_id"]), "the failed cluster was torn down at once"
+        token = Path(info["token_file"]).read_text().strip()
+        answered = bed.run_login([bed.user_python, "-c", ASK_JOB_API, str(info["dashboard_port_on_head"]), token],
+                                 user=bed.user, timeout=30)
+        assert answered.stdout.strip() == "200", answered.stdout + answered.stderr
+        assert flow.wait(120) == 1, flow.output[-3000:]
+        assert time.monotonic() - kept_at >= 5  # kept about 15 s, not torn down at the failure
+        assert "ray-cluster failed (user job failed)" in flow.output
+    finally:
+        flow.kill()
+    assert_nothing_left(bed, info["cluster_id"], work / "w")
+
+
+ASK_JOB_API = """
+import sys, urllib.request
+request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/api/jobs/", headers={"Authorization": f"Bearer {sys.argv[2]}"})
+print(urllib.request.urlopen(request, timeout=10).status)
+"""
