@@ -398,8 +398,11 @@ async def _one_cluster(target: Transport, scheduler: Scheduler, settings: RayClu
         raise
 
 
-# The log that explains a node that failed: its raylet's (a worker), the GCS's (the head).
-EXPLAINING_LOGS = {"head": ("gcs_server.out", "raylet.out", "ray-head.log"), "worker": ("raylet.out", "ray-{node}.log")}
+# The log that explains a node that failed: `ray start`'s own output (which of Ray's
+# processes died, and how), then the raylet's (a worker) or the GCS's (the head).
+EXPLAINING_LOGS = {"head": ("ray-head.log", "gcs_server.out", "raylet.out"), "worker": ("ray-{node}.log", "raylet.out")}
+# Ray's C++ logs: "[2026-12-02 13:55:30,123 E 1234 5678] ..." - the warnings and errors say why
+RAY_WARNING_LINES = r"^\[[^]]* [WEFC] "
 
 
 async def show_the_failed_nodes_logs(target: Transport, plan: ClusterPlan, failure: ClusterFailed) -> None:
@@ -413,10 +416,13 @@ async def show_the_failed_nodes_logs(target: Transport, plan: ClusterPlan, failu
         names = EXPLAINING_LOGS["head" if node == "head" else "worker"]
         for name in (n.format(node=node) for n in names):
             path = f"{plan.logs_dir}/{node}/{name}.gz"
-            shown = await target.run(f"zcat {shlex.quote(path)} 2>/dev/null | tail -n 15", check=False, timeout=30)
+            quoted = shlex.quote(path)
+            show = f"zcat {quoted}"
+            if name.endswith(".out"):  # a C++ log: its warnings and errors, else its end
+                show = f"{{ zcat {quoted} | grep -E {shlex.quote(RAY_WARNING_LINES)} || zcat {quoted}; }}"
+            shown = await target.run(f"{show} 2>/dev/null | tail -n 15", check=False, timeout=30)
             if shown.stdout.strip():
                 tails.append(f"--- {node}: last lines of {name} ({path}) ---\n{shown.stdout.rstrip()}")
-                break
     if nodes:
         where = f"failed node(s): {', '.join(nodes)}; logs of every node: {plan.logs_dir}"
         failure.args = ("\n".join([str(failure), where, *tails]),)
