@@ -120,18 +120,23 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import (
+    CLUSTER_ID_RE,
+    SCRIPTS_DIR,
     ClusterPlan,
     beat,
     load_cluster_states,
+    logs_dir_of,
     prepare_environment,
+    prune_old_logs,
     save_cluster_state,
     start_cluster,
     target_work_dir,
     teardown_cluster,
 )
+from tasks.failures import FailureReason, InvalidInput, reason_of
 from tasks.logs import get_run_logger
 from tasks.readiness import ClusterFailed, publish_connection_info, wait_until_ready, watch_nodes
-from tasks.schedulers import Scheduler, scheduler_for
+from tasks.schedulers import JobPhase, Scheduler, scheduler_for
 from tasks.settings import (
     GROUPS,
     AdvancedOptions,
@@ -187,7 +192,7 @@ def refuse_token_block_without_a_server(settings: RayClusterSettings) -> None:
     """Prefect's temporary server has no authentication and listens on loopback, where
     every user of the machine reaches it: a token saved there is everyone's."""
     if settings.publish_token_block and not get_current_settings().api.url:
-        raise ValueError(
+        raise InvalidInput(
             "publish_token_block needs a configured Prefect server (PREFECT_API_URL): Prefect's temporary "
             "server has no authentication, and every user of this machine could read the token from it"
         )
@@ -264,6 +269,7 @@ async def _bring_up_and_hold(
     """The pipeline of one cluster: environment, start, readiness, connection info, then
     the user job and/or keep-alive. Its teardown is the caller's (_one_cluster)."""
     plan.environment = await prepare_environment(target, plan.settings, work_dir)
+    await prune_old_logs(target, plan.settings, work_dir)
     await start_cluster(target, scheduler, plan)
     remember(plan, scheduler)
     background.append(asyncio.create_task(beat(target, plan)))
@@ -281,10 +287,37 @@ async def _run_job_or_hold(
     watcher = asyncio.create_task(watch_nodes(plan, ready.local_port, ready.nodes))
     background.append(watcher)
     settings = plan.settings
-    if settings.user_script:
-        await _unless_a_node_dies(run_user_job(target, plan, ready.local_port, ready.nodes), watcher)
-    if settings.keep_alive or not settings.user_script:
-        await _unless_a_node_dies(keep_alive(plan, ready.local_port, scheduler.walltime_seconds), watcher)
+    try:
+        if settings.user_script:
+            await _unless_a_node_dies(run_user_job(target, plan, ready.local_port, ready.nodes), watcher)
+        if settings.keep_alive or not settings.user_script:
+            await _unless_a_node_dies(keep_alive(plan, ready.local_port, scheduler.walltime_seconds), watcher)
+    except Exception as failure:
+        await keep_the_failed_cluster_up(target, scheduler, plan, ready, failure)
+        raise
+
+
+async def keep_the_failed_cluster_up(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, ready, failure: Exception
+) -> None:
+    """on_failure keep=MINUTES: a cluster whose job failed or whose node died stays up for
+    debugging, that long, until cancelled, or until its job ends; then the usual teardown.
+    A failure that a retry will answer is not kept (the retry needs the allocation)."""
+    seconds = plan.settings.cluster.keep_on_failure_seconds
+    if not seconds or (isinstance(failure, ClusterFailed) and failure.retryable and plan.settings.retries):
+        return
+    get_run_logger().warning(
+        "%s: keeping the failed cluster %s up for %.1f min for debugging (dashboard http://127.0.0.1:%d "
+        "through the flow's tunnel; the tunnel command and Ray address are above); cancel the run to tear it down now",
+        reason_of(failure).value, plan.cluster_id, seconds / 60, ready.local_port)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while loop.time() < until:
+        await asyncio.sleep(min(5.0, max(0.0, until - loop.time())))
+        if (await scheduler.state(target, plan.job_id)).phase is JobPhase.ended:
+            get_run_logger().warning("the job of cluster %s ended while kept up", plan.cluster_id)
+            return
+    get_run_logger().info("kept cluster %s up for %.1f min: tearing it down", plan.cluster_id, seconds / 60)
 
 
 def remember(plan: ClusterPlan, scheduler: Scheduler) -> None:
@@ -296,7 +329,30 @@ def remember(plan: ClusterPlan, scheduler: Scheduler) -> None:
 
 async def run_cluster(settings: RayClusterSettings) -> dict:
     """The pipeline, whichever entry point: a cluster from start to teardown, and a fresh
-    one (without the nodes that failed) while one fails to come up and retries are left."""
+    one (without the nodes that failed) while one fails to come up and retries are left.
+    A failure is reported with its reason (tasks/failures.py) before it ends the run."""
+    try:
+        return await _clusters_until_one_works(settings)
+    except BaseException as failure:
+        await report_failure(failure)
+        raise
+
+
+async def report_failure(failure: BaseException) -> None:
+    """The run log and the `ray-cluster-failure` artifact: the reason, then what happened."""
+    reason = reason_of(failure)
+    if reason is FailureReason.cancelled:
+        return  # not a failure: the Cancelled state says it
+    get_run_logger().error("ray-cluster failed (%s): %s", reason.value, str(failure).splitlines()[0] if str(failure) else type(failure).__name__)
+    try:
+        await create_markdown_artifact(
+            key="ray-cluster-failure", description=f"Why the run failed: {reason.value}",
+            markdown=f"# Failed: {reason.value}\n\n```\n{str(failure)[-6000:]}\n```\n")
+    except Exception:  # the artifact is a courtesy; the error itself is what counts
+        pass
+
+
+async def _clusters_until_one_works(settings: RayClusterSettings) -> dict:
     logger = get_run_logger()
     refuse_token_block_without_a_server(settings)
     scheduler = scheduler_for(settings)
@@ -336,7 +392,40 @@ async def _one_cluster(target: Transport, scheduler: Scheduler, settings: RayClu
             await teardown_cluster(target, scheduler, plan)
     except StoppedOnPurpose as stop:
         # on purpose, and torn down: Cancelled, not Crashed (a failure stays Failed)
-        return Cancelled(message=f"{stop}: cluster {plan.cluster_id} torn down")
+        return Cancelled(message=f"{FailureReason.cancelled.value}: {stop}; cluster {plan.cluster_id} torn down")
+    except ClusterFailed as failure:
+        await show_the_failed_nodes_logs(target, plan, failure)
+        raise
+
+
+# The log that explains a node that failed: `ray start`'s own output (which of Ray's
+# processes died, and how), then the raylet's (a worker) or the GCS's (the head).
+EXPLAINING_LOGS = {"head": ("ray-head.log", "gcs_server.out", "raylet.out"), "worker": ("ray-{node}.log", "raylet.out")}
+# Ray's C++ logs: "[2026-12-02 13:55:30,123 E 1234 5678] ..." - the warnings and errors say why
+RAY_WARNING_LINES = r"^\[[^]]* [WEFC] "
+
+
+async def show_the_failed_nodes_logs(target: Transport, plan: ClusterPlan, failure: ClusterFailed) -> None:
+    """After teardown (the nodes have copied their logs): the failure names the node(s) that
+    failed and ends with the last lines of the log that explains each."""
+    if not plan.settings.keep_logs:
+        return
+    nodes = ["head"] if failure.head_failed else failure.failed_nodes[:3]
+    tails = []
+    for node in nodes:
+        names = EXPLAINING_LOGS["head" if node == "head" else "worker"]
+        for name in (n.format(node=node) for n in names):
+            path = f"{plan.logs_dir}/{node}/{name}.gz"
+            quoted = shlex.quote(path)
+            show = f"zcat {quoted}"
+            if name.endswith(".out"):  # a C++ log: its warnings and errors, else its end
+                show = f"{{ zcat {quoted} | grep -E {shlex.quote(RAY_WARNING_LINES)} || zcat {quoted}; }}"
+            shown = await target.run(f"{show} 2>/dev/null | tail -n 15", check=False, timeout=30)
+            if shown.stdout.strip():
+                tails.append(f"--- {node}: last lines of {name} ({path}) ---\n{shown.stdout.rstrip()}")
+    if nodes:
+        where = f"failed node(s): {', '.join(nodes)}; logs of every node: {plan.logs_dir}"
+        failure.args = ("\n".join([str(failure), where, *tails]),)
 
 
 async def failed_nodes(target: Transport, scheduler: Scheduler, plan: ClusterPlan, failure: ClusterFailed) -> list[str]:
@@ -580,9 +669,54 @@ def render_plan(settings: RayClusterSettings) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+
+
+def logs_main(argv: list[str]) -> int:
+    """python -m flows.ray_cluster logs CLUSTER_ID [--host H] [--work-dir W] [--node N] [--tail K]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.ray_cluster logs",
+        description="Show the logs a cluster left in <work_dir>/logs/<cluster id> (every node's Ray logs and the job's output)")
+    parser.add_argument("cluster_id", help="the cluster's id (ar-...), as the flow printed it")
+    parser.add_argument("--host", default="", help="where the cluster ran, as given to the flow (empty: this machine)")
+    parser.add_argument("--work-dir", default=EnvironmentOptions().work_dir, help="the cluster's work dir")
+    parser.add_argument("--node", default="", help="only this node's logs (head, a node name, or job)")
+    parser.add_argument("--tail", type=int, default=20, help="last lines of each file (default 20)")
+    args = parser.parse_args(argv)
+    problems = [what for what, bad in [
+        ("cluster_id: not a cluster id (ar- and 32 hex digits)", not CLUSTER_ID_RE.fullmatch(args.cluster_id)),
+        ("--node: not a node name", bool(args.node) and not NODE_NAME_RE.fullmatch(args.node)),
+        ("--tail: between 1 and 100000", not 1 <= args.tail <= 100000)] if bad]
     try:
-        cli = CliApp.run(RayClusterCli, cli_args=sys.argv[1:] if argv is None else argv)
+        settings = RayClusterSettings(host=args.host, work_dir=args.work_dir)
+    except ValidationError as exc:
+        problems += [f"{'.'.join(map(str, e['loc'][-1:]))}: {e['msg']}" for e in exc.errors()]
+    for problem in problems:
+        print(f"invalid input {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    return asyncio.run(_show_logs(settings, args.cluster_id, args.node, args.tail))
+
+
+async def _show_logs(settings: RayClusterSettings, cluster_id: str, node: str, tail: int) -> int:
+    async with await open_target(settings) as target:
+        work_dir = await target_work_dir(target, settings)
+        await target.put_file(SCRIPTS_DIR / "show_logs.sh", f"{work_dir}/bin/show_logs.sh", 0o700)
+        command = shlex.join(["bash", f"{work_dir}/bin/show_logs.sh", logs_dir_of(work_dir, cluster_id), str(tail), node])
+        shown = await target.run(command, check=False, timeout=300)
+    sys.stdout.write(shown.stdout)
+    sys.stderr.write(shown.stderr)
+    return shown.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["logs"]:
+        return logs_main(argv[1:])
+    try:
+        cli = CliApp.run(RayClusterCli, cli_args=argv)
         settings = RayClusterSettings.model_validate(cli.model_dump(exclude={"dry_run"}))
     except ValidationError as exc:
         for error in exc.errors():
@@ -636,7 +770,7 @@ async def _run(settings: RayClusterSettings) -> int:
         print(f"interrupted ({STOP.name or 'cancelled'}): cluster torn down", file=sys.stderr)
         return 128 + (STOP.signum or signal.SIGINT)
     except Exception as exc:
-        print(f"ray-cluster failed: {exc}", file=sys.stderr)
+        print(f"ray-cluster failed ({reason_of(exc).value}): {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"cluster_id": info["cluster_id"], "ready": True}))
     return 0

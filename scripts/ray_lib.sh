@@ -174,10 +174,38 @@ ar_run_node() {
     return "$status"
 }
 
+# Copy one node's logs to the shared filesystem before its temp dir goes:
+# <work_dir>/logs/<cluster id>/<node>/, each file gzip'd, newest first until
+# AR_LOG_CAP_MB (uncompressed) is reached; ray start's own output too. Never fails
+# the stop: a full disk costs the logs, not the teardown.
+# usage: ar_collect_node_logs NAME TMP
+ar_collect_node_logs() {
+    local name="$1" tmp="$2" dest file size total=0 cap
+    [ "${AR_KEEP_LOGS:-1}" = 1 ] && [ -n "${AR_LOGS_DIR:-}" ] || return 0
+    dest="$AR_LOGS_DIR/$name"
+    mkdir -p "$dest" 2>/dev/null || return 0
+    chmod 700 "$AR_LOGS_DIR" "$dest" 2>/dev/null || true
+    printf '%s\n' "$(ar_host)" >"$dest/HOST" 2>/dev/null || true
+    cap=$((${AR_LOG_CAP_MB:-50} * 1024 * 1024))
+    while IFS= read -r file; do
+        size="$(stat -c %s "$file" 2>/dev/null || echo 0)"
+        total=$((total + size))
+        if [ "$total" -gt "$cap" ]; then
+            echo "capped at ${AR_LOG_CAP_MB:-50} MB: older files left out" >"$dest/CAPPED" 2>/dev/null || true
+            break
+        fi
+        gzip -c "$file" >"$dest/$(basename "$file").gz" 2>/dev/null || true
+    done < <({
+        [ ! -f "$AR_CLUSTER_DIR/logs/ray-$name.log" ] || printf '%s %s\n' 9999999999 "$AR_CLUSTER_DIR/logs/ray-$name.log"
+        find "$tmp"/r/session_*/logs -maxdepth 1 -type f -printf '%T@ %p\n' 2>/dev/null | sort -rn
+    } | cut -d' ' -f2-)
+}
+
 # Stop one node of this host and remove its temp dir; record that it stopped.
 ar_stop_node() {
     local name="$1" pgid="$2" tmp="$3" reason="$4"
     ar_stop_group "$pgid"
+    ar_collect_node_logs "$name" "$tmp"
     rm -rf "$tmp"
     rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" "$AR_CLUSTER_DIR/nodes/$name.tmp" 2>/dev/null || true
     printf '%s %s\n' "$(ar_host)" "$reason" >"$AR_CLUSTER_DIR/nodes/$name.stopped" 2>/dev/null || true
@@ -230,7 +258,10 @@ ar_stop_cluster_here() {
             # shellcheck disable=SC2086
             kill -KILL $pids 2>/dev/null || true
         fi
-        if [ -d "$tmp" ] && [ -O "$tmp" ] && [ ! -L "$tmp" ]; then rm -rf "$tmp"; fi
+        if [ -d "$tmp" ] && [ -O "$tmp" ] && [ ! -L "$tmp" ]; then
+            ar_collect_node_logs "$(basename "$file" .tmp)" "$tmp"
+            rm -rf "$tmp"
+        fi
         rm -f "$file"
     done
 }
@@ -275,4 +306,19 @@ ar_supervise() {
             return 1 ;;
         *) return 1 ;;
     esac
+}
+
+# The job's own output (the job script's, the supervisor's, the workers' launch) to
+# <work_dir>/logs/<cluster id>/job/, gzip'd, before the cluster dir is removed.
+ar_collect_job_logs() {
+    local dest file
+    [ "${AR_KEEP_LOGS:-1}" = 1 ] && [ -n "${AR_LOGS_DIR:-}" ] || return 0
+    dest="$AR_LOGS_DIR/job"
+    mkdir -p "$dest" 2>/dev/null || return 0
+    chmod 700 "$AR_LOGS_DIR" "$dest" 2>/dev/null || true
+    for file in "$AR_CLUSTER_DIR"/logs/*; do
+        [ -f "$file" ] || continue
+        case "$(basename "$file")" in ray-*.log) continue ;; esac  # with its node's logs
+        gzip -c "$file" >"$dest/$(basename "$file").gz" 2>/dev/null || true
+    done
 }

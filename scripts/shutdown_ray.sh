@@ -26,6 +26,8 @@ for _ in $(seq 1 50); do
     sleep 0.2
 done
 ar_nodes_not_stopped | sed 's/^/RAY_NODE_NOT_STOPPED=/'
+ar_collect_job_logs
+[ "${AR_KEEP_LOGS:-1}" != 1 ] || [ ! -d "${AR_LOGS_DIR:-}" ] || printf 'RAY_LOGS_DIR=%s\n' "$AR_LOGS_DIR"
 if [ "${2:-}" != keep-dir ]; then
     rm -rf "$AR_CLUSTER_DIR"
 fi

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
@@ -34,6 +35,10 @@ CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_wor
 # 128 random bits: a cluster's id (and so its dir, job name and temp dir prefix) cannot be guessed.
 CLUSTER_ID_RE = re.compile(r"^ar-[0-9a-f]{32}$")
 GIB = 1024**3
+
+
+def logs_dir_of(work_dir: str, cluster_id: str) -> str:
+    return f"{work_dir}/logs/{cluster_id}"
 
 
 @dataclass
@@ -65,6 +70,11 @@ class ClusterPlan:
         return f"{self.cluster_dir}/token"
 
     @property
+    def logs_dir(self) -> str:
+        """Where the nodes' logs go before teardown: <work_dir>/logs/<cluster id> (shared)."""
+        return logs_dir_of(self.cluster_dir.rsplit("/clusters/", 1)[0], self.cluster_id)
+
+    @property
     def node_tmp_prefix(self) -> str:
         """What every node's temp dir of this cluster starts with (see ar_make_node_tmp)."""
         return f"{self.settings.node_tmp}/{node_tmp_name(self.cluster_id)}"
@@ -86,7 +96,10 @@ class ClusterPlan:
             "AR_DASHBOARD_PORT": s.dashboard_port,
             "AR_HEARTBEAT_TIMEOUT": s.heartbeat_timeout,
             "AR_DIRECT_WORKERS": s.direct_workers,
-            "AR_EXPECTED_NODES": s.nodes,  # Ray nodes the flow waits for (PBS: one per chunk)
+            "AR_EXPECTED_NODES": s.nodes,
+            "AR_LOGS_DIR": self.logs_dir,
+            "AR_KEEP_LOGS": int(s.keep_logs),
+            "AR_LOG_CAP_MB": s.log_cap_mb,  # Ray nodes the flow waits for (PBS: one per chunk)
             "AR_NODE_TMP_NAME": node_tmp_name(self.cluster_id).rstrip("."),
             "AR_METRICS": int(s.metrics),
             # Off unless asked for: the agents' metrics export answers without the token.
@@ -137,6 +150,18 @@ async def prepare_environment(target: Transport, settings: RayClusterSettings, w
     environment = RayEnvironment(values["RAY_PYTHON"], values["RAY_BIN"], values["RAY_ENV_SOURCE"])
     logger.info("Ray %s on %s: %s (%s)", settings.ray_version, target.label, environment.python, environment.source)
     return environment
+
+
+@task(name="prune-old-logs", cache_policy=NO_CACHE)
+async def prune_old_logs(target: Transport, settings: RayClusterSettings, work_dir: str) -> None:
+    """Logs retention: before a new cluster, keep the newest logs_keep_clusters - 1 clusters'
+    logs (with the new one: logs_keep_clusters), none older than logs_keep_days."""
+    await target.put_file(SCRIPTS_DIR / "prune_logs.sh", f"{work_dir}/bin/prune_logs.sh", 0o700)
+    command = shlex.join(["bash", f"{work_dir}/bin/prune_logs.sh", f"{work_dir}/logs",
+                          str(settings.logs_keep_clusters - 1), str(settings.logs_keep_days)])
+    result = await target.run(command, check=False, timeout=120)
+    if result.returncode != 0:
+        get_run_logger().warning("old logs not pruned: %s", result.stderr.strip()[-300:])
 
 
 @task(name="start-ray-cluster", cache_policy=NO_CACHE)
@@ -246,6 +271,23 @@ async def _wait_ended(target: Transport, scheduler: Scheduler, job_id: str, seco
 
 
 @task(name="teardown-ray-cluster", cache_policy=NO_CACHE)
+async def _say_where_the_logs_are(plan: ClusterPlan, logs_dir: str, target: Transport) -> None:
+    listing = await target.run(f"cd {shlex.quote(logs_dir)} && ls -1", check=False, timeout=30)
+    parts = listing.stdout.split()
+    command = f"python -m flows.ray_cluster logs {plan.cluster_id}" + (
+        f" --host {plan.settings.host}" if plan.settings.host else "") + (
+        f" --work-dir {plan.settings.work_dir}" if plan.settings.work_dir != "~/.activate-ray" else "")
+    get_run_logger().info("logs of cluster %s (%s): %s; show them with: %s", plan.cluster_id,
+                          ", ".join(parts) or "none", logs_dir, command)
+    try:
+        await create_markdown_artifact(
+            key=f"ray-logs-{plan.cluster_id}", description="Where the cluster's logs are, after teardown",
+            markdown=f"# Logs of `{plan.cluster_id}`\n\n`{logs_dir}` on {target.label}: {', '.join(parts) or 'none'}"
+                     f"\n\n```\n{command}\n```\n")
+    except Exception as exc:  # outside a flow run (a cleanup): the log line says it
+        get_run_logger().debug("no logs artifact: %s", exc)
+
+
 async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> None:
     """Idempotent: ask every node to stop (each stops itself, on its own host), let the job
     end, cancel it if it did not, then stop what remains on this host and remove the files."""
@@ -269,6 +311,9 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     )
     if result.returncode != 0:
         logger.warning("shutdown script: %s", result.stderr.strip()[-500:])
+    saved = re.findall(r"^RAY_LOGS_DIR=(.+)$", result.stdout, re.M)
+    if saved:
+        await _say_where_the_logs_are(plan, saved[0], target)
     not_stopped = re.findall(r"^RAY_NODE_NOT_STOPPED=(.+)$", result.stdout, re.M)
     if not_stopped:
         logger.warning("node(s) of %s did not report that they stopped: %s", plan.cluster_id, ", ".join(not_stopped))

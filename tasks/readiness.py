@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import ClusterPlan, token_block_name
 from tasks.events import emit_cluster_event
+from tasks.failures import FailureReason
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.settings import NodeFailure, RayClusterSettings, SchedulerKind
@@ -35,9 +36,10 @@ class ClusterFailed(RuntimeError):
     while starting), never a job that can not run as asked. joined: the scheduler's names
     of the nodes that were alive; head_failed: the head itself never came up."""
 
-    def __init__(self, message: str, *, retryable: bool = False, joined: list[str] | None = None,
-                 head_failed: bool = False):
+    def __init__(self, message: str, *, reason: FailureReason, retryable: bool = False,
+                 joined: list[str] | None = None, head_failed: bool = False):
         super().__init__(message)
+        self.reason = reason
         self.retryable = retryable
         self.joined = joined or []
         self.head_failed = head_failed
@@ -76,6 +78,7 @@ class ConnectionInfo:
     job_submit_example: str
     token_file: str
     token_block: str  # Prefect Secret block holding the token while the cluster lives (only if published)
+    logs_dir: str  # where every node's logs are copied before teardown ("" with keep_logs off)
     nodes: list[dict] = field(default_factory=list)
 
     def as_text(self) -> str:
@@ -90,6 +93,7 @@ class ConnectionInfo:
                 "  then open        http://127.0.0.1:8265",
                 f"  submit a job   : {self.job_submit_example}",
             ]
+            + ([f"  logs (after)   : {self.logs_dir}"] if self.logs_dir else [])
             + ([f"  Ray token      : {self.token_file} (0600)"
                 + (f" or Prefect Secret block '{self.token_block}'" if self.token_block else "")]
                if self.token_file else ["  Ray token      : OFF (token_auth disabled)"])
@@ -201,13 +205,13 @@ async def wait_for_head(
         status = await target.read_text(f"{plan.cluster_dir}/status")
         if status and "RAY_FAILED=" in status:
             raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {status.strip()}",
-                                retryable=True, head_failed=True)
+                                reason=FailureReason.start_failed, retryable=True, head_failed=True)
         if state.hopeless:
-            raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}")
+            raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}", reason=FailureReason.never_startable)
         if state.phase is JobPhase.ended:
             raise ClusterFailed(
                 f"job {plan.job_id} ended before the cluster was ready ({state}).\n{await _log_tail(target, plan)}",
-                retryable=True,
+                reason=FailureReason.start_failed, retryable=True,
             )
         if state.phase is JobPhase.running:
             text = await target.read_text(f"{plan.cluster_dir}/head.env")
@@ -219,7 +223,7 @@ async def wait_for_head(
             # still queued: a fresh allocation would queue the same; started: the head failed it
             raise ClusterFailed(
                 f"cluster {plan.cluster_id} not ready after {deadline.seconds:g}s: {report.last or 'no answer'}",
-                retryable=state.phase is JobPhase.running, head_failed=True,
+                reason=FailureReason.readiness_timeout, retryable=state.phase is JobPhase.running, head_failed=True,
             )
         await asyncio.sleep(delay)  # back off while the job waits in the queue
         delay = min(delay * 1.5, 2.0)
@@ -250,12 +254,12 @@ async def wait_for_nodes(
                 state = await scheduler.state(target, plan.job_id)
                 if state.phase is JobPhase.ended:
                     raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})",
-                                        retryable=True, joined=joined)
+                                        reason=FailureReason.start_failed, retryable=True, joined=joined)
             if deadline.passed:
                 raise ClusterFailed(
                     f"cluster {plan.cluster_id} not ready after {deadline.seconds:g}s: {report.last}"
                     + (f" (joined: {', '.join(joined)})" if joined else ""),
-                    retryable=True, joined=joined,
+                    reason=FailureReason.readiness_timeout, retryable=True, joined=joined,
                 )
             # once the head is up, nodes join within seconds: poll briskly to see readiness at once
             await asyncio.sleep(0.25)
@@ -283,12 +287,14 @@ async def confirm_nodes_alive(plan: ClusterPlan, local_port: int, ready_nodes: l
     if lost:
         raise ClusterFailed(
             f"Ray node(s) lost before the job began: {', '.join(lost)} ({len(alive)} of {len(ready_nodes)} alive)",
-            retryable=True, joined=[node_name(node) for node in alive.values()],
+            reason=FailureReason.node_lost, retryable=True, joined=[node_name(node) for node in alive.values()],
         )
 
 
 class NodeLost(RuntimeError):
     """A node of the ready cluster died and node_failure is 'stop'."""
+
+    reason = FailureReason.node_lost
 
 
 async def watch_nodes(plan: ClusterPlan, local_port: int, ready_nodes: list[dict], every: float = 3.0) -> None:
@@ -340,6 +346,7 @@ async def publish_connection_info(
         ),
         token_file=plan.token_path if settings.token_auth else "",
         token_block=token_block_name(plan) if settings.token_auth and settings.publish_token_block else "",
+        logs_dir=plan.logs_dir if settings.keep_logs else "",
         nodes=[
             {
                 "node": node_name(n),

@@ -30,6 +30,7 @@ RAY_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+((a|b|rc)\d+)?$", re.ASCII)
 HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}@)?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,252}(?::\d{1,5})?$", re.ASCII)
 # Paths on the target that reach scripts: no quotes, no shell syntax.
 TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9_.~/+@\-]{1,200}$", re.ASCII)
+ON_FAILURE_RE = re.compile(r"^(teardown|keep(=\d{1,4}(\.\d{1,3})?)?)$", re.ASCII)
 BIND_HOST_RE = re.compile(r"^(\d{1,3}\.){3}\d{1,3}$", re.ASCII)
 # A node's private temp dir is <node_tmp>/<first NODE_TMP_ID_CHARS of the cluster id>.XXXXXX,
 # Ray's temp dir is r/ in it, and Ray puts unix sockets below that
@@ -137,12 +138,33 @@ class ClusterOptions(BaseModel):
         title="When a node dies",
         description="continue: report it and go on; stop: report it and tear the cluster down (the flow fails)",
     )
+    on_failure: str = Field(
+        "teardown", title="On failure",
+        description="teardown: at once; keep=MINUTES (keep: 30): a cluster whose job failed or whose node died "
+        "stays up that long for debugging (dashboard and connection info as shown), or until cancelled",
+        json_schema_extra={"pattern": ON_FAILURE_RE.pattern},
+    )
     retries: int = Field(
         1, ge=0, le=5, title="Retries",
         description="Fresh clusters tried after one that failed to come up (a node that never joined, a job that "
         "ended while starting), each without the nodes that failed (SLURM --exclude). Never after invalid input, "
         "a job the scheduler refused or can never run, or a failing user job",
     )
+
+    @field_validator("on_failure")
+    @classmethod
+    def _on_failure(cls, value: str) -> str:
+        minutes = value.partition("=")[2]
+        if not ON_FAILURE_RE.fullmatch(value) or (minutes and not 0 < float(minutes) <= 1440):
+            raise ValueError(f"on_failure {value!r}: use teardown, keep or keep=MINUTES (more than 0, at most 1440)")
+        return value
+
+    @property
+    def keep_on_failure_seconds(self) -> float:
+        """How long a failed cluster stays up for debugging (0: torn down at once)."""
+        if self.on_failure == "teardown":
+            return 0.0
+        return float(self.on_failure.partition("=")[2] or 30) * 60
 
 
 def _without(model: type[BaseModel], name: str, *left_out: str) -> type[BaseModel]:
@@ -269,6 +291,22 @@ class AdvancedOptions(BaseModel):
         title="Cluster state file",
         description="Where to write cluster_id=, scheduler=, job_id= lines as soon as each is known "
         "(for a cleanup step that runs when the flow could not tear down; empty: none)",
+    )
+    keep_logs: bool = Field(
+        True, title="Keep logs",
+        description="Before teardown, every node copies its Ray logs (and the job its output) to "
+        "<work_dir>/logs/<cluster id>/, gzip'd: what explains a failure survives the cluster",
+    )
+    logs_keep_clusters: int = Field(
+        20, ge=1, le=10000, title="Logs of how many clusters",
+        description="Logs of older clusters are removed before the next cluster starts",
+    )
+    logs_keep_days: float = Field(
+        7, gt=0, le=3650, title="Logs kept (days)", description="Logs older than this are removed before the next cluster starts",
+    )
+    log_cap_mb: int = Field(
+        50, ge=1, le=100000, title="Logs per node (MB)",
+        description="At most this much (uncompressed) of each node's logs is kept, the newest files first",
     )
 
     @field_validator("node_tmp")

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.cluster import ClusterPlan
 from tasks.events import emit_cluster_event
+from tasks.failures import FailureReason
 from tasks.logs import get_run_logger
 from tasks.readiness import auth_headers, confirm_nodes_alive
 from tasks.transport import Transport
@@ -23,6 +24,8 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 class UserJobFailed(RuntimeError):
     """The user's Ray job ended in FAILED or STOPPED."""
+
+    reason = FailureReason.user_job_failed
 
 
 def _client(plan: ClusterPlan, local_port: int):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -239,3 +240,26 @@ def batch_args(work: Path, *extra, scheduler: str = "slurm", readiness: int = 12
         "--scheduler", scheduler, "--work-dir", str(work), f"--{scheduler}.walltime", "00:10:00",
         "--readiness-timeout", str(readiness), *SMALL, *extra,
     ]
+
+
+class KeepKilling(threading.Thread):
+    """Kills the bed user's raylet on one node, again and again, until stopped: a node
+    that dies while the cluster starts (and would again, as a broken node does)."""
+
+    def __init__(self, bed, node: str):
+        super().__init__(daemon=True)
+        self.bed, self.node, self.done, self.kills = bed, node, threading.Event(), 0
+
+    def run(self):
+        while not self.done.wait(0.3):
+            result = self.bed.run_node(self.node, ["pkill", "-KILL", "-u", self.bed.user.name, "-f", "raylet"],
+                                       timeout=30)
+            self.kills += result.returncode == 0
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join(35)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 
 import pytest
 
-from tests.helpers import assert_nothing_left, batch_args, run_flow
+from tests.helpers import KeepKilling, assert_nothing_left, batch_args, run_flow
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
@@ -20,29 +19,6 @@ JOB_RE = re.compile(r"submitted to slurm: job (\d+)")
 
 def clusters_and_jobs(output: str) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(CLUSTER_RE.findall(output))), JOB_RE.findall(output)
-
-
-class KeepKilling(threading.Thread):
-    """Kills the bed user's raylet on one node, again and again, until stopped: a node
-    that dies while the cluster starts (and would again, as a broken node does)."""
-
-    def __init__(self, bed, node: str):
-        super().__init__(daemon=True)
-        self.bed, self.node, self.done, self.kills = bed, node, threading.Event(), 0
-
-    def run(self):
-        while not self.done.wait(0.3):
-            result = self.bed.run_node(self.node, ["pkill", "-KILL", "-u", self.bed.user.name, "-f", "raylet"],
-                                       timeout=30)
-            self.kills += result.returncode == 0
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.join(35)
 
 
 def test_a_node_killed_while_starting_is_retried_without_that_node(work, prefect_api, bed):

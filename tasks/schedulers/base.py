@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
+from tasks.failures import FailureReason
 from tasks.logs import get_run_logger
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class JobState:
 
 class SchedulerRejected(RuntimeError):
     """The scheduler refused the job (bad partition, too many nodes, ...)."""
+
+    reason = FailureReason.scheduler_refused
 
 
 # A scheduler's answers that say "not now" rather than "no": the submission is tried again.
