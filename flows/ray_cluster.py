@@ -487,7 +487,7 @@ def settings_from_parameters(parameters: dict, scheduler: SchedulerKind | None =
 PARAMETER_HELP = {
     'user_script': 'The Ray script: its text (anything with a line break) or a Python file on the machine that runs the flow, submitted as a Ray job (empty: keep the cluster up until idle)',
     'script_args': 'Arguments after the script: python SCRIPT ARG...',
-    'runtime_env': "The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars)",
+    'runtime_env': "The job's runtime environment, as `ray job submit --runtime-env` takes it (working_dir, pip, env_vars), and its driver's resources (--entrypoint-num-cpus, ...)",
     'host': 'The login node: user@host:port, an ~/.ssh/config alias, or a saved SSH connection block',
     'scheduler': 'none (head and workers on the host itself), slurm or pbs (a batch job, one Ray node per allocated node)',
     'cluster': 'Node sizes and how long the cluster lives',
@@ -645,6 +645,7 @@ def _describe_job(settings: RayClusterSettings) -> str:
               else settings.user_script)
     runtime_env = settings.runtime_env.as_ray()
     extra = f", runtime_env {sorted(runtime_env)}" if runtime_env else ""
+    extra += "".join(f", {key}={value}" for key, value in settings.runtime_env.entrypoint_resources().items())
     return f"{script}{' ' + shlex.join(settings.script_args) if settings.script_args else ''}{extra}"
 
 

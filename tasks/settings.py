@@ -361,7 +361,7 @@ ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", re.ASCII)
 
 @positioned
 class RuntimeEnvOptions(BaseModel):
-    """The user job's runtime environment, as Ray's job API takes it."""
+    """The user job's runtime environment and its driver's resources, as Ray's job API takes them."""
 
     model_config = ConfigDict(extra="forbid", title="Runtime environment")
 
@@ -373,6 +373,17 @@ class RuntimeEnvOptions(BaseModel):
                            description="Extra packages for the job's workers, e.g. ['pandas==2.2.3']")
     env_vars: dict[str, str] = Field(default_factory=dict, title="Environment variables",
                                      description="Set for the job's driver and workers")
+    # Resources of the job's driver (its entrypoint), as `ray job submit --entrypoint-num-cpus` takes
+    # them: the driver then waits for a node that has them instead of running on the head.
+    entrypoint_num_cpus: float | None = Field(
+        None, ge=0, le=4096, title="Driver CPUs",
+        description="CPUs reserved for the job's driver (ray job submit --entrypoint-num-cpus; empty: none)")
+    entrypoint_num_gpus: float | None = Field(
+        None, ge=0, le=64, title="Driver GPUs",
+        description="GPUs reserved for the job's driver, which then runs on a node that has them (empty: none)")
+    entrypoint_memory_gb: float | None = Field(
+        None, gt=0, le=65536, title="Driver memory (GB)",
+        description="Memory reserved for the job's driver (ray job submit --entrypoint-memory; empty: none)")
 
     @field_validator("working_dir")
     @classmethod
@@ -392,8 +403,14 @@ class RuntimeEnvOptions(BaseModel):
         return value
 
     def as_ray(self) -> dict:
-        """What JobSubmissionClient.submit_job takes: only what is set."""
-        return {key: value for key, value in self.model_dump().items() if value}
+        """The runtime_env JobSubmissionClient.submit_job takes: only what is set."""
+        return {key: value for key, value in self.model_dump(include={"working_dir", "pip", "env_vars"}).items() if value}
+
+    def entrypoint_resources(self) -> dict:
+        """submit_job's entrypoint_num_cpus / _num_gpus / _memory (bytes): only what is set."""
+        values = {"entrypoint_num_cpus": self.entrypoint_num_cpus, "entrypoint_num_gpus": self.entrypoint_num_gpus,
+                  "entrypoint_memory": None if self.entrypoint_memory_gb is None else int(self.entrypoint_memory_gb * 1024**3)}
+        return {key: value for key, value in values.items() if value is not None}
 
 
 # The flow's parameter groups, in the order of the form and of workflow.yaml's inputs.

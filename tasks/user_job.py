@@ -51,7 +51,7 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
     entrypoint = shlex.join([plan.environment.python, remote, *settings.script_args])
     job_id = await asyncio.to_thread(
         client.submit_job, entrypoint=entrypoint, submission_id=f"{plan.cluster_id}-{script.stem}"[:60],
-        runtime_env=settings.runtime_env.as_ray() or None,
+        runtime_env=settings.runtime_env.as_ray() or None, **settings.runtime_env.entrypoint_resources(),
     )
     logger.info("submitted Ray job %s: %s", job_id, script.name)
     try:
@@ -74,7 +74,8 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
     )
     if status != "SUCCEEDED":
         raise UserJobFailed(f"Ray job {job_id} ({script.name}) {status}: {info.message}")
-    logger.info("Ray job %s SUCCEEDED", job_id)
+    reserved = {key: getattr(info, key, None) for key in settings.runtime_env.entrypoint_resources()}
+    logger.info("Ray job %s SUCCEEDED%s", job_id, f" (driver reserved, as Ray recorded it: {reserved})" if reserved else "")
     return job_id
 
 

@@ -51,10 +51,13 @@ def test_script_given_as_text_with_arguments_and_a_runtime_env(work, prefect_api
     run = run_flow(
         bed, ["--user-script", script, "--script-args", '["one", "two words", "it\'s $HOME"]',
               "--runtime-env.working-dir", data, "--runtime-env.env-vars", '{"GREETING": "hi there"}',
+              "--runtime-env.entrypoint-num-cpus", "1", "--runtime-env.entrypoint-memory-gb", "0.1",
               "--work-dir", work / "w", *SMALL],
         work=work, api=prefect_api,
     )
     assert run.returncode == 0, run.output[-4000:]
     assert "ARGS=['one', 'two words', \"it's $HOME\"]" in run.output
     assert "TASK=from the working dir|hi there" in run.output
+    # the driver's own reservation, as Ray's job API recorded it
+    assert f"driver reserved, as Ray recorded it: {{'entrypoint_num_cpus': 1.0, 'entrypoint_memory': {int(0.1 * 1024**3)}}}" in run.output
     assert_nothing_left(bed, run.cluster_id, work / "w")
