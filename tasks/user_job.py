@@ -53,7 +53,8 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
         client.submit_job, entrypoint=entrypoint, submission_id=f"{plan.cluster_id}-{script.stem}"[:60],
         runtime_env=settings.runtime_env.as_ray() or None, **settings.runtime_env.entrypoint_resources(),
     )
-    logger.info("submitted Ray job %s: %s", job_id, script.name)
+    reserved = settings.runtime_env.entrypoint_resources()
+    logger.info("submitted Ray job %s: %s%s", job_id, script.name, f" (its driver reserves {reserved})" if reserved else "")
     try:
         async for chunk in client.tail_job_logs(job_id):
             for line in chunk.splitlines():
@@ -74,8 +75,7 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
     )
     if status != "SUCCEEDED":
         raise UserJobFailed(f"Ray job {job_id} ({script.name}) {status}: {info.message}")
-    reserved = {key: getattr(info, key, None) for key in settings.runtime_env.entrypoint_resources()}
-    logger.info("Ray job %s SUCCEEDED%s", job_id, f" (driver reserved, as Ray recorded it: {reserved})" if reserved else "")
+    logger.info("Ray job %s SUCCEEDED", job_id)
     return job_id
 
 
