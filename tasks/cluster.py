@@ -22,7 +22,7 @@ from tasks.atomic_file import write_text_atomic
 from tasks.events import emit_cluster_event
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler, scheduler_for
-from tasks.settings import TARGET_PATH_RE, RayClusterSettings, node_tmp_name
+from tasks.settings import TARGET_PATH_RE, EnvironmentOptions, RayClusterSettings, node_tmp_name
 from tasks.transport import LocalTransport, Transport
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
@@ -276,7 +276,8 @@ async def _say_where_the_logs_are(plan: ClusterPlan, logs_dir: str, target: Tran
     parts = listing.stdout.split()
     command = f"python -m flows.ray_cluster logs {plan.cluster_id}" + (
         f" --host {plan.settings.host}" if plan.settings.host else "") + (
-        f" --work-dir {plan.settings.work_dir}" if plan.settings.work_dir != "~/.activate-ray" else "")
+        f" --work-dir {plan.settings.work_dir}"
+        if plan.settings.work_dir != EnvironmentOptions.model_fields["work_dir"].default else "")
     get_run_logger().info("logs of cluster %s (%s): %s; show them with: %s", plan.cluster_id,
                           ", ".join(parts) or "none", logs_dir, command)
     try:

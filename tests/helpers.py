@@ -23,6 +23,8 @@ from tasks.settings import node_tmp_name
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_ID_RE = re.compile(r"\bcluster (ar-[0-9a-f]{8,32})\b")
+# "cluster <id> on <target>": the flow says it once per attempt, as each cluster is planned
+CLUSTER_STARTED_RE = re.compile(r"cluster (ar-[0-9a-f]{32}) on ")
 
 # Sizes for the bed's 2-CPU, 2000 MB nodes.
 SMALL = ["--ray-memory-gb", "0.5", "--object-store-memory-gb", "0.25"]

@@ -13,9 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, SMALL, BackgroundFlow, KeepKilling, assert_nothing_left, batch_args, run_flow, wait_for
-
-CLUSTER_RE = re.compile(r"cluster (ar-[0-9a-f]{32}) on ")
+from tests.helpers import (
+    CLUSTER_STARTED_RE,
+    REPO,
+    SMALL,
+    BackgroundFlow,
+    KeepKilling,
+    assert_nothing_left,
+    batch_args,
+    run_flow,
+    wait_for,
+)
 
 
 def node_logs(logs: Path) -> dict[str, list[str]]:
@@ -30,7 +38,7 @@ def test_a_node_that_never_joins_is_named_with_its_log_and_every_nodes_logs_stay
                        work=work, api=prefect_api, timeout=360)
     assert killer.kills >= 1, "the fault never happened"
     assert run.returncode == 1, run.output[-4000:]
-    (cluster,) = set(CLUSTER_RE.findall(run.output))
+    (cluster,) = set(CLUSTER_STARTED_RE.findall(run.output))
     logs = work / "w" / "logs" / cluster
     assert f"failed node(s): node2; logs of every node: {logs}" in run.output, run.output[-4000:]
     assert re.search(r"--- node2: last lines of (raylet\.out|ray-node2\.log) ", run.output), run.output[-4000:]
@@ -52,7 +60,7 @@ def test_a_failing_jobs_driver_log_stays_and_the_logs_command_prints_it(work, pr
     script.write_text("import ray\nray.init()\nprint('DRIVER_SAID_THIS_BEFORE_FAILING')\nraise SystemExit(3)\n")
     run = run_flow(bed, ["--user-script", script, "--work-dir", work / "w", *SMALL], work=work, api=prefect_api)
     assert run.returncode == 1, run.output[-4000:]
-    (cluster,) = set(CLUSTER_RE.findall(run.output))
+    (cluster,) = set(CLUSTER_STARTED_RE.findall(run.output))
     found = node_logs(work / "w" / "logs" / cluster)
     assert any(name.startswith("job-driver-") for name in found["head"]), found
     shown = bed.run_login([bed.user_python, "-m", "flows.ray_cluster", "logs", cluster, "--work-dir", str(work / "w"),

@@ -9,16 +9,15 @@ import re
 
 import pytest
 
-from tests.helpers import KeepKilling, assert_nothing_left, batch_args, run_flow
+from tests.helpers import CLUSTER_STARTED_RE, KeepKilling, assert_nothing_left, batch_args, run_flow
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
-CLUSTER_RE = re.compile(r"cluster (ar-[0-9a-f]{32}) on ")
 JOB_RE = re.compile(r"submitted to slurm: job (\d+)")
 
 
 def clusters_and_jobs(output: str) -> tuple[list[str], list[str]]:
-    return list(dict.fromkeys(CLUSTER_RE.findall(output))), JOB_RE.findall(output)
+    return list(dict.fromkeys(CLUSTER_STARTED_RE.findall(output))), JOB_RE.findall(output)
 
 
 def test_a_node_killed_while_starting_is_retried_without_that_node(work, prefect_api, bed):
