@@ -656,6 +656,9 @@ def render_plan(settings: RayClusterSettings) -> str:
     return "\n".join(
         [
             f"# target: {settings.host or 'this machine'}; scheduler: {scheduler.name}; nodes: {settings.nodes}",
+            *([f"# 0. setup_commands, on the target before Python is looked for, and on every node before Ray starts "
+               f"({plan.cluster_dir}/setup_commands.sh):", settings.setup_commands.rstrip()]
+              if settings.setup_commands else []),
             f"# 1. environment: reuse a Python with ray=={settings.ray_version} or build {settings.work_dir}/venvs/ray-{settings.ray_version}",
             f"# 2. upload scripts/ to {plan.cluster_dir}/bin, this env file to {plan.cluster_dir}/cluster.env (0600):",
             plan.env_file().rstrip(),

@@ -8,11 +8,23 @@
 
 ar_log() { printf '%s [%s] %s\n' "$(date +%H:%M:%S)" "$(hostname -s)" "$*" >&2; }
 
-# A node's own address, looked up from its name, never guessed; loopback is
-# refused because other nodes could not reach it.
+# A node's own address: on the network the user chose (AR_NETWORK_INTERFACE: an
+# interface name or a subnet), else looked up from its name; never guessed, and
+# loopback is refused because other nodes could not reach it. A node without one
+# says so in the cluster's status, which the flow reports with the node's name.
 ar_node_ip() {
-    local name ip
+    local name ip problem
     name="$(hostname)"
+    if [ -n "${AR_NETWORK_INTERFACE:-}" ]; then
+        if ! ip="$("$AR_PYTHON" "$AR_CLUSTER_DIR/bin/node_ip.py" "$AR_NETWORK_INTERFACE" 2>&1)"; then
+            problem="$ip"
+            ar_log "$problem"
+            printf 'RAY_FAILED=network_interface: %s\n' "$problem" >>"$AR_CLUSTER_DIR/status"
+            return 1
+        fi
+        printf '%s\n' "$ip"
+        return 0
+    fi
     ip="$(getent ahostsv4 "$name" 2>/dev/null | awk '$1 !~ /^127\./ {print $1; exit}')"
     if [ -z "$ip" ]; then
         ip="$(hostname -I 2>/dev/null | tr ' ' '\n' | awk '/^[0-9.]+$/ && $1 !~ /^127\./ {print; exit}')"
@@ -96,8 +108,9 @@ ar_stop_reason() {
 ar_run_node() {
     local role="$1" name="$2" tmp ip args ports host
     host="$(ar_host)"
+    # the address first: a node without one leaves nothing behind (no temp dir to sweep)
+    ip="$(ar_node_ip)" || return 1
     tmp="$(ar_make_node_tmp "$name")"
-    ip="$(ar_node_ip)"
     read -r -a ports < <(ar_free_ports)
     # Ray makes its temp dir 0777: it is a child of the private dir, never the private dir itself
     # node name: the host's own (the scheduler's name for it), so a node that failed can be excluded by it

@@ -4,6 +4,11 @@
 set -euo pipefail
 # shellcheck disable=SC1091
 . "$AR_CLUSTER_DIR/cluster.env"
+# the user's setup_commands: a worker started by pbsdsh or ssh has not run the job script
+if [ -e "$AR_CLUSTER_DIR/setup_commands.sh" ]; then
+    # shellcheck disable=SC1091
+    . "$AR_CLUSTER_DIR/bin/site_setup.sh" "$AR_CLUSTER_DIR/setup_commands.sh" "$AR_CLUSTER_DIR/status"
+fi
 # shellcheck disable=SC1091
 . "$AR_CLUSTER_DIR/bin/ray_lib.sh"
 ar_run_node worker "$(hostname -s)"

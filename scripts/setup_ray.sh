@@ -3,10 +3,17 @@
 # login host, never on a compute node: those often have no internet).
 # Prints RAY_PYTHON=..., RAY_BIN=... and RAY_ENV_SOURCE=reused|created.
 # usage: setup_ray.sh RAY_VERSION WORK_DIR [CANDIDATE_PYTHON...]
-#   env: AR_REQUIREMENTS (a requirements file on this host), AR_REQ_HASH
+#   env: AR_REQUIREMENTS (a requirements file on this host), AR_REQ_HASH,
+#        AR_SETUP_COMMANDS (the user's setup_commands, a file: run first)
 set -euo pipefail
 version="$1" work_dir="$2"
 shift 2
+if [ -n "${AR_SETUP_COMMANDS:-}" ]; then
+    # shellcheck disable=SC1091
+    . "$(dirname "$0")/site_setup.sh" "$AR_SETUP_COMMANDS"
+    # what the setup put on PATH (a module's or conda env's Python) is a candidate too
+    set -- "$@" "$(command -v python3 || true)"
+fi
 req="${AR_REQUIREMENTS:-}"
 venv="$work_dir/venvs/ray-$version${AR_REQ_HASH:+-$AR_REQ_HASH}"
 

@@ -8,6 +8,10 @@ cluster_dir="$1"
 shift
 # shellcheck disable=SC1091
 . "$cluster_dir/cluster.env"
+if [ -e "$cluster_dir/setup_commands.sh" ]; then
+    # shellcheck disable=SC1091
+    . "$cluster_dir/bin/site_setup.sh" "$cluster_dir/setup_commands.sh"
+fi
 # shellcheck disable=SC1091
 . "$cluster_dir/head.env"
 exec "$AR_RAY" job submit --address "http://127.0.0.1:$RAY_DASHBOARD_PORT" -- "$AR_PYTHON" "$@"

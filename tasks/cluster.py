@@ -31,7 +31,9 @@ RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 
 
 CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh",
-                   "exec_holding_ports.py", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh")
+                   "exec_holding_ports.py", "node_ip.py", "site_setup.sh", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh")
+# The user's setup_commands in the cluster dir, run by the job script and every worker.
+SETUP_COMMANDS_FILE = "setup_commands.sh"
 # 128 random bits: a cluster's id (and so its dir, job name and temp dir prefix) cannot be guessed.
 CLUSTER_ID_RE = re.compile(r"^ar-[0-9a-f]{32}$")
 GIB = 1024**3
@@ -102,6 +104,7 @@ class ClusterPlan:
             "AR_LOG_CAP_MB": s.log_cap_mb,  # Ray nodes the flow waits for (PBS: one per chunk)
             "AR_NODE_TMP_NAME": node_tmp_name(self.cluster_id).rstrip("."),
             "AR_METRICS": int(s.metrics),
+            "AR_NETWORK_INTERFACE": s.network_interface,
             # Off unless asked for: the agents' metrics export answers without the token.
             "RAY_enable_metrics_collection": int(s.metrics),
             # Explicit on every node: a stray token file must not switch it on
@@ -142,6 +145,11 @@ async def prepare_environment(target: Transport, settings: RayClusterSettings, w
     # The work dir holds venvs and every cluster's token: the user's alone.
     await target.run(f"mkdir -p {shlex.quote(work_dir)} && chmod 700 {shlex.quote(work_dir)}")
     await target.put_file(SCRIPTS_DIR / "setup_ray.sh", f"{work_dir}/bin/setup_ray.sh", 0o700)
+    if settings.setup_commands:
+        await target.put_file(SCRIPTS_DIR / "site_setup.sh", f"{work_dir}/bin/site_setup.sh", 0o700)
+        setup_file = f"{work_dir}/setup/{hashlib.sha256(settings.setup_commands.encode()).hexdigest()[:16]}.sh"
+        await target.write_text(setup_file, settings.setup_commands, 0o600)
+        env_prefix += f"AR_SETUP_COMMANDS={shlex.quote(setup_file)} "
     command = env_prefix + shlex.join(
         ["bash", f"{work_dir}/bin/setup_ray.sh", settings.ray_version, work_dir, *candidates]
     )
@@ -175,6 +183,8 @@ async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPl
                      + shlex.join(["mkdir", bin_dir, f"{plan.cluster_dir}/logs", f"{plan.cluster_dir}/nodes"]))
     await asyncio.gather(*(target.put_file(SCRIPTS_DIR / name, f"{bin_dir}/{name}", 0o700) for name in CLUSTER_SCRIPTS))
     await target.write_text(f"{plan.cluster_dir}/cluster.env", plan.env_file(), 0o600)
+    if plan.settings.setup_commands:
+        await target.write_text(f"{plan.cluster_dir}/{SETUP_COMMANDS_FILE}", plan.settings.setup_commands, 0o600)
     if plan.settings.token_auth:
         await target.write_text(plan.token_path, plan.token.get_secret_value(), 0o600)
         if plan.settings.publish_token_block:

@@ -57,11 +57,13 @@ class HeadInfo:
 
 @dataclass
 class ReadyCluster:
-    """What readiness found: the head, the local port that reaches its dashboard, the nodes."""
+    """What readiness found: the head, the local ports that reach its dashboard and its
+    Ray Client server (the flow's own tunnels), the nodes."""
 
     head: HeadInfo
     local_port: int
     nodes: list[dict]
+    client_local_port: int = 0
 
 
 @dataclass
@@ -74,6 +76,8 @@ class ConnectionInfo:
     ray_address: str
     dashboard_url: str  # through the flow's own tunnel, while the flow runs
     dashboard_port_on_head: int
+    ray_client_address: str  # ray:// through the flow's own tunnel, while the flow runs
+    ray_client_port_on_head: int
     tunnel_command: str
     job_submit_example: str
     token_file: str
@@ -89,8 +93,10 @@ class ConnectionInfo:
                 f"  head node      : {self.head_node} ({self.head_ip})",
                 f"  Ray address    : {self.ray_address}",
                 f"  dashboard      : {self.dashboard_url}",
+                f"  Ray Client     : {self.ray_client_address}",
                 f"  tunnel         : {self.tunnel_command}",
-                "  then open        http://127.0.0.1:8265",
+                f"  then open        http://127.0.0.1:{TUNNEL_DASHBOARD_PORT}, "
+                f"ray.init(\"ray://127.0.0.1:{TUNNEL_CLIENT_PORT}\")",
                 f"  submit a job   : {self.job_submit_example}",
             ]
             + ([f"  logs (after)   : {self.logs_dir}"] if self.logs_dir else [])
@@ -121,10 +127,16 @@ async def alive_nodes(client: httpx.AsyncClient) -> list[dict]:
     return [row for row in rows if row.get("state") == "ALIVE"]
 
 
+# The local ports of the tunnel command: Ray's own defaults, so Ray's docs apply as written.
+TUNNEL_DASHBOARD_PORT = 8265
+TUNNEL_CLIENT_PORT = 10001
+
+
 def _tunnel_command(settings: RayClusterSettings, target: Transport, head: HeadInfo, head_is_target: bool) -> str:
-    # ExitOnForwardFailure: fail when local port 8265 is taken (perhaps by another user's
+    # ExitOnForwardFailure: fail when a local port (8265, 10001) is taken (perhaps by another user's
     # listener, which would then get the requests and the token) instead of running on without it.
-    forward = f"-o ExitOnForwardFailure=yes -L 8265:127.0.0.1:{head.dashboard_port}"
+    forward = (f"-o ExitOnForwardFailure=yes -L {TUNNEL_DASHBOARD_PORT}:127.0.0.1:{head.dashboard_port} "
+               f"-L {TUNNEL_CLIENT_PORT}:127.0.0.1:{head.client_port}")
     if isinstance(target, SshTransport):
         p = target.params
         login = (f"{p.username}@" if p.username else "") + p.host
@@ -132,10 +144,10 @@ def _tunnel_command(settings: RayClusterSettings, target: Transport, head: HeadI
         if head_is_target:
             return f"ssh -N {forward}{port} {login}"
         jump = login + (f":{p.port}" if p.port else "")
-        return f"ssh -N {forward} -J {jump} {head.ip}"
+        return f"ssh -N {forward} -J {jump} {head.node}"
     if head_is_target:
         return f"(this machine) ssh -N {forward} {shlex.quote(_this_host())}"
-    return f"ssh -N {forward} {head.ip}"
+    return f"ssh -N {forward} {head.node}"
 
 
 def _this_host() -> str:
@@ -188,10 +200,13 @@ async def wait_until_ready(target: Transport, scheduler: Scheduler, plan: Cluste
     report = ReadinessReport(plan)
     deadline = Deadline(plan.settings.readiness_timeout)
     head = await wait_for_head(target, scheduler, plan, report, deadline)
-    head_host = "127.0.0.1" if plan.settings.scheduler is SchedulerKind.none else head.ip
+    # SSH reaches the head by its name, as users do (`ssh node12`): its Ray address may be
+    # on a fabric (network_interface) where no sshd listens
+    head_host = "127.0.0.1" if plan.settings.scheduler is SchedulerKind.none else head.node
     local_port = await target.forward_to(head_host, head.dashboard_port)
     nodes = await wait_for_nodes(target, scheduler, plan, local_port, report, deadline)
-    return ReadyCluster(head, local_port, nodes)
+    client_local_port = await target.forward_to(head_host, head.client_port)
+    return ReadyCluster(head, local_port, nodes, client_local_port)
 
 
 async def wait_for_head(
@@ -252,6 +267,7 @@ async def wait_for_nodes(
             if time.monotonic() >= next_state_check:  # the dashboard is cheap; squeue is not
                 next_state_check = time.monotonic() + 2
                 state = await scheduler.state(target, plan.job_id)
+                await _fail_on_node_status(target, plan, joined)
                 if state.phase is JobPhase.ended:
                     raise ClusterFailed(f"job {plan.job_id} ended while nodes were joining ({state})",
                                         reason=FailureReason.start_failed, retryable=True, joined=joined)
@@ -263,6 +279,17 @@ async def wait_for_nodes(
                 )
             # once the head is up, nodes join within seconds: poll briskly to see readiness at once
             await asyncio.sleep(0.25)
+
+
+async def _fail_on_node_status(target: Transport, plan: ClusterPlan, joined: list[str]) -> None:
+    """A node that could not start says why in the cluster's status (RAY_FAILED=..., with
+    its name): no address on network_interface, failed setup_commands. Waiting for it
+    could only end in the readiness timeout."""
+    status = await target.read_text(f"{plan.cluster_dir}/status")
+    failed = [line for line in (status or "").splitlines() if line.startswith("RAY_FAILED=")]
+    if failed:
+        raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: " + "; ".join(f[11:] for f in failed),
+                            reason=FailureReason.start_failed, retryable=True, joined=joined)
 
 
 async def _log_tail(target: Transport, plan: ClusterPlan) -> str:
@@ -339,10 +366,12 @@ async def publish_connection_info(
         ray_address=f"{head.ip}:{head.gcs_port}",
         dashboard_url=f"http://127.0.0.1:{local_port}",
         dashboard_port_on_head=head.dashboard_port,
+        ray_client_address=f"ray://127.0.0.1:{ready.client_local_port}",
+        ray_client_port_on_head=head.client_port,
         tunnel_command=_tunnel_command(settings, target, head, head_is_target),
         job_submit_example=(
             (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={plan.token_path} " if settings.token_auth else "")
-            + "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python my_script.py"
+            + f"ray job submit --address http://127.0.0.1:{TUNNEL_DASHBOARD_PORT} --working-dir . -- python my_script.py"
         ),
         token_file=plan.token_path if settings.token_auth else "",
         token_block=token_block_name(plan) if settings.token_auth and settings.publish_token_block else "",
@@ -380,6 +409,7 @@ async def publish_connection_info(
                 f"| head node | {info.head_node} ({info.head_ip}) |",
                 f"| Ray address | `{info.ray_address}` |",
                 f"| dashboard (flow's tunnel) | [{info.dashboard_url}]({info.dashboard_url}) |",
+                f"| Ray Client (flow's tunnel) | `{info.ray_client_address}` |",
                 f"| tunnel | `{info.tunnel_command}` |",
                 f"| submit | `{info.job_submit_example}` |",
             ]

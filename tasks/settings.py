@@ -10,9 +10,11 @@ on top of that.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
+import subprocess
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -32,6 +34,10 @@ HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}@)?[A-Za-z0-9_][A-Za
 TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9_.~/+@\-]{1,200}$", re.ASCII)
 ON_FAILURE_RE = re.compile(r"^(teardown|keep(=\d{1,4}(\.\d{1,3})?)?)$", re.ASCII)
 BIND_HOST_RE = re.compile(r"^(\d{1,3}\.){3}\d{1,3}$", re.ASCII)
+# A Linux interface name (at most 15 bytes, IFNAMSIZ - 1) or an IPv4 subnet in CIDR form.
+INTERFACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,14}$", re.ASCII)
+CIDR_RE = re.compile(r"^(\d{1,3}\.){3}\d{1,3}/\d{1,2}$", re.ASCII)
+SETUP_COMMANDS_MAX = 16384
 # A node's private temp dir is <node_tmp>/<first NODE_TMP_ID_CHARS of the cluster id>.XXXXXX,
 # Ray's temp dir is r/ in it, and Ray puts unix sockets below that
 # (session_<date>_<time>_<us>_<pid>/sockets/dash_TaskEventsHead), which Linux limits to
@@ -70,6 +76,24 @@ PSEUDO_FILE_ROOTS = ("/proc", "/sys", "/dev")
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
+
+
+def check_shell_lines(value: str, what: str) -> str:
+    """Lines of shell the user owns (they run as the user, on the user's site): checked to be
+    text that bash can parse, so a typo is an error now and not a failed job later."""
+    value = value.replace("\r\n", "\n").strip("\n")
+    if not value.strip():
+        return ""
+    if len(value.encode()) > SETUP_COMMANDS_MAX:
+        raise ValueError(f"{what} is longer than {SETUP_COMMANDS_MAX} bytes")
+    if any(ord(c) < 32 and c not in "\n\t" for c in value):
+        raise ValueError(f"{what} holds control characters: only text lines are accepted")
+    # bash -n parses without running anything
+    check = subprocess.run(["bash", "-n"], input=value, capture_output=True, text=True, timeout=10)
+    if check.returncode != 0:
+        problem = check.stderr.strip().replace("bash: ", "")
+        raise ValueError(f"{what} is not valid shell: {problem}")
+    return value + "\n"
 
 
 def check_local_file(value: str, what: str) -> str:
@@ -196,6 +220,13 @@ class EnvironmentOptions(BaseModel):
         description="An interpreter, venv or conda env on the target that already has this Ray (empty: find or build one)",
         json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern},
     )
+    setup_commands: str = Field(
+        "",
+        title="Setup commands",
+        description="Shell lines run as you before anything else: on the login node before Python is looked for, "
+        "and on every node before Ray starts, e.g. 'module load python/3.11 cuda/12.4' or "
+        "'source /opt/conda/etc/profile.d/conda.sh && conda activate ray' (empty: none)",
+    )
     work_dir: str = Field(
         "~/.activate-ray",
         title="Work dir on the target",
@@ -225,6 +256,11 @@ class EnvironmentOptions(BaseModel):
     def _local_file(cls, value: str, info) -> str:
         return check_local_file(value, info.field_name)
 
+    @field_validator("setup_commands")
+    @classmethod
+    def _setup_commands(cls, value: str) -> str:
+        return check_shell_lines(value, "setup_commands")
+
 
 @positioned
 class AdvancedOptions(BaseModel):
@@ -252,6 +288,13 @@ class AdvancedOptions(BaseModel):
         description=f"Node-local directory for Ray's temp dirs (at most {NODE_TMP_MAX_LEN} characters: "
         "Ray's unix sockets live below it)",
         json_schema_extra={"pattern": "^$|" + TARGET_PATH_RE.pattern, "maxLength": NODE_TMP_MAX_LEN},
+    )
+    network_interface: str = Field(
+        "",
+        title="Network interface",
+        description="The network Ray uses between nodes: an interface name (ib0, hsn0) or a subnet "
+        "(10.20.0.0/16); every node's Ray address is its address there (empty: the address of the node's hostname)",
+        json_schema_extra={"pattern": f"^$|{INTERFACE_RE.pattern}|{CIDR_RE.pattern}"},
     )
     readiness_timeout: int = Field(
         300, ge=5, le=86400, title="Readiness timeout (s)", description="Give up when not every node is up after this long"
@@ -317,6 +360,23 @@ class AdvancedOptions(BaseModel):
             raise ValueError(f"node_tmp must be at most {NODE_TMP_MAX_LEN} characters "
                              "(Ray's unix socket paths below it are limited to 107 bytes)")
         return value
+
+    @field_validator("network_interface")
+    @classmethod
+    def _network(cls, value: str) -> str:
+        value = value.strip()
+        if re.fullmatch(r"(\d{1,3}\.){3}\d{1,3}", value):
+            raise ValueError(f"network_interface {value!r} is an address: give an interface name or a subnet "
+                             f"such as {value}/24")
+        if not value or INTERFACE_RE.fullmatch(value):
+            return value
+        if CIDR_RE.fullmatch(value):
+            try:
+                return str(ipaddress.IPv4Network(value, strict=False))
+            except ValueError as exc:
+                raise ValueError(f"network_interface {value!r} is not an IPv4 subnet: {exc}") from None
+        raise ValueError(f"network_interface {value!r} is neither an interface name (such as ib0) "
+                         "nor an IPv4 subnet (such as 10.20.0.0/16)")
 
     @field_validator("dashboard_port")
     @classmethod

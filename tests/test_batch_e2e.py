@@ -176,6 +176,6 @@ def test_slurm_over_ssh_to_the_login_node(work, prefect_api, bed):
     assert re.search(r"HOSTS=node\d,node\d\n", run.output)
     info = run.info
     assert info["tunnel_command"] == (
-        f"ssh -N -o ExitOnForwardFailure=yes -L 8265:127.0.0.1:{info['dashboard_port_on_head']} -J {bed.user_name}@{bed.login_ip}:22 {info['head_ip']}"
+        f"ssh -N -o ExitOnForwardFailure=yes -L 8265:127.0.0.1:{info['dashboard_port_on_head']} -L 10001:127.0.0.1:{info['ray_client_port_on_head']} -J {bed.user_name}@{bed.login_ip}:22 {info['head_node']}"
     )
     assert_nothing_left(bed, run.cluster_id, work / "w")

@@ -26,7 +26,7 @@ def test_ssh_direct_runs_hello_ray_through_tunnel(work, prefect_api, bed):
     # The dashboard is reached through the flow's asyncssh forward, never directly.
     assert info["dashboard_url"].startswith("http://127.0.0.1:")
     assert info["tunnel_command"] == (
-        f"ssh -N -o ExitOnForwardFailure=yes -L 8265:127.0.0.1:{info['dashboard_port_on_head']} {bed.user_name}@node1"
+        f"ssh -N -o ExitOnForwardFailure=yes -L 8265:127.0.0.1:{info['dashboard_port_on_head']} -L 10001:127.0.0.1:{info['ray_client_port_on_head']} {bed.user_name}@node1"
     )
     assert_nothing_left(bed, run.cluster_id, work / "w")
 

@@ -156,6 +156,11 @@ class Scheduler(ABC):
             "set -euo pipefail",
             f"export AR_CLUSTER_DIR={shlex.quote(cluster_dir)}",
             '. "$AR_CLUSTER_DIR/cluster.env"',
+        ]
+        if self.settings.setup_commands:
+            # the user's setup_commands, before Ray starts (workers run them too: ray_worker.sh)
+            lines.append('. "$AR_CLUSTER_DIR/bin/site_setup.sh" "$AR_CLUSTER_DIR/setup_commands.sh" "$AR_CLUSTER_DIR/status"')
+        lines += [
             f'. "$AR_CLUSTER_DIR/bin/{self.launch_script}"',
             '. "$AR_CLUSTER_DIR/bin/cluster_main.sh"',
         ]

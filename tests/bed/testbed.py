@@ -203,6 +203,15 @@ class TestBed:
         self.node_names = [f"node{i}" for i in range(1, nodes + 1)]
         self.node_ips = {n: f"{subnet}.{10 + i}" for i, n in enumerate(self.node_names, 1)}
         self.ips = {self.login_host: self.login_ip, **self.node_ips}
+        # A second network, as a site's InfiniBand or high-speed fabric: interface ib0 on
+        # every node but the last (a node without it, as on a site whose fabric does not
+        # reach every node), the login node on it too (its bridge). Not in /etc/hosts: a
+        # node's hostname resolves to its Ethernet address, as on most sites.
+        third = int(subnet.rsplit(".", 1)[1])
+        self.fabric_subnet = f"{subnet.rsplit('.', 1)[0]}.{(third + 100) % 256}"
+        self.fabric_interface = "ib0"
+        self.fabric_ips = {self.login_host: f"{self.fabric_subnet}.1",
+                           **{n: f"{self.fabric_subnet}.{10 + i}" for i, n in enumerate(self.node_names[:-1], 1)}}
         self.netns = {h: f"{prefix}-{h}" for h in self.ips}
         self.hosts = {h: Host(h, ip, self.netns[h]) for h, ip in self.ips.items()}
         self.user_name = f"{prefix}user"      # runs the product
@@ -780,6 +789,19 @@ LogLevel INFO
             self._ip("-n", login_ns, "link", "set", port, "up")
             self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
             self._ip("-n", ns, "link", "set", "eth0", "up")
+        fabric = self.fabric_interface
+        self._ip("-n", login_ns, "link", "add", "br1", "type", "bridge", "forward_delay", "0", "stp_state", "0")
+        self._ip("-n", login_ns, "addr", "add", f"{self.fabric_ips[self.login_host]}/24", "dev", "br1")
+        self._ip("-n", login_ns, "link", "set", "br1", "up")
+        for node in self.node_names:
+            if node not in self.fabric_ips:
+                continue
+            ns, port = self.netns[node], f"f{node}"
+            self._ip("-n", login_ns, "link", "add", port, "type", "veth", "peer", "name", fabric, "netns", ns)
+            self._ip("-n", login_ns, "link", "set", port, "master", "br1")
+            self._ip("-n", login_ns, "link", "set", port, "up")
+            self._ip("-n", ns, "addr", "add", f"{self.fabric_ips[node]}/24", "dev", fabric)
+            self._ip("-n", ns, "link", "set", fabric, "up")
 
     # The holder's setup, run as the new PID namespace's first process: this host's
     # name, /etc/hosts, /etc/ssh (published host keys), private /tmp and /dev/shm.
