@@ -9,8 +9,10 @@
 ar_setup_file="$1" ar_setup_status_file="${2:-}"
 if [ -s "$ar_setup_file" ]; then
     printf '%s [%s] running setup_commands\n' "$(date +%H:%M:%S)" "$(hostname -s)" >&2
+    # shellcheck disable=SC2317 # called by the ERR trap below
     ar_setup_failed() {
-        local problem="setup_commands failed on $(hostname -s): '$1' exited $2"
+        local problem
+        problem="setup_commands failed on $(hostname -s): '$1' exited $2"
         printf '%s\n' "$problem" >&2
         [ -z "$ar_setup_status_file" ] || printf 'RAY_FAILED=%s\n' "$problem" >>"$ar_setup_status_file"
     }

@@ -473,6 +473,7 @@ def test_connection_info_publishes_the_outputs_once_the_cluster_is_ready(tmp_pat
     info = {
         "cluster_id": "ar-0123abcd", "scheduler": "slurm", "job_id": "77", "head_node": "c1",
         "ray_address": "10.0.0.1:6379", "dashboard_url": "http://127.0.0.1:8265",
+        "ray_client_address": "ray://127.0.0.1:41234",
         "tunnel_command": "ssh -N -L 8265:127.0.0.1:8265 login", "nodes": [{}, {}],
     }
     (tmp_path / "ray-cluster.json").write_text(json.dumps(info, indent=2))
@@ -483,6 +484,7 @@ def test_connection_info_publishes_the_outputs_once_the_cluster_is_ready(tmp_pat
     published = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
     assert published["cluster_id"] == "ar-0123abcd" and published["nodes"] == "2"
     assert published["tunnel_command"] == info["tunnel_command"]
+    assert published["ray_client_address"] == info["ray_client_address"]
     # a run that ended before it was ready: the step stops waiting
     (tmp_path / "ray-cluster.json").unlink()
     (tmp_path / "ray-cluster.ended").touch()
