@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BASE_PYTHON := $(shell command -v python3.11 || command -v python3)
 
-.PHONY: demo test system-deps bench setup docs screenshot lint
+.PHONY: demo test system-deps bench setup docs screenshot lint server server-stop
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,13 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) -m flows.ray_cluster --user-script examples/hello_ray.py
+
+# a lasting Prefect server of yours (loopback, a free port, a secret), set in your Prefect profile
+server: setup
+	PREFECT_BIN=$(VENV)/bin/prefect bash scripts/prefect_server.sh start
+
+server-stop: setup
+	PREFECT_BIN=$(VENV)/bin/prefect bash scripts/prefect_server.sh stop
 
 system-deps:
 	bash tests/bed/install_system_deps.sh

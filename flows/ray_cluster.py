@@ -188,6 +188,14 @@ async def teardown_saved_clusters(flow, flow_run, state) -> None:
             await teardown_cluster.fn(target, scheduler_for(plan.settings), plan)
 
 
+TEMPORARY_SERVER_NOTE = (
+    "No Prefect server configured (PREFECT_API_URL): this run starts Prefect's temporary server, "
+    "about 15 s of every run, and its record goes when the run ends. `make server` starts a lasting one "
+    "(loopback, yours, with a secret) and sets PREFECT_API_URL in your Prefect profile: later runs skip "
+    "that wait and show in its UI."
+)
+
+
 def refuse_token_block_without_a_server(settings: RayClusterSettings) -> None:
     """Prefect's temporary server has no authentication and listens on loopback, where
     every user of the machine reaches it: a token saved there is everyone's."""
@@ -738,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     if cli.dry_run:
         print(render_plan(settings))
         return 0
+    if not get_current_settings().api.url:
+        print(TEMPORARY_SERVER_NOTE, file=sys.stderr)
     # SIGINT and SIGTERM are STOP's, in the main thread, which only waits for the flow:
     # the flow runs in a thread of its own, where Prefect installs no SIGTERM handler
     # of its own (signal handlers are the main thread's) and asyncio none for SIGINT.
