@@ -58,6 +58,11 @@ SPECIAL = {
     "user_script": "--user-script",  # editor text -> <job dir>/user_script.py
     "environment.requirements": "--requirements",  # editor text -> <job dir>/requirements.txt
 }
+# Inputs of the workflow itself, not of the flow: where the setup job checks the code out from.
+WORKFLOW_ONLY = {
+    "source.repo": "the repository the setup job's parallelworks/checkout clones (a site's mirror)",
+    "source.branch": "the branch of that repository the setup job checks out",
+}
 INPUT_EXPR = re.compile(r"^\$\{\{ inputs\.([\w.]+) \}\}$")
 
 pytestmark = pytest.mark.timeout(120)
@@ -174,8 +179,9 @@ def test_every_input_maps_onto_a_settings_field_by_its_cli_flag():
     leaves = leaf_inputs()
     mapping = input_to_flag()
     assert set(env_to_input().values()) <= set(leaves), "the job's env names an input that does not exist"
-    unmapped = sorted(set(leaves) - set(mapping))
+    unmapped = sorted(set(leaves) - set(mapping) - set(WORKFLOW_ONLY))
     assert unmapped == [], f"inputs that reach no CLI flag: {unmapped}"
+    assert set(WORKFLOW_ONLY) <= set(leaves) and not set(WORKFLOW_ONLY) & set(mapping)
     for path, flag in mapping.items():
         assert path in leaves, f"{path} is mapped but is no input"
         assert field_for_flag(flag) in fields, f"input {path} -> {flag}: no settings field {field_for_flag(flag)}"
