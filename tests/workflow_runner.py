@@ -221,7 +221,7 @@ def substitute(value, resolve):
     if not isinstance(value, str):
         return value
     whole = EXPRESSION.fullmatch(value.strip())
-    if whole:
+    if whole and "}}" not in whole.group(1):  # one expression, not '${{ a }}-${{ b }}'
         return Expression(whole.group(1)).evaluate(resolve)
     return EXPRESSION.sub(lambda m: as_text(Expression(m.group(1)).evaluate(resolve)), value)
 
