@@ -58,6 +58,11 @@ SPECIAL = {
     "user_script": "--user-script",  # editor text -> <job dir>/user_script.py
     "environment.requirements": "--requirements",  # editor text -> <job dir>/requirements.txt
 }
+# Inputs of the workflow itself, not of the flow: where the setup job checks the code out from.
+WORKFLOW_ONLY = {
+    "source.repo": "the repository the setup job's parallelworks/checkout clones (a site's mirror)",
+    "source.branch": "the branch of that repository the setup job checks out",
+}
 INPUT_EXPR = re.compile(r"^\$\{\{ inputs\.([\w.]+) \}\}$")
 
 pytestmark = pytest.mark.timeout(120)
@@ -174,8 +179,9 @@ def test_every_input_maps_onto_a_settings_field_by_its_cli_flag():
     leaves = leaf_inputs()
     mapping = input_to_flag()
     assert set(env_to_input().values()) <= set(leaves), "the job's env names an input that does not exist"
-    unmapped = sorted(set(leaves) - set(mapping))
+    unmapped = sorted(set(leaves) - set(mapping) - set(WORKFLOW_ONLY))
     assert unmapped == [], f"inputs that reach no CLI flag: {unmapped}"
+    assert set(WORKFLOW_ONLY) <= set(leaves) and not set(WORKFLOW_ONLY) & set(mapping)
     for path, flag in mapping.items():
         assert path in leaves, f"{path} is mapped but is no input"
         assert field_for_flag(flag) in fields, f"input {path} -> {flag}: no settings field {field_for_flag(flag)}"
@@ -633,3 +639,106 @@ def test_connection_info_job_reads_a_file_that_is_being_rewritten(tmp_path):
     published = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
     assert published["cluster_id"] == "ar-0123abcd" and published["nodes"] == "2000"
     assert published["job_id"] in ("0", "1")
+
+
+# --------------------------------------------------------------------------- the platform's shapes, the session
+
+
+def test_the_workflow_has_the_platforms_shape_and_every_reference_resolves():
+    """The runner's strict checks (tests/workflow_runner.py): known keys only, needs that
+    exist, actions with the inputs they document; every ${{ }} of the jobs names an input,
+    a declared session or an output of a needed job; the form's own expressions resolve
+    for every kind of resource."""
+    from tests.workflow_runner import check_references, check_workflow, references, resolve_inputs
+
+    check_workflow(WORKFLOW)
+    check_references(WORKFLOW)
+    assert len(references(WORKFLOW)) > 40  # the checks above saw the job env and the session's inputs
+    for scheduler_type in ("slurm", "pbs", ""):
+        resolved = resolve_inputs(INPUTS, {"resource": {"ip": "login.example.org", "schedulerType": scheduler_type}})
+        assert (resolved["slurm"]["walltime"] is None) == (scheduler_type != "slurm")
+
+
+def test_the_checkout_comes_from_the_source_inputs_defined_once():
+    (checkout,) = [s for s in WORKFLOW["jobs"]["setup"]["steps"] if s.get("uses") == "parallelworks/checkout"]
+    assert checkout["with"] == {"repo": "${{ inputs.source.repo }}", "branch": "${{ inputs.source.branch }}"}
+    source = INPUTS["source"]["items"]
+    assert source["repo"]["default"] == "https://github.com/activate-ray/activate-ray.git"
+    assert source["branch"]["default"] == "main"
+    text = (REPO / "workflow.yaml").read_text()
+    assert text.count("github.com/activate-ray/activate-ray") == 1, "the default is defined once"
+    assert "parallelworks/activate-ray" not in text, "that is another project"
+
+
+def test_the_dashboard_session_is_declared_and_set_from_the_flows_tunnel():
+    from tests.workflow_runner import ACTION_INPUTS
+
+    assert WORKFLOW["sessions"] == {"dashboard": {"redirect": True, "useTLS": False}}
+    job = WORKFLOW["jobs"]["dashboard_session"]
+    assert job["needs"] == ["connection_info"]
+    assert job["if"] == "${{ needs.connection_info.outputs.dashboard_port != '' }}"
+    (step,) = job["steps"]
+    assert step["uses"] == "parallelworks/update-session"
+    documented = ACTION_INPUTS["parallelworks/update-session"]
+    assert documented["required"] <= set(step["with"]) <= documented["required"] | documented["optional"]
+    assert step["with"] == {
+        "name": "${{ sessions.dashboard }}",
+        "target": "user-workspace",  # the flow and its tunnel run in the user workspace
+        "remoteHost": "${{ needs.connection_info.outputs.dashboard_host }}",
+        "remotePort": "${{ needs.connection_info.outputs.dashboard_port }}",
+        "status": "running",
+    }
+    # the cleanup and the outputs for users who want their own tunnel stay
+    assert JOB["cleanup"] and "tunnel_command" in WORKFLOW["jobs"]["connection_info"]["steps"][0]["run"]
+
+
+DASHBOARD_STEP = WORKFLOW["jobs"]["connection_info"]["steps"][1]
+
+
+def run_dashboard_step(tmp_path: Path, info: dict | None, ended: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
+    if info is not None:
+        (tmp_path / "ray-cluster.json").write_text(json.dumps(info))
+    if ended:
+        (tmp_path / "ray-cluster.ended").touch()
+    outputs = tmp_path / "outputs"
+    outputs.write_text("")
+    env = {**os.environ, "PW_PARENT_JOB_DIR": str(tmp_path), "OUTPUTS": str(outputs), "WF_PYTHON": sys.executable}
+    result = run_script(DASHBOARD_STEP["run"], env, tmp_path)
+    return result, dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+
+
+def test_the_dashboard_step_publishes_the_tunnels_host_and_port_once_it_answers(tmp_path):
+    import http.server
+    import threading
+
+    assert DASHBOARD_STEP["early-cancel"] == "any-job-failed"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result, published = run_dashboard_step(tmp_path, {"dashboard_url": f"http://127.0.0.1:{port}"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr
+    assert published == {"dashboard_host": "127.0.0.1", "dashboard_port": str(port)}
+
+
+@pytest.mark.parametrize("info", [None, {"dashboard_url": "http://127.0.0.1:{port}"}], ids=["no info", "no answer"])
+def test_the_dashboard_step_publishes_no_port_when_the_run_ended_first(tmp_path, info):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if info:
+        info = {"dashboard_url": info["dashboard_url"].format(port=port)}
+    result, published = run_dashboard_step(tmp_path, info, ended=True)
+    assert result.returncode == 0, result.stderr
+    assert published == {"dashboard_host": "", "dashboard_port": ""}
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.5:8265", "https://127.0.0.1:8265", "http://127.0.0.1"])
+def test_the_dashboard_step_exposes_the_flows_own_tunnel_only(tmp_path, url):
+    result, published = run_dashboard_step(tmp_path, {"dashboard_url": url}, ended=True)
+    assert result.returncode != 0 and "is not the flow's tunnel" in result.stderr
+    assert published == {}
