@@ -126,8 +126,10 @@ from tasks.cluster import (
     beat,
     load_cluster_states,
     logs_dir_of,
+    make_private_work_dir,
     prepare_environment,
     prune_old_logs,
+    publish_environment,
     save_cluster_state,
     start_cluster,
     target_work_dir,
@@ -276,11 +278,30 @@ async def _bring_up_and_hold(
 ) -> dict:
     """The pipeline of one cluster: environment, start, readiness, connection info, then
     the user job and/or keep-alive. Its teardown is the caller's (_one_cluster)."""
-    plan.environment = await prepare_environment(target, plan.settings, work_dir)
-    await prune_old_logs(target, plan.settings, work_dir)
-    await start_cluster(target, scheduler, plan)
+    await make_private_work_dir(target, work_dir)
+    if plan.settings.scheduler is SchedulerKind.none:
+        plan.environment = await prepare_environment(target, plan.settings, work_dir)
+        await prune_old_logs(target, plan.settings, work_dir)
+        await start_cluster(target, scheduler, plan)
+    else:
+        # Submit first, build while the job waits in the queue: time-to-ready is
+        # max(build, queue) + start, not their sum. The job script waits for the
+        # environment; a build that fails ends here, and teardown cancels the job.
+        building = asyncio.create_task(prepare_environment(target, plan.settings, work_dir))
+        try:
+            await prune_old_logs(target, plan.settings, work_dir)
+            await start_cluster(target, scheduler, plan)
+            remember(plan, scheduler)
+            background.append(asyncio.create_task(beat(target, plan)))
+            plan.environment = await building
+        finally:
+            if not building.done():
+                building.cancel()
+                await asyncio.gather(building, return_exceptions=True)
+    await publish_environment(target, plan)
     remember(plan, scheduler)
-    background.append(asyncio.create_task(beat(target, plan)))
+    if not background:
+        background.append(asyncio.create_task(beat(target, plan)))
     ready = await wait_until_ready(target, scheduler, plan)
     info = await publish_connection_info(target, scheduler, plan, ready)
     await _run_job_or_hold(target, scheduler, plan, ready, background)
@@ -670,6 +691,8 @@ def render_plan(settings: RayClusterSettings) -> str:
             f"# 1. environment: reuse a Python with ray=={settings.ray_version} or build {settings.work_dir}/venvs/ray-{settings.ray_version}",
             f"# 2. upload scripts/ to {plan.cluster_dir}/bin, this env file to {plan.cluster_dir}/cluster.env (0600):",
             plan.env_file().rstrip(),
+            f"#    and, once the environment is ready, {plan.cluster_dir}/environment.env (the job script waits for it):",
+            plan.environment_file().rstrip(),
             f"# 3. job script {plan.cluster_dir}/bin/job.sh:",
             scheduler.render(plan.cluster_id, plan.cluster_dir).rstrip(),
             "# 4. submit:",

@@ -34,6 +34,9 @@ ar_cleanup() {
 trap 'ar_cleanup "$?"' EXIT
 trap 'ar_log "signal received"; exit 143' TERM INT HUP USR1
 
+# The Python and Ray to run: for a batch job the flow may still be building them
+# on the login host when the job starts (it submits first, builds while queued).
+ar_wait_for_environment || exit 1
 ar_run_node head head &
 head_pid=$!
 for _ in $(seq 1 600); do

@@ -36,6 +36,29 @@ ar_node_ip() {
     printf '%s\n' "$ip"
 }
 
+# Wait (bounded by AR_ENVIRONMENT_WAIT seconds) for the flow's environment.env, then
+# source it: AR_PYTHON and AR_RAY. The flow removing the cluster, asking it to stop or
+# going silent ends the wait too.
+ar_wait_for_environment() {
+    local waited=0 reason
+    while [ ! -e "$AR_CLUSTER_DIR/environment.env" ]; do
+        reason="$(ar_stop_reason)"
+        if [ -n "$reason" ]; then
+            ar_log "stopped while waiting for the environment: $reason"
+            return 1
+        fi
+        if [ "$waited" -ge "$((${AR_ENVIRONMENT_WAIT:-1800} * 10))" ]; then
+            echo "RAY_FAILED=the Python environment was not ready after ${AR_ENVIRONMENT_WAIT:-1800}s" >>"$AR_CLUSTER_DIR/status"
+            return 1
+        fi
+        [ "$waited" -gt 0 ] || ar_log "waiting for the flow to finish the Python environment"
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    # shellcheck disable=SC1091
+    . "$AR_CLUSTER_DIR/environment.env"
+}
+
 # Free ports for one Ray node, held open together while chosen so they are
 # distinct: gcs dashboard client node_manager object_manager metrics
 # agent_http agent_grpc runtime_env worker_min worker_max dashboard_metrics

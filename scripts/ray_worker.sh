@@ -4,6 +4,8 @@
 set -euo pipefail
 # shellcheck disable=SC1091
 . "$AR_CLUSTER_DIR/cluster.env"
+# shellcheck disable=SC1091
+. "$AR_CLUSTER_DIR/environment.env"
 # the user's setup_commands: a worker started by pbsdsh or ssh has not run the job script
 if [ -e "$AR_CLUSTER_DIR/setup_commands.sh" ]; then
     # shellcheck disable=SC1091

@@ -8,6 +8,8 @@ cluster_dir="$1"
 shift
 # shellcheck disable=SC1091
 . "$cluster_dir/cluster.env"
+# shellcheck disable=SC1091
+. "$cluster_dir/environment.env"
 if [ -e "$cluster_dir/setup_commands.sh" ]; then
     # shellcheck disable=SC1091
     . "$cluster_dir/bin/site_setup.sh" "$cluster_dir/setup_commands.sh"

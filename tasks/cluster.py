@@ -32,6 +32,8 @@ RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 
 CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh",
                    "exec_holding_ports.py", "node_ip.py", "site_setup.sh", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh")
+# AR_PYTHON and AR_RAY in the cluster dir, once the environment is ready (cluster_main.sh waits).
+ENVIRONMENT_FILE = "environment.env"
 # The user's setup_commands in the cluster dir, run by the job script and every worker.
 SETUP_COMMANDS_FILE = "setup_commands.sh"
 # 128 random bits: a cluster's id (and so its dir, job name and temp dir prefix) cannot be guessed.
@@ -81,14 +83,19 @@ class ClusterPlan:
         """What every node's temp dir of this cluster starts with (see ar_make_node_tmp)."""
         return f"{self.settings.node_tmp}/{node_tmp_name(self.cluster_id)}"
 
+    def environment_file(self) -> str:
+        """The Python and Ray the nodes run: known only once the environment is ready,
+        which may be after the job was submitted (the job script waits for this file)."""
+        env = self.environment
+        values = {"AR_PYTHON": env.python if env else "python3", "AR_RAY": env.ray if env else "ray"}
+        return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items())
+
     def env_file(self) -> str:
-        s, env = self.settings, self.environment
+        s = self.settings
         values = {
             "AR_CLUSTER_ID": self.cluster_id,
             "AR_CLUSTER_DIR": self.cluster_dir,
             "AR_NODE_TMP": s.node_tmp,
-            "AR_PYTHON": env.python if env else "python3",
-            "AR_RAY": env.ray if env else "ray",
             # empty: the node takes what its allocation gives (ar_run_node)
             "AR_NUM_CPUS": "" if s.num_cpus_per_node is None else s.num_cpus_per_node,
             "AR_NUM_GPUS": "" if s.num_gpus_per_node is None else s.num_gpus_per_node,
@@ -129,6 +136,21 @@ def _requirements_hash(settings: RayClusterSettings) -> str:
     return hashlib.sha256(Path(settings.requirements).expanduser().read_bytes()).hexdigest()[:12]
 
 
+async def make_private_work_dir(target: Transport, work_dir: str) -> None:
+    """The work dir holds venvs and every cluster's token: the user's alone, before
+    anything is put in it."""
+    await target.run(f"mkdir -p {shlex.quote(work_dir)} && chmod 700 {shlex.quote(work_dir)}")
+
+
+@task(name="publish-ray-environment", cache_policy=NO_CACHE)
+async def publish_environment(target: Transport, plan: ClusterPlan) -> None:
+    """Tell the cluster which Python and Ray to run: the job script waits for this file
+    (whole: written aside, then renamed) before it starts Ray."""
+    path = f"{plan.cluster_dir}/{ENVIRONMENT_FILE}"
+    await target.write_text(path + ".part", plan.environment_file(), 0o600)
+    await target.run(f"mv -f -- {shlex.quote(path + '.part')} {shlex.quote(path)}")
+
+
 @task(name="prepare-ray-environment", cache_policy=NO_CACHE)
 async def prepare_environment(target: Transport, settings: RayClusterSettings, work_dir: str) -> RayEnvironment:
     """Reuse a Python that has the requested Ray (no pip call), else build a venv once."""
@@ -142,8 +164,6 @@ async def prepare_environment(target: Transport, settings: RayClusterSettings, w
         remote_req = f"{work_dir}/requirements-{req_hash}.txt"
         await target.put_file(Path(settings.requirements).expanduser(), remote_req)
         env_prefix = f"AR_REQUIREMENTS={shlex.quote(remote_req)} AR_REQ_HASH={req_hash} "
-    # The work dir holds venvs and every cluster's token: the user's alone.
-    await target.run(f"mkdir -p {shlex.quote(work_dir)} && chmod 700 {shlex.quote(work_dir)}")
     await target.put_file(SCRIPTS_DIR / "setup_ray.sh", f"{work_dir}/bin/setup_ray.sh", 0o700)
     if settings.setup_commands:
         await target.put_file(SCRIPTS_DIR / "site_setup.sh", f"{work_dir}/bin/site_setup.sh", 0o700)

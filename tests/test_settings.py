@@ -1111,7 +1111,7 @@ def check_accepted(settings: RayClusterSettings, sandbox: Sandbox) -> None:
     for script in render_all(settings, plan):
         sandbox.syntax_ok(script)
     names = ["AR_CLUSTER_ID", "AR_CLUSTER_DIR", "AR_NODE_TMP", "AR_PYTHON", "AR_DASHBOARD_HOST", "RAY_AUTH_TOKEN_PATH"]
-    got = sandbox.source_env(plan.env_file(), names)
+    got = sandbox.source_env(plan.env_file() + plan.environment_file(), names)
     assert got == [plan.cluster_id, f"{settings.work_dir}/clusters/{plan.cluster_id}", settings.node_tmp,
                    settings.python or "python3", settings.dashboard_host, plan.token_path]
     sandbox.assert_untouched()

@@ -143,3 +143,34 @@ def test_ray_client_through_the_flows_own_tunnel_with_the_token(work, prefect_ap
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
         flow.kill()
+
+
+# On the login node only: a slow environment step, as a cold venv build would be.
+SLOW_LOGIN = 'case "$(hostname -s)" in login) sleep 12 ;; esac\n'
+
+
+def test_the_job_is_submitted_first_and_waits_for_the_environment(work, prefect_api, bed):
+    """SLURM: the job is in the queue (and running) while the login node still prepares
+    the environment; the nodes wait for it, then start Ray."""
+    script = work / "spread.py"
+    script.write_text(SPREAD.replace("range(9)", "range(6)"))
+    run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "2", "--host", f"{bed.user_name}@{bed.login_ip}",
+                                   "--python", bed.user_python, "--setup-commands", SLOW_LOGIN,
+                                   "--user-script", script), work=work, api=prefect_api)
+    assert run.returncode == 0, run.output[-5000:]
+    submitted = run.output.index("submitted to slurm: job")
+    environment = run.output.index(f"Ray 2.60.0 on {bed.user_name}@{bed.login_ip}")
+    assert submitted < environment, run.output[-5000:]
+    assert "HOSTS=node1,node2" in run.output
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
+def test_a_failed_environment_build_cancels_the_submitted_job(work, prefect_api, bed):
+    failing = 'case "$(hostname -s)" in login) sleep 3; false ;; esac\n'
+    run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "2", "--host", f"{bed.user_name}@{bed.login_ip}",
+                                   "--python", bed.user_python, "--setup-commands", failing, "--retries", "0",
+                                   "--user-script", never_runs(work)), work=work, api=prefect_api)
+    assert run.returncode == 1, run.output[-3000:]
+    assert "submitted to slurm: job" in run.output and "setup_commands failed on login" in run.output
+    assert "NEVER_RUNS" not in run.output
+    assert_nothing_left(bed, run.cluster_id, work / "w")
