@@ -15,7 +15,7 @@ NOTE = "No Prefect server configured (PREFECT_API_URL)"
 def own_prefect(bed, work) -> dict:
     """A fresh Prefect home of the user's: no profile, no server configured."""
     home = work / "prefect-home"
-    home.mkdir()
+    bed.run_login(["mkdir", "-m", "700", str(home)], user=bed.user, check=True)  # the user's, as at a site
     return {"PREFECT_HOME": str(home), "PREFECT_BIN": str(bed.user_venv / "bin" / "prefect"),
             "AR_SERVER_DIR": str(work / "server-state")}
 

@@ -159,7 +159,7 @@ def test_the_job_is_submitted_first_and_waits_for_the_environment(work, prefect_
                                    "--user-script", script), work=work, api=prefect_api)
     assert run.returncode == 0, run.output[-5000:]
     submitted = run.output.index("submitted to slurm: job")
-    environment = run.output.index(f"Ray 2.60.0 on {bed.user_name}@{bed.login_ip}")
+    environment = run.output.index(f"Ray 2.60.0 on {bed.login_ip}: ")
     assert submitted < environment, run.output[-5000:]
     assert "HOSTS=node1,node2" in run.output
     assert_nothing_left(bed, run.cluster_id, work / "w")
