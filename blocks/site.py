@@ -2,7 +2,8 @@
 
 A site holds what stays the same between runs on one machine: the login node,
 the scheduler, the default account and partition/queue, the Python (a conda env
-or venv that already has Ray) and the shared work dir. It turns into the
+or venv that already has Ray), the shared work dir, the setup commands (modules,
+conda) and the fast network's interface. It turns into the
 parameters of the ray-cluster flow:
 
     from blocks.site import HpcSite
@@ -81,6 +82,12 @@ class HpcSite(Block):
         description="Directory visible on every node (venvs, cluster state), e.g. /scratch/alice/activate-ray",
     )
     node_tmp: str = _as_in_the_flow(AdvancedOptions, "node_tmp")
+    setup_commands: str = _as_in_the_flow(
+        EnvironmentOptions, "setup_commands", title="Setup commands",
+        description="What every run here does first, on the login node and on every node: "
+        "'module load python/3.11 cuda/12.4', 'source /opt/conda/etc/profile.d/conda.sh && conda activate ray'",
+    )
+    network_interface: str = _as_in_the_flow(AdvancedOptions, "network_interface")
 
     @model_validator(mode="after")
     def _valid_for_the_flow(self) -> HpcSite:
@@ -95,6 +102,8 @@ class HpcSite(Block):
             "python": self.python,
             "work_dir": self.work_dir,
             "node_tmp": self.node_tmp,
+            "setup_commands": self.setup_commands,
+            "network_interface": self.network_interface,
         }
         if self.scheduler is SchedulerKind.slurm:
             values["slurm"] = {

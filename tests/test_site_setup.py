@@ -107,3 +107,14 @@ def test_node_ip_names_the_node_and_what_it_has_when_there_is_none():
     assert missing.returncode == 1 and missing.stdout == ""
     assert "no IPv4 address on interface ib9 (this node has: lo 127.0.0.1" in missing.stderr
     assert "no address in 203.0.113.0/24" in node_ip("203.0.113.0/24").stderr
+
+
+def test_a_site_block_carries_setup_commands_and_network_interface_into_every_run():
+    from blocks.site import HpcSite
+
+    site = HpcSite(host="alice@login.hpc", setup_commands="module load python/3.11", network_interface="10.20.0.0/16")
+    settings = site.to_settings(slurm={"nodes": 2})
+    assert settings.setup_commands == "module load python/3.11\n" and settings.network_interface == "10.20.0.0/16"
+    assert site.parameters()["environment"]["setup_commands"] == "module load python/3.11\n"
+    with pytest.raises(ValidationError, match="not valid shell"):
+        HpcSite(host="alice@login.hpc", setup_commands="if then")
