@@ -137,7 +137,14 @@ from tasks.cluster import (
 )
 from tasks.failures import FailureReason, InvalidInput, reason_of
 from tasks.logs import get_run_logger
-from tasks.readiness import ClusterFailed, publish_connection_info, wait_until_ready, watch_nodes
+from tasks.readiness import (
+    ClusterFailed,
+    ConnectionInfo,
+    ReadyCluster,
+    publish_connection_info,
+    wait_until_ready,
+    watch_nodes,
+)
 from tasks.schedulers import JobPhase, Scheduler, scheduler_for
 from tasks.settings import (
     GROUPS,
@@ -278,6 +285,16 @@ async def _bring_up_and_hold(
 ) -> dict:
     """The pipeline of one cluster: environment, start, readiness, connection info, then
     the user job and/or keep-alive. Its teardown is the caller's (_one_cluster)."""
+    ready, info = await bring_up(target, scheduler, plan, work_dir, background)
+    await _run_job_or_hold(target, scheduler, plan, ready, background)
+    return asdict(info)
+
+
+async def bring_up(
+    target: Transport, scheduler: Scheduler, plan: ClusterPlan, work_dir: str, background: list[asyncio.Task]
+) -> tuple[ReadyCluster, ConnectionInfo]:
+    """Environment, start, readiness, connection info: a cluster ready for work. The
+    heartbeat joins `background`; teardown is the caller's, whatever happens here."""
     await make_private_work_dir(target, work_dir)
     if plan.settings.scheduler is SchedulerKind.none:
         plan.environment = await prepare_environment(target, plan.settings, work_dir)
@@ -304,8 +321,7 @@ async def _bring_up_and_hold(
         background.append(asyncio.create_task(beat(target, plan)))
     ready = await wait_until_ready(target, scheduler, plan)
     info = await publish_connection_info(target, scheduler, plan, ready)
-    await _run_job_or_hold(target, scheduler, plan, ready, background)
-    return asdict(info)
+    return ready, info
 
 
 async def _run_job_or_hold(

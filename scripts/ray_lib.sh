@@ -204,6 +204,10 @@ ar_run_node() {
     if [ -z "$reason" ]; then
         wait "$pgid" || status=$?
         reason="Ray ended (exit $status)"
+        # said in the status too: a flow still waiting for this worker fails now, naming it,
+        # not at the readiness timeout (a ready cluster's watcher sees the node go)
+        [ "$role" = head ] || printf 'RAY_FAILED=worker %s on %s: Ray ended by itself (exit %s), see %s\n' \
+            "$name" "$host" "$status" "$AR_CLUSTER_DIR/logs/ray-$name.log" >>"$AR_CLUSTER_DIR/status"
     fi
     trap - TERM INT HUP
     ar_stop_node "$name" "$pgid" "$tmp" "$reason"
