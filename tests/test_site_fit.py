@@ -11,7 +11,6 @@ from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_arg
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
-THREE_NODES = {"slurm": ["--slurm.nodes", "3"], "pbs": ["--pbs.select", "3:ncpus=1"]}
 
 # A site's module: this Python (and its ray) work only once the module is loaded,
 # as a Python whose libraries are on LD_LIBRARY_PATH only after `module load`.
@@ -46,27 +45,48 @@ def site_module(bed, work):
     return bin_dir, ran, commands
 
 
+# SLURM: 2 nodes on the fabric (ib0); PBS: 3 nodes, workers started over ssh from the head.
+SIZES = {"slurm": ["--slurm.nodes", "2", "--slurm.extra-directives", "#SBATCH --nodelist=node1,node2",
+                   "--network-interface", "ib0"],
+         "pbs": ["--pbs.select", "3:ncpus=1"]}
+HOSTS = {"slurm": "node1,node2", "pbs": "node1,node2,node3"}
+# On the login node only: a slow environment step, as a cold venv build would be.
+SLOW_LOGIN = 'case "$(hostname -s)" in login) sleep 8 ;; esac\n'
+
+
 @pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
 def test_setup_commands_make_ray_findable_on_the_login_node_and_every_node(work, prefect_api, bed, scheduler):
     """No --python and no venv to build: the Python with Ray is found only because the
     setup commands ran on the login node, and the nodes start Ray only because they ran
-    there too (SLURM workers through srun, PBS workers through ssh from the head)."""
+    there too (SLURM workers through srun, PBS workers through ssh from the head). The
+    job is submitted before the (slow) environment step ends and waits for it. SLURM's
+    nodes run Ray on the fabric, chosen by interface name."""
     bin_dir, ran, commands = site_module(bed, work)
     script = work / "spread.py"
     script.write_text(SPREAD)
-    run = run_flow(bed, batch_args(work / "w", *THREE_NODES[scheduler], "--host", f"{bed.user_name}@{bed.login_ip}",
-                                   "--setup-commands", commands, "--user-script", script, scheduler=scheduler),
-                   work=work, api=prefect_api)
+    run = run_flow(bed, batch_args(work / "w", *SIZES[scheduler], "--host", f"{bed.user_name}@{bed.login_ip}",
+                                   "--setup-commands", SLOW_LOGIN + commands, "--user-script", script,
+                                   scheduler=scheduler), work=work, api=prefect_api)
     assert run.returncode == 0, run.output[-5000:]
     assert f"{bin_dir}/python3 (reused)" in run.output, run.output[-3000:]
-    assert "HOSTS=node1,node2,node3" in run.output
+    assert f"HOSTS={HOSTS[scheduler]}\n" in run.output
     hosts = ran.read_text().split()
-    assert {"login", "node1", "node2", "node3"} <= set(hosts), hosts
+    assert {"login", *HOSTS[scheduler].split(",")} <= set(hosts), hosts
     assert not (work / "w" / "venvs").exists(), "a venv was built: the setup commands' Python was not used"
+    # submitted first, the environment after: the job waited for it
+    assert run.output.index(f"submitted to {scheduler}: job") < run.output.index(f"Ray 2.60.0 on {bed.login_ip}: ")
+    if scheduler == "slurm":
+        info = run.info
+        assert info["head_ip"] == bed.fabric_ips[info["head_node"]], info
+        assert info["ray_address"].startswith(bed.fabric_ips[info["head_node"]] + ":"), info
+        assert sorted(n["ip"] for n in info["nodes"]) == sorted(bed.fabric_ips[n] for n in ("node1", "node2")), \
+            info["nodes"]
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 
-def test_a_failing_setup_command_is_reported_with_the_host(work, prefect_api, bed):
+def test_a_failing_setup_command_is_reported_with_the_host_and_cancels_the_job(work, prefect_api, bed):
+    """It fails on the login node while the job, submitted first, waits: the run fails
+    naming the line and the host, and the job is gone."""
     run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "1", "--host", f"{bed.user_name}@{bed.login_ip}",
                                    "--python", bed.user_python, "--retries", "0",
                                    "--setup-commands", "module_that_does_not_exist load ray\n", "--user-script",
@@ -74,23 +94,7 @@ def test_a_failing_setup_command_is_reported_with_the_host(work, prefect_api, be
     assert run.returncode == 1, run.output[-3000:]
     assert "setup_commands failed on login: 'module_that_does_not_exist load ray' exited 127" in run.output, \
         run.output[-3000:]
-    assert "NEVER_RUNS" not in run.output
-    assert not (work / "w" / "clusters").exists() or not any((work / "w" / "clusters").iterdir())
-
-
-def test_ray_runs_on_the_fabric_chosen_by_interface_name(work, prefect_api, bed):
-    script = work / "spread.py"
-    script.write_text(SPREAD.replace("range(9)", "range(6)"))
-    run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "2", "--slurm.extra-directives",
-                                   "#SBATCH --nodelist=node1,node2", "--network-interface", bed.fabric_interface,
-                                   "--user-script", script), work=work, api=prefect_api)
-    assert run.returncode == 0, run.output[-5000:]
-    assert "HOSTS=node1,node2" in run.output
-    info = run.info
-    assert info["head_ip"] == bed.fabric_ips[info["head_node"]], info
-    assert info["ray_address"].startswith(bed.fabric_ips[info["head_node"]] + ":"), info
-    assert sorted(n["ip"] for n in info["nodes"]) == sorted(bed.fabric_ips[n] for n in ("node1", "node2")), \
-        info["nodes"]
+    assert "submitted to slurm: job" in run.output and "NEVER_RUNS" not in run.output
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 
@@ -144,33 +148,3 @@ def test_ray_client_through_the_flows_own_tunnel_with_the_token(work, prefect_ap
     finally:
         flow.kill()
 
-
-# On the login node only: a slow environment step, as a cold venv build would be.
-SLOW_LOGIN = 'case "$(hostname -s)" in login) sleep 12 ;; esac\n'
-
-
-def test_the_job_is_submitted_first_and_waits_for_the_environment(work, prefect_api, bed):
-    """SLURM: the job is in the queue (and running) while the login node still prepares
-    the environment; the nodes wait for it, then start Ray."""
-    script = work / "spread.py"
-    script.write_text(SPREAD.replace("range(9)", "range(6)"))
-    run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "2", "--host", f"{bed.user_name}@{bed.login_ip}",
-                                   "--python", bed.user_python, "--setup-commands", SLOW_LOGIN,
-                                   "--user-script", script), work=work, api=prefect_api)
-    assert run.returncode == 0, run.output[-5000:]
-    submitted = run.output.index("submitted to slurm: job")
-    environment = run.output.index(f"Ray 2.60.0 on {bed.login_ip}: ")
-    assert submitted < environment, run.output[-5000:]
-    assert "HOSTS=node1,node2" in run.output
-    assert_nothing_left(bed, run.cluster_id, work / "w")
-
-
-def test_a_failed_environment_build_cancels_the_submitted_job(work, prefect_api, bed):
-    failing = 'case "$(hostname -s)" in login) sleep 3; false ;; esac\n'
-    run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "2", "--host", f"{bed.user_name}@{bed.login_ip}",
-                                   "--python", bed.user_python, "--setup-commands", failing, "--retries", "0",
-                                   "--user-script", never_runs(work)), work=work, api=prefect_api)
-    assert run.returncode == 1, run.output[-3000:]
-    assert "submitted to slurm: job" in run.output and "setup_commands failed on login" in run.output
-    assert "NEVER_RUNS" not in run.output
-    assert_nothing_left(bed, run.cluster_id, work / "w")
