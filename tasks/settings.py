@@ -191,7 +191,9 @@ class ContainerRuntime(str, Enum):
 # An OCI reference as podman (and apptainer's docker://) spells it: [registry[:port]/]path[:tag][@digest].
 _OCI_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 OCI_REFERENCE_RE = re.compile(
-    rf"^(?:[A-Za-z0-9][A-Za-z0-9.\-]{{0,252}}(?::\d{{1,5}})?/)?{_OCI_COMPONENT}(?:/{_OCI_COMPONENT}){{0,15}}"
+    # a registry is a name with a dot, localhost, or has a port: else the first part is a (lowercase) path
+    rf"^(?:(?:(?:[A-Za-z0-9\-]{{1,63}}\.)+[A-Za-z0-9\-]{{1,63}}|localhost)(?::\d{{1,5}})?/|[A-Za-z0-9\-]{{1,63}}:\d{{1,5}}/)?"
+    rf"{_OCI_COMPONENT}(?:/{_OCI_COMPONENT}){{0,15}}"
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})?(?:@sha256:[0-9a-f]{64})?$",
     re.ASCII,
 )
