@@ -405,11 +405,14 @@ ar_container_launch() {
             for dir in "${binds[@]}"; do AR_CONTAINER_LAUNCH+=(--bind "$dir"); done
             ;;
         podman)
-            # --rm: nothing left once it ends; host network, PIDs and /dev/shm (Ray's object store)
-            # as without a container; --cgroups=disabled keeps it in the job's cgroup (its limits,
-            # and the scheduler's kill, apply); keep-id: files in the bound dirs stay the user's
-            AR_CONTAINER_LAUNCH=(podman run --rm --name "$(ar_container_name "$name")"
-                --network=host --pid=host --ipc=host --userns=keep-id --cgroups=disabled)
+            # --rm: nothing left once it ends. A PID namespace of its own with an init (--init) as
+            # its PID 1: when the container stops, the kernel ends every process in it, Ray's
+            # daemons included (no cgroup needed: rootless podman has none on cgroup v1, and
+            # crun refuses --cgroups=disabled with the host's PIDs). The host's network and
+            # /dev/shm (Ray's object store; podman's own is 64 MB) as without a container;
+            # keep-id: inside, the user is the same uid, so the bound dirs stay theirs.
+            AR_CONTAINER_LAUNCH=(podman run --rm --init --name "$(ar_container_name "$name")"
+                --network=host --userns=keep-id --volume /dev/shm:/dev/shm)
             for var in "${AR_CONTAINER_ENV[@]}"; do
                 [ -n "${!var+set}" ] || continue
                 export "${var?}"

@@ -129,8 +129,8 @@ def test_podman_command_line(tmp_path):
     cluster_dir, node_tmp = tmp_path / "cluster", f"{tmp_path}/ar-x.abc123"
     name = f"{plan.cluster_id}-head"
     assert argv.splitlines() == [
-        "podman", "run", "--rm", "--name", name, "--network=host", "--pid=host", "--ipc=host", "--userns=keep-id",
-        "--cgroups=disabled", "--env", "RAY_AUTH_MODE", "--env", "RAY_AUTH_TOKEN_PATH",
+        "podman", "run", "--rm", "--init", "--name", name, "--network=host", "--userns=keep-id",
+        "--volume", "/dev/shm:/dev/shm", "--env", "RAY_AUTH_MODE", "--env", "RAY_AUTH_TOKEN_PATH",
         "--env", "RAY_enable_metrics_collection", "--env", "DASHBOARD_METRIC_PORT",
         "--volume", f"{WORK_DIR}:{WORK_DIR}", "--volume", f"{cluster_dir}:{cluster_dir}",
         "--volume", f"{node_tmp}:{node_tmp}", "registry.site.org/hpc/ray:2.60.0"]
