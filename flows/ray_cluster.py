@@ -694,6 +694,16 @@ def _describe_job(settings: RayClusterSettings) -> str:
     return f"{script}{' ' + shlex.join(settings.script_args) if settings.script_args else ''}{extra}"
 
 
+def _describe_environment(settings: RayClusterSettings) -> str:
+    runtimes = settings.environment.container_runtimes
+    if runtimes:
+        how = runtimes[0] if settings.container_runtime.value != "auto" else "the first of " + ", ".join(runtimes)
+        return (f"# 1. environment: every Ray node in container image {settings.container_image} ({how} found on "
+                "the node), with the image's own python3 and ray; work dir, cluster dir and node temp dir bound in")
+    return (f"# 1. environment: reuse a Python with ray=={settings.ray_version} or build "
+            f"{settings.work_dir}/venvs/ray-{settings.ray_version}")
+
+
 def render_plan(settings: RayClusterSettings) -> str:
     """What a run would do, for --dry-run: no connection is made, nothing starts."""
     scheduler: Scheduler = scheduler_for(settings)
@@ -704,7 +714,7 @@ def render_plan(settings: RayClusterSettings) -> str:
             *([f"# 0. setup_commands, on the target before Python is looked for, and on every node before Ray starts "
                f"({plan.cluster_dir}/setup_commands.sh):", settings.setup_commands.rstrip()]
               if settings.setup_commands else []),
-            f"# 1. environment: reuse a Python with ray=={settings.ray_version} or build {settings.work_dir}/venvs/ray-{settings.ray_version}",
+            _describe_environment(settings),
             f"# 2. upload scripts/ to {plan.cluster_dir}/bin, this env file to {plan.cluster_dir}/cluster.env (0600):",
             plan.env_file().rstrip(),
             f"#    and, once the environment is ready, {plan.cluster_dir}/environment.env (the job script waits for it):",

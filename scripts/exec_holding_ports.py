@@ -25,4 +25,5 @@ for port in ports:
     # Ray's own children do not inherit it (subprocess closes fds)
     listener.set_inheritable(True)
     held.append(listener)
-os.execv(command[0], command)
+# execvp: in a container image the command is a bare `ray`, found on the image's PATH
+os.execvp(command[0], command)

@@ -129,10 +129,13 @@ ar_stop_reason() {
 # then stop it and remove its temp dir, here, on its own host.
 # usage: ar_run_node head|worker NAME
 ar_run_node() {
-    local role="$1" name="$2" tmp ip args ports host
+    local role="$1" name="$2" tmp ip args ports host runtime=""
     host="$(ar_host)"
     # the address first: a node without one leaves nothing behind (no temp dir to sweep)
     ip="$(ar_node_ip)" || return 1
+    if [ -n "${AR_CONTAINER_IMAGE:-}" ]; then
+        runtime="$(ar_container_runtime)" || return 1
+    fi
     tmp="$(ar_make_node_tmp "$name")"
     read -r -a ports < <(ar_free_ports)
     # Ray makes its temp dir 0777: it is a child of the private dir, never the private dir itself
@@ -173,8 +176,13 @@ ar_run_node() {
     # Below Ray, bash must not re-read a login profile that puts another
     # python first (ssh-started nodes), so the venv leads PATH.
     unset SSH_CLIENT SSH_CONNECTION
-    PATH="$(dirname "$AR_RAY"):$PATH"
+    # (a bare `ray`, the image's own: no dir to put first, never ".")
+    case "$AR_RAY" in */*) PATH="$(dirname "$AR_RAY"):$PATH" ;; esac
     export PATH
+    if [ -n "$runtime" ]; then
+        ar_container_launch "$runtime" "$name" "$tmp"
+        launch=("${AR_CONTAINER_LAUNCH[@]}" "${launch[@]}")
+    fi
     setsid "${launch[@]}" "${args[@]}" >"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
     local pgid=$!
     # host and group: only this host ever signals this group
@@ -245,6 +253,7 @@ ar_collect_node_logs() {
 ar_stop_node() {
     local name="$1" pgid="$2" tmp="$3" reason="$4"
     ar_stop_group "$pgid"
+    [ -z "${AR_CONTAINER_IMAGE:-}" ] || ar_container_stop "$name" "$tmp"
     ar_collect_node_logs "$name" "$tmp"
     rm -rf "$tmp"
     rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" "$AR_CLUSTER_DIR/nodes/$name.tmp" 2>/dev/null || true
@@ -285,6 +294,7 @@ ar_stop_cluster_here() {
         } &
     done
     wait
+    [ -z "${AR_CONTAINER_IMAGE:-}" ] || ar_container_stop_here
     for file in "$AR_CLUSTER_DIR"/nodes/*.tmp; do
         [ -e "$file" ] || continue
         tmp=""
@@ -362,3 +372,132 @@ ar_collect_job_logs() {
         gzip -c "$file" >"$dest/$(basename "$file").gz" 2>/dev/null || true
     done
 }
+
+# --- container option (issue 16) ----------------------------------------------
+# With AR_CONTAINER_IMAGE set (cluster.env), every Ray node runs inside that
+# image: `ray start` and all it starts are the image's processes (its own
+# python3 and ray), on the host's network, with the work dir, the cluster dir
+# and the node's temp dir bound in at the same paths. AR_CONTAINER_RUNTIMES:
+# the runtimes that can run the image, in the order a node looks for them.
+# apptainer/singularity `exec` processes are ordinary children of the node's
+# session; podman's are not (conmon runs them), so the node also stops its
+# container by name and kills what still names its temp dir.
+
+# Env vars Ray needs inside the container. Passed by name only, never with
+# their values on a command line (where ps and logs would show them).
+AR_CONTAINER_ENV=(RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH RAY_enable_metrics_collection
+    DASHBOARD_METRIC_PORT AUTOSCALER_METRIC_PORT
+    CUDA_VISIBLE_DEVICES ROCR_VISIBLE_DEVICES HIP_VISIBLE_DEVICES)
+
+# The runtime this node runs the image with: the first of AR_CONTAINER_RUNTIMES
+# found here. None found: said in the cluster's status (the flow fails at once,
+# naming this node) and here, before the node made anything.
+ar_container_runtime() {
+    local runtime runtimes dir
+    for dir in "$AR_WORK_DIR" "$AR_CLUSTER_DIR" "$AR_NODE_TMP"; do
+        # ':' and ',' separate bind specs (podman -v, apptainer --bind)
+        case "$dir" in "" | /*[,:]* | [!/]*)
+            ar_log "cannot bind $dir into the container: not an absolute path without ':' and ','"
+            return 1 ;;
+        esac
+    done
+    read -r -a runtimes <<<"$AR_CONTAINER_RUNTIMES"
+    for runtime in "${runtimes[@]}"; do
+        if command -v "$runtime" >/dev/null 2>&1; then
+            printf '%s\n' "$runtime"
+            return 0
+        fi
+    done
+    local why
+    why="no container runtime on node $(hostname): none of ${runtimes[*]} is on PATH (image $AR_CONTAINER_IMAGE)"
+    ar_log "$why"
+    printf 'RAY_FAILED=%s\n' "$why" >>"$AR_CLUSTER_DIR/status"
+    return 1
+}
+
+# The podman container of one node: unique per cluster and node on a host.
+ar_container_name() { printf '%s-%s\n' "$AR_CLUSTER_ID" "$1"; }
+
+# The command prefix that runs one node's Ray inside the image, in the array
+# AR_CONTAINER_LAUNCH (followed by the command to run in it); exports what
+# apptainer/singularity pass in from APPTAINERENV_*/SINGULARITYENV_*. podman:
+# records the container's name for the stop (nodes/NAME.container).
+# usage: ar_container_launch RUNTIME NAME NODE_TMP
+ar_container_launch() {
+    local runtime="$1" name="$2" tmp="$3" image="$AR_CONTAINER_IMAGE" dir var env_prefix
+    local binds=("$AR_WORK_DIR" "$AR_CLUSTER_DIR" "$tmp")
+    # ~ in an image path: this node user's home (the env file keeps it unexpanded)
+    case "$image" in
+        \~/*) image="$HOME/${image#\~/}" ;;
+        *:\~/*) image="${image%%:*}:$HOME/${image#*:\~/}" ;;  # oci-archive:~/x.tar
+    esac
+    case "$runtime" in
+        apptainer | singularity)
+            # the host's environment (a venv's PATH, PYTHONPATH) stays out; what Ray needs goes in
+            env_prefix="$(printf '%s' "$runtime" | tr '[:lower:]' '[:upper:]')ENV_"
+            AR_CONTAINER_LAUNCH=("$runtime" exec --cleanenv)
+            for var in "${AR_CONTAINER_ENV[@]}"; do
+                [ -n "${!var+set}" ] || continue
+                export "$env_prefix$var=${!var}"
+            done
+            # GPUs asked for: the host's NVIDIA driver libraries and devices go in
+            if [ "${AR_NUM_GPUS:-0}" -gt 0 ] 2>/dev/null; then AR_CONTAINER_LAUNCH+=(--nv); fi
+            for dir in "${binds[@]}"; do AR_CONTAINER_LAUNCH+=(--bind "$dir"); done
+            ;;
+        podman)
+            # --rm: nothing left once it ends. A PID namespace of its own with an init (--init) as
+            # its PID 1: when the container stops, the kernel ends every process in it, Ray's
+            # daemons included (no cgroup needed: rootless podman has none on cgroup v1, and
+            # crun refuses --cgroups=disabled with the host's PIDs). The host's network and
+            # /dev/shm (Ray's object store; podman's own is 64 MB) as without a container;
+            # keep-id: inside, the user is the same uid, so the bound dirs stay theirs.
+            AR_CONTAINER_LAUNCH=(podman run --rm --init --name "$(ar_container_name "$name")"
+                --network=host --userns=keep-id --volume /dev/shm:/dev/shm)
+            for var in "${AR_CONTAINER_ENV[@]}"; do
+                [ -n "${!var+set}" ] || continue
+                export "${var?}"
+                AR_CONTAINER_LAUNCH+=(--env "$var")  # the name alone: podman takes the value from its env
+            done
+            for dir in "${binds[@]}"; do AR_CONTAINER_LAUNCH+=(--volume "$dir:$dir"); done
+            printf '%s %s\n' "$(ar_host)" "$(ar_container_name "$name")" >"$AR_CLUSTER_DIR/nodes/$name.container"
+            ;;
+        *) ar_log "unknown container runtime $runtime"; return 1 ;;
+    esac
+    AR_CONTAINER_LAUNCH+=("$image")
+}
+
+# After the node's process group was stopped: its podman container (by name),
+# then any process that still names the node's temp dir, unique to this node.
+# usage: ar_container_stop NAME NODE_TMP
+ar_container_stop() {
+    local name="$1" tmp="$2" pids
+    ar_container_remove "$AR_CLUSTER_DIR/nodes/$name.container"
+    pids="$(pgrep -u "$(id -u)" -f -- "$tmp/" || true)"
+    if [ -n "$pids" ]; then
+        # shellcheck disable=SC2086 # one word per pid
+        kill -KILL $pids 2>/dev/null || true
+    fi
+}
+
+# Remove the podman container a nodes/NAME.container file names, if this host recorded it.
+ar_container_remove() {
+    local file="$1" host="" cname=""
+    [ -e "$file" ] || return 0
+    read -r host cname <"$file" || [ -n "$cname" ] || return 0
+    [ "$host" = "$(ar_host)" ] || return 0
+    case "$cname" in "$AR_CLUSTER_ID"-*) ;; *) return 0 ;; esac  # only a name of this cluster's
+    if command -v podman >/dev/null 2>&1; then
+        podman rm --force --ignore --time 2 "$cname" >/dev/null 2>&1 || true
+    fi
+    rm -f "$file"
+}
+
+# This host's sweep: every podman container of this cluster it recorded.
+ar_container_stop_here() {
+    local file
+    for file in "$AR_CLUSTER_DIR"/nodes/*.container; do
+        [ -e "$file" ] || continue
+        ar_container_remove "$file"
+    done
+}
+# --- end of the container option

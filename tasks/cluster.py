@@ -120,7 +120,26 @@ class ClusterPlan:
         }
         if s.token_auth:
             values["RAY_AUTH_TOKEN_PATH"] = self.token_path
+        values.update(self.container_env())
         return "".join(f"export {key}={shlex.quote(str(value))}\n" for key, value in values.items())
+
+
+    def container_env(self) -> dict:
+        """The container option's values (ar_container_* in ray_lib.sh): none without an image."""
+        runtimes = self.settings.environment.container_runtimes
+        if not runtimes:
+            return {}
+        return {"AR_CONTAINER_IMAGE": self.settings.container_image,
+                # the runtimes a node may use, in the order it looks for them
+                "AR_CONTAINER_RUNTIMES": " ".join(runtimes),
+                # bound into the container with the cluster dir and the node's temp dir (venvs, logs)
+                "AR_WORK_DIR": self.cluster_dir.rsplit("/clusters/", 1)[0]}
+
+
+# With a container image, Ray and the job's driver run on the image's own python3 and ray (found on
+# the image's PATH): a site image brings the Ray it was built with, and a venv of the host would need
+# the same Python at the same path inside the image.
+CONTAINER_ENVIRONMENT = RayEnvironment("python3", "ray", "image")
 
 
 async def target_work_dir(target: Transport, settings: RayClusterSettings) -> str:
@@ -164,6 +183,9 @@ async def prepare_environment(target: Transport, settings: RayClusterSettings, w
         remote_req = f"{work_dir}/requirements-{req_hash}.txt"
         await target.put_file(Path(settings.requirements).expanduser(), remote_req)
         env_prefix = f"AR_REQUIREMENTS={shlex.quote(remote_req)} AR_REQ_HASH={req_hash} "
+    if settings.container_image:
+        logger.info("Ray on %s: the python3 and ray of image %s", target.label, settings.container_image)
+        return CONTAINER_ENVIRONMENT
     await target.put_file(SCRIPTS_DIR / "setup_ray.sh", f"{work_dir}/bin/setup_ray.sh", 0o700)
     if settings.setup_commands:
         await target.put_file(SCRIPTS_DIR / "site_setup.sh", f"{work_dir}/bin/site_setup.sh", 0o700)

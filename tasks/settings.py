@@ -202,6 +202,61 @@ def _without(model: type[BaseModel], name: str, *left_out: str) -> type[BaseMode
 BatchClusterOptions = _without(ClusterOptions, "BatchClusterOptions", "direct_workers")
 
 
+# --- container option (issue 16): each Ray node runs inside an image --------------------------
+class ContainerRuntime(str, Enum):
+    """What runs the image on each node; auto: the first of apptainer, singularity, podman found there."""
+
+    auto = "auto"
+    apptainer = "apptainer"
+    singularity = "singularity"
+    podman = "podman"
+
+
+# An OCI reference as podman (and apptainer's docker://) spells it: [registry[:port]/]path[:tag][@digest].
+_OCI_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+OCI_REFERENCE_RE = re.compile(
+    # a registry is a name with a dot, localhost, or has a port: else the first part is a (lowercase) path
+    rf"^(?:(?:(?:[A-Za-z0-9\-]{{1,63}}\.)+[A-Za-z0-9\-]{{1,63}}|localhost)(?::\d{{1,5}})?/|[A-Za-z0-9\-]{{1,63}}:\d{{1,5}}/)?"
+    rf"{_OCI_COMPONENT}(?:/{_OCI_COMPONENT}){{0,15}}"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})?(?:@sha256:[0-9a-f]{64})?$",
+    re.ASCII,
+)
+# A path on the target: a .sif file or a sandbox dir for apptainer/singularity, an archive for podman.
+IMAGE_PATH_RE = re.compile(r"^~?/[A-Za-z0-9_.+@/\-]{1,250}$", re.ASCII)
+# Transports: which runtimes understand each (in auto-detection order), and what follows it.
+IMAGE_TRANSPORTS = {
+    "docker://": (("apptainer", "singularity", "podman"), OCI_REFERENCE_RE),
+    "oras://": (("apptainer", "singularity"), OCI_REFERENCE_RE),
+    "library://": (("apptainer", "singularity"), OCI_REFERENCE_RE),
+    "oci-archive:": (("podman",), IMAGE_PATH_RE),
+    "docker-archive:": (("podman",), IMAGE_PATH_RE),
+    "containers-storage:": (("podman",), OCI_REFERENCE_RE),
+}
+
+
+def runtimes_for_image(image: str) -> tuple[str, ...]:
+    """The runtimes that can run this image reference, in auto-detection order; ValueError if none."""
+    for transport, (runtimes, rest) in IMAGE_TRANSPORTS.items():
+        if image.startswith(transport):
+            if not rest.fullmatch(image[len(transport):]) or ".." in image.split("/"):
+                raise ValueError(f"container_image {image[:200]!r}: not a valid {transport} reference")
+            return runtimes
+    if image.startswith(("/", "~/")):
+        if not IMAGE_PATH_RE.fullmatch(image) or ".." in image.split("/"):
+            raise ValueError(f"container_image {image[:200]!r}: a path may use letters, digits and _.+@/- only")
+        return ("apptainer", "singularity")  # a .sif file or a sandbox dir
+    if OCI_REFERENCE_RE.fullmatch(image):
+        return ("podman",)  # a bare name is looked up in podman's storage and registries
+    raise ValueError(
+        f"container_image {image[:200]!r}: use a .sif path or sandbox dir on the target (/... or ~/...), "
+        "docker://, oras:// or library:// for apptainer/singularity, or an image name "
+        "(registry/name:tag, oci-archive:/path) for podman"
+    )
+
+
+# --- end of the container option ------------------------------------------------------------------
+
+
 @positioned
 class EnvironmentOptions(BaseModel):
     """The Python and Ray the nodes run, and where the cluster's files live."""
@@ -260,6 +315,54 @@ class EnvironmentOptions(BaseModel):
     @classmethod
     def _setup_commands(cls, value: str) -> str:
         return check_shell_lines(value, "setup_commands")
+
+    # --- container option (issue 16): the image each Ray node runs in
+    container_image: str = Field(
+        "",
+        title="Container image",
+        description="Run every Ray node inside this image, with the image's own python and ray: a .sif path "
+        "or docker://, oras://, library:// (apptainer/singularity), or name:tag, docker://, oci-archive:/path "
+        "(podman). The cluster dir, the node temp dir and the work dir are bound in; host network (empty: no container)",
+    )
+    container_runtime: ContainerRuntime = Field(
+        ContainerRuntime.auto,
+        title="Container runtime",
+        description="apptainer, singularity or podman; auto: the first of these found on each node "
+        "(one that can run the image)",
+    )
+
+    @field_validator("container_image")
+    @classmethod
+    def _container_image(cls, value: str) -> str:
+        if value:
+            runtimes_for_image(value)
+        return value
+
+    @model_validator(mode="after")
+    def _container_consistent(self):
+        if not self.container_image:
+            if self.container_runtime is not ContainerRuntime.auto:
+                raise ValueError(f"container_runtime={self.container_runtime.value} needs a container_image")
+            return self
+        runtimes = runtimes_for_image(self.container_image)
+        if self.container_runtime is not ContainerRuntime.auto and self.container_runtime.value not in runtimes:
+            raise ValueError(f"container_image {self.container_image!r} cannot be run by "
+                             f"{self.container_runtime.value}: it suits {', '.join(runtimes)}")
+        for name in ("python", "requirements"):
+            if getattr(self, name, ""):
+                raise ValueError(f"{name} applies without a container only: with container_image the image's own "
+                                 "python and ray run (put extra packages in the image, or in runtime_env.pip)")
+        return self
+
+    @property
+    def container_runtimes(self) -> tuple[str, ...]:
+        """Which runtimes a node may use for the image, in the order it looks for them (empty: no container)."""
+        if not self.container_image:
+            return ()
+        if self.container_runtime is ContainerRuntime.auto:
+            return runtimes_for_image(self.container_image)
+        return (self.container_runtime.value,)
+    # --- end of the container option
 
 
 @positioned

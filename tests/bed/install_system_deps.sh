@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Debian packages the real test bed needs: Slurm + munge, the PBS
-# command wrappers, OpenSSH. Installs only what is missing; needs root.
+# command wrappers, OpenSSH, rootless podman. Installs only what is missing; needs root.
 set -euo pipefail
-packages=(slurm-wlm munge slurm-wlm-torque openssh-server openssh-sftp-server openssh-client iproute2 procps psmisc util-linux tini python3.11 shellcheck)
+packages=(slurm-wlm munge slurm-wlm-torque openssh-server openssh-sftp-server openssh-client iproute2 procps psmisc util-linux tini python3.11 shellcheck
+    podman runc uidmap catatonit)  # the container option's bed test: rootless podman
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -709,6 +709,20 @@ class TestBed:
                 os.chown(path, u.uid, u.gid)
             (ssh / "authorized_keys").chmod(0o600)
 
+    def ensure_subordinate_ids(self, user: User | str, count: int = 65536) -> None:
+        """/etc/subuid and /etc/subgid ranges for a bed user (rootless podman's user namespace).
+        useradd makes them where /etc/subuid exists; else, or for an older user, they are added here,
+        after every range already given."""
+        u = self._user(user)
+        for kind in ("uid", "gid"):
+            path = pathlib.Path(f"/etc/sub{kind}")
+            lines = path.read_text().splitlines() if path.exists() else []
+            if any(line.split(":")[0] == u.name for line in lines):
+                continue
+            end = max([100000] + [int(f[1]) + int(f[2]) for f in (line.split(":") for line in lines) if len(f) == 3])
+            subprocess.run(["usermod", f"--add-sub{kind}s", f"{end}-{end + count - 1}", u.name],
+                           check=True, capture_output=True)
+
     def _clean_home(self, u: User) -> None:
         """What the product and the tests leave in a home (never the venv cache or keys)."""
         for name in ("bed-tests", ".activate-ray", ".ray", ".prefect"):
