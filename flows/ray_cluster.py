@@ -300,6 +300,7 @@ async def bring_up(
         plan.environment = await prepare_environment(target, plan.settings, work_dir)
         await prune_old_logs(target, plan.settings, work_dir)
         await start_cluster(target, scheduler, plan)
+        background.append(asyncio.create_task(beat(target, plan)))
     else:
         # Submit first, build while the job waits in the queue: time-to-ready is
         # max(build, queue) + start, not their sum. The job script waits for the
@@ -317,8 +318,6 @@ async def bring_up(
                 await asyncio.gather(building, return_exceptions=True)
     await publish_environment(target, plan)
     remember(plan, scheduler)
-    if not background:
-        background.append(asyncio.create_task(beat(target, plan)))
     ready = await wait_until_ready(target, scheduler, plan)
     info = await publish_connection_info(target, scheduler, plan, ready)
     return ready, info
