@@ -69,7 +69,10 @@ uv_index_options() {
     extra="${PIP_EXTRA_INDEX_URL:-$(pip_setting extra-index-url)}"
     links="${PIP_FIND_LINKS:-$(pip_setting find-links)}"
     [ -z "$index" ] || uv_index_args+=(--default-index "$index")
+    # pip picks the best version over all its indexes; uv, by default, stops at the first index
+    # that has the package (and then fails on a mirror holding only older releases)
     for item in $extra; do uv_index_args+=(--index "$item"); done
+    [ -z "$extra" ] || uv_index_args+=(--index-strategy unsafe-best-match)
     for item in $links; do uv_index_args+=(--find-links "$item"); done
     case "${PIP_NO_INDEX:-}" in 1 | true | yes) uv_index_args+=(--no-index) ;; esac
 }
