@@ -342,21 +342,27 @@ class FlowRun:
 
 
 def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict, wrap=None,
-             job_gone=None, ready_timeout: float = 240) -> FlowRun:
+             job_gone=None, ready_timeout: float = 240, python: str = PY, info_dir: Path | None = None,
+             entered=None, head_dirs=None) -> FlowRun:
     """Start the flow with --keep-alive, wait for its connection-info JSON, SIGTERM it and
-    time the teardown until no Ray process of the cluster (and, given job_gone, no job)."""
+    time the teardown until no Ray process of the cluster (and, given job_gone, no job).
+    On the bed: wrap puts the command in the login host's namespaces as the bed's user,
+    entered(pid) is the flow process behind nsenter, head_dirs(cluster_id) the head's
+    temp dirs as seen from here."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    info = run_dir / "info.json"
+    info = (info_dir or run_dir) / "info.json"
+    info.unlink(missing_ok=True)
     busy = wait_quiet()
-    command = [PY, "-m", "flows.ray_cluster", "--keep-alive", "--info-file", str(info), *FLOW_SIZE, *args]
+    command = [python, "-m", "flows.ray_cluster", "--keep-alive", "--info-file", str(info), *FLOW_SIZE, *args]
     full_env = {**env, "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     process = subprocess.Popen(
         wrap(command) if wrap else command, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
-    memory = MemorySampler(process.pid)
+    flow_pid = entered(process.pid) if entered else process.pid  # nsenter forwards no signal
+    memory = MemorySampler(flow_pid)
     clock = LineClock(process.stdout, run_dir / "flow.log")
     run = FlowRun(mode, nodes, t0, busy_before=busy)
 
@@ -374,7 +380,8 @@ def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict
         run.ready_s = ready_at - t0
         connection = json.loads(info.read_text())
         run.cluster_id = connection["cluster_id"]
-        registered = gcs_registrations(f"/tmp/{run.cluster_id}-head")
+        registered = sorted(t for d in (head_dirs(run.cluster_id) if head_dirs else [f"/tmp/{run.cluster_id}-head"])
+                            for t in gcs_registrations(str(d)))
         if len(registered) >= nodes:
             run.ray_ready_s = registered[nodes - 1] - t0
             run.detect_lag_s = ready_at - registered[nodes - 1]
@@ -397,7 +404,7 @@ def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict
         run.phases["connection info"] = ready_at - previous
         # teardown: SIGTERM, as a batch system or a Prefect worker would send
         sigterm = time.time()
-        process.send_signal(signal.SIGTERM)
+        os.kill(flow_pid, signal.SIGTERM)
         marker = f"/{node_tmp_name(run.cluster_id)}"
 
         def gone() -> bool:
@@ -415,7 +422,10 @@ def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict
         run.error = f"{type(exc).__name__}: {exc}"
         log(f"{mode} flow run failed: {run.error}\n{clock.text()[-3000:]}")
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            try:
+                os.kill(flow_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             try:
                 process.wait(60)
             except subprocess.TimeoutExpired:
@@ -614,7 +624,10 @@ def bench_cold(results: dict, uv_reps: int = 2, pip_reps: int = 1) -> None:
         work, cache = BENCH / f"cold-work-{index}", BENCH / f"cold-cache-{index}"
         for d in (work, cache):
             shutil.rmtree(d, ignore_errors=True)
-        env = {**os.environ, "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "UV_CACHE_DIR": str(cache)}
+        # PyPI alone, as a newcomer has it: this machine's pip.conf adds local file indexes and a links dir
+        env = {k: v for k, v in os.environ.items() if k not in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS")}
+        env.update(PIP_CONFIG_FILE="/dev/null", PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
+                   UV_CACHE_DIR=str(cache))
         if tool == "uv":
             env["PATH"] = f"{uv_dir}:{path}"
         else:
@@ -767,7 +780,26 @@ class SlurmBench:
     def __init__(self, bed, server: PrefectServer):
         self.bed = bed
         self.server = server
-        self.work = BENCH / "slurm-work"
+        self.home = bed.home_dir("bench")  # the bed user's, on the shared filesystem
+        self.work = self.home / "w"
+
+    def run_bed_flow(self, mode: str, nodes: int, args: list[str], ready_timeout: float = 240) -> FlowRun:
+        """The flow as the bed's user on the login host, from the bed's copy of the checkout,
+        with the site's SSH defaults (the user's key), as tests/helpers.run_flow runs it."""
+        from tests.helpers import flow_env
+
+        env = flow_env(self.server.url, None, self.bed.repo)
+        return run_flow(
+            mode, nodes, args, run_dir=BENCH / f"run-{mode}", env=env, python=self.bed.user_python,
+            wrap=lambda argv: self.bed.login_argv(argv, user=self.bed.user, env=env, cwd=self.bed.repo),
+            info_dir=self.home, entered=self.bed.entered_pid, head_dirs=self.head_dirs,
+            job_gone=lambda _: not self.live_jobs(), ready_timeout=ready_timeout)
+
+    def head_dirs(self, cluster_id: str) -> list[Path]:
+        return [self.bed.node_tmp(n) / f"{cluster_id}-head" for n in self.bed.node_names]
+
+    def node_tmps(self, prefix: str) -> list[Path]:
+        return [p for n in self.bed.node_names for p in self.bed.node_tmp(n).glob(f"{prefix}-*")]
 
     def live_jobs(self) -> list[str]:
         done = self.bed.run_login(["squeue", "-h", "-o", "%i %T"], timeout=30)
@@ -788,11 +820,9 @@ class SlurmBench:
         self.settle()
         args = [
             "--scheduler", "slurm", "--slurm.nodes", str(nodes), "--slurm.walltime", "00:10:00",
-            "--ssh-key-file", str(self.bed.ssh_key), "--known-hosts", str(self.bed.known_hosts),
             "--work-dir", str(self.work), "--readiness-timeout", "180",
         ]
-        return run_flow("slurm", nodes, args, run_dir=BENCH / "run-slurm", env=prefect_env(self.server.home, self.server.url),
-                        wrap=self.bed.login_argv, job_gone=lambda _: not self.live_jobs())
+        return self.run_bed_flow("slurm", nodes, args)
 
     def queued(self, nodes: int, build_s: float, hold_s: float = HOLD_S) -> dict:
         """A cold first run on a queued job: a job holding every node for hold_s is running
@@ -834,12 +864,9 @@ class SlurmBench:
             slow = f'case "$(hostname -s)" in login) sleep {build_s:.2f} ;; esac\n'
             args = [
                 "--scheduler", "slurm", "--slurm.nodes", str(nodes), "--slurm.walltime", "00:10:00",
-                "--ssh-key-file", str(self.bed.ssh_key), "--known-hosts", str(self.bed.known_hosts),
                 "--work-dir", str(self.work), "--readiness-timeout", "240", "--setup-commands", slow,
             ]
-            run = run_flow("slurm-queued", nodes, args, run_dir=BENCH / "run-slurm-queued",
-                           env=prefect_env(self.server.home, self.server.url), wrap=self.bed.login_argv,
-                           job_gone=lambda _: not self.live_jobs(), ready_timeout=360)
+            run = self.run_bed_flow("slurm-queued", nodes, args, ready_timeout=360)
             stop.set()
             watcher.join(5)
             result.update(vars(run))
@@ -913,7 +940,7 @@ class SlurmBench:
             result["job_start_s"] = stamps["start"] - t0
             if "alive" in stamps:
                 result["all_alive_s"] = stamps["alive"] - t0
-            registered = sorted(t for node in Path("/tmp").glob(f"{tag}-*") for t in gcs_registrations(str(node)))
+            registered = sorted(t for node in self.node_tmps(tag) for t in gcs_registrations(str(node)))
             if len(registered) >= nodes:
                 result["ray_ready_s"] = registered[nodes - 1] - t0
             result["ok"] = True
@@ -934,7 +961,7 @@ class SlurmBench:
                     result["killed_after_scancel"] = kill_marker(tmp)
                     wait_until(lambda: not self.live_jobs(), 60, "baseline job gone", 0.2)
             kill_marker(tmp)
-            for path in Path("/tmp").glob(f"{tag}-*"):
+            for path in self.node_tmps(tag):
                 shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(job_dir, ignore_errors=True)
         return result
@@ -1000,7 +1027,7 @@ def bench_slurm(reps: int, node_counts: list[int], server: PrefectServer, result
         results["slurm_jobs_left_before_down"] = leftover_jobs
         bed.down()
         results["bed"]["down"] = not bed._up and not (bed.root and bed.root.exists())
-        shutil.rmtree(bench.work, ignore_errors=True)
+        shutil.rmtree(bench.home, ignore_errors=True)
         shutil.rmtree(BENCH / "slurm", ignore_errors=True)
 
 
@@ -1017,7 +1044,7 @@ def leftovers(results: dict) -> list[str]:
     found += [f"temp dir {p}" for p in Path("/tmp").glob(f"{MARK}-*")]
     found += [f"temp dir {p}" for i in ids if i for p in Path("/tmp").glob(f"{i}-*")]
     found += [f"dir {p}" for p in BENCH.glob("cold-*")]
-    for work in ("local-work", "slurm-work"):
+    for work in ("local-work",):
         clusters = BENCH / work / "clusters"
         if clusters.exists() and any(clusters.iterdir()):
             found.append(f"cluster dirs in {clusters}")
