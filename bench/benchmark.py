@@ -313,6 +313,12 @@ PHASE_MARKS = [
 # ------------------------------------------------------------- flow runs
 
 
+def local_node_dirs(cluster_id: str) -> list[Path]:
+    """Ray's temp dirs of a cluster's nodes on this host (ar_make_node_tmp: <tmp>/<name>XXXXXX/r);
+    only the head's has a gcs_server.out."""
+    return [d / "r" for d in Path("/tmp").glob(f"{node_tmp_name(cluster_id)}*")]
+
+
 @dataclass
 class FlowRun:
     mode: str
@@ -380,7 +386,7 @@ def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict
         run.ready_s = ready_at - t0
         connection = json.loads(info.read_text())
         run.cluster_id = connection["cluster_id"]
-        registered = sorted(t for d in (head_dirs(run.cluster_id) if head_dirs else [f"/tmp/{run.cluster_id}-head"])
+        registered = sorted(t for d in (head_dirs or local_node_dirs)(run.cluster_id)
                             for t in gcs_registrations(str(d)))
         if len(registered) >= nodes:
             run.ray_ready_s = registered[nodes - 1] - t0
@@ -796,7 +802,7 @@ class SlurmBench:
             job_gone=lambda _: not self.live_jobs(), ready_timeout=ready_timeout)
 
     def head_dirs(self, cluster_id: str) -> list[Path]:
-        return [self.bed.node_tmp(n) / f"{cluster_id}-head" for n in self.bed.node_names]
+        return [d / "r" for n in self.bed.node_names for d in self.bed.node_tmp(n).glob(f"{node_tmp_name(cluster_id)}*")]
 
     def node_tmps(self, prefix: str) -> list[Path]:
         return [p for n in self.bed.node_names for p in self.bed.node_tmp(n).glob(f"{prefix}-*")]
