@@ -49,11 +49,13 @@ def main() -> None:
     parser.add_argument("--work-dir", default="~/.activate-ray")
     parser.add_argument("--requirements", default="")
     parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--info-file", default="ray-cluster.json", help="connection info as JSON (empty: none)")
     args = parser.parse_args()
     size = {"slurm": {"slurm": {"nodes": args.nodes}}, "pbs": {"pbs": {"nodes": args.nodes}},
             "none": {"direct_workers": args.nodes - 1}}[args.scheduler]
     settings = RayClusterSettings(host=args.host, scheduler=args.scheduler, python=args.python,
-                                  work_dir=args.work_dir, requirements=args.requirements, **size)
+                                  work_dir=args.work_dir, requirements=args.requirements, info_file=args.info_file,
+                                  **size)
     asyncio.run(prefect_tasks_on_ray(settings, args.count))
 
 

@@ -11,7 +11,7 @@ import pytest
 from flows.ray_tasks import api_the_nodes_reach
 from tasks.failures import InvalidInput
 from tasks.settings import RayClusterSettings
-from tests.helpers import CLUSTER_STARTED_RE, REPO, assert_nothing_left, free_port
+from tests.helpers import REPO, assert_nothing_left, free_port
 
 
 @pytest.mark.parametrize("api, scheduler, local, refused", [
@@ -50,12 +50,14 @@ def test_prefect_tasks_run_on_the_clusters_nodes(work, bed):
             time.sleep(1)
         run = bed.run_login([bed.user_python, bed.in_repo(REPO / "examples" / "prefect_tasks_on_ray.py"),
                              "--host", f"{bed.user_name}@{bed.login_ip}", "--scheduler", "slurm", "--nodes", "2",
-                             "--python", bed.user_python, "--work-dir", str(work / "w"), "--count", "8"],
+                             "--python", bed.user_python, "--work-dir", str(work / "w"), "--count", "8",
+                             "--info-file", str(work / "info.json")],
                             user=bed.user, env=env, cwd=bed.repo, timeout=400)
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-5000:]
-        assert re.search(r"TASK_HOSTS=node\d,node\d\n", output), output[-3000:]
-        started = CLUSTER_STARTED_RE.search(output)
+        # Ray prefixes the lines of tasks on another node than the driver's with that node's address
+        assert re.search(r"\(where pid=\d+, ip=10\.213\.0\.1\d\)", output), output[-3000:]
+        started = re.search(r"cluster (ar-[0-9a-f]{32}) torn down", output)
         assert started, output[-3000:]
         runs = task_runs(bed, env)
         assert runs.count(("where", "Completed")) == 8, runs
