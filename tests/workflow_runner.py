@@ -114,19 +114,19 @@ class Expression:
     def _peek(self, i: int) -> str | None:
         return self.tokens[i][1] if i < len(self.tokens) and self.tokens[i][0] == "op" else None
 
-    def _or(self, i):
-        left, i = self._and(i)
-        while self._peek(i) == "||":
-            right, i = self._and(i + 1)
-            left = ("||", left, right)
+    def _left_assoc(self, i, op: str, operand):
+        """operand (op operand)*, folded to the left."""
+        left, i = operand(i)
+        while self._peek(i) == op:
+            right, i = operand(i + 1)
+            left = (op, left, right)
         return left, i
 
+    def _or(self, i):
+        return self._left_assoc(i, "||", self._and)
+
     def _and(self, i):
-        left, i = self._not(i)
-        while self._peek(i) == "&&":
-            right, i = self._not(i + 1)
-            left = ("&&", left, right)
-        return left, i
+        return self._left_assoc(i, "&&", self._not)
 
     def _not(self, i):
         if self._peek(i) == "!":
