@@ -106,7 +106,10 @@ def test_sbatch_three_nodes_as_the_user(bed):
     assert len(lines) == 3, lines
     assert {words[0] for words in lines} == set(bed.node_names)
     assert {words[1] for words in lines} == {bed.user_name}
-    assert {ip for words in lines for ip in words[2:]} == set(bed.node_ips.values())
+    # Each node has its own address, and the fabric's (ib0) where it has that network.
+    addresses = {words[0]: set(words[2:]) for words in lines}
+    assert addresses == {node: {bed.node_ips[node]} | ({bed.fabric_ips[node]} if node in bed.fabric_ips else set())
+                         for node in bed.node_names}
 
 
 def test_qsub_pbs_environment(bed):
