@@ -322,7 +322,6 @@ async def _wait_ended(target: Transport, scheduler: Scheduler, job_id: str, seco
         delay = min(delay * 1.5, 1.0)
 
 
-@task(name="teardown-ray-cluster", cache_policy=NO_CACHE)
 async def _say_where_the_logs_are(plan: ClusterPlan, logs_dir: str, target: Transport) -> None:
     listing = await target.run(f"cd {shlex.quote(logs_dir)} && ls -1", check=False, timeout=30)
     parts = listing.stdout.split()
@@ -341,6 +340,7 @@ async def _say_where_the_logs_are(plan: ClusterPlan, logs_dir: str, target: Tran
         get_run_logger().debug("no logs artifact: %s", exc)
 
 
+@task(name="teardown-ray-cluster", cache_policy=NO_CACHE)
 async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> None:
     """Idempotent: ask every node to stop (each stops itself, on its own host), let the job
     end, cancel it if it did not, then stop what remains on this host and remove the files."""
@@ -376,7 +376,8 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
                        leftover.stdout.split())
     forget_cluster_state(plan)
     emit_cluster_event("torn-down", plan.cluster_id, scheduler=scheduler.name, job_id=plan.job_id, nodes=plan.nodes)
-    await _delete_token_block(plan)
+    if plan.settings.publish_token_block:
+        await _delete_token_block(plan)
     logger.info("cluster %s torn down (job %s)", plan.cluster_id, plan.job_id or "never submitted")
 
 

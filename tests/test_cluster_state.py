@@ -86,3 +86,25 @@ def test_a_state_file_renamed_to_another_cluster_is_refused(runs_dir):
     other = path.with_name("ar-" + "f" * 32 + ".json")
     path.rename(other)
     assert load_cluster_states("run-1") == []
+
+
+def test_the_crash_and_cancel_hook_tears_down_what_the_run_saved(runs_dir, tmp_path, monkeypatch):
+    """on_crashed / on_cancellation: from the saved state alone (the flow process is gone),
+    the cluster's dir is removed and its state forgotten; another run's cluster is left."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from flows.ray_cluster import teardown_saved_clusters
+
+    # the torn-down event outside a flow run would start Prefect's temporary server (15 s); events: test_prefect_deploy
+    monkeypatch.setattr(cluster, "emit_cluster_event", lambda *args, **kwargs: None)
+    work_dir = tmp_path / "w"
+    ours, _ = saved(runs_dir, scheduler="none", job_id="", work_dir=str(work_dir))
+    other = ClusterPlan.new(RayClusterSettings(work_dir=str(work_dir)), str(work_dir))
+    save_cluster_state(other, "run-2")
+    for plan in (ours, other):
+        (work_dir / "clusters" / plan.cluster_id).mkdir(parents=True)
+    asyncio.run(teardown_saved_clusters(None, SimpleNamespace(id="run-1"), SimpleNamespace(name="Crashed")))
+    assert not (work_dir / "clusters" / ours.cluster_id).exists()
+    assert not (runs_dir / f"{ours.cluster_id}.json").exists()
+    assert (work_dir / "clusters" / other.cluster_id).exists() and (runs_dir / f"{other.cluster_id}.json").exists()
