@@ -145,7 +145,8 @@ from tasks.readiness import (
     wait_until_ready,
     watch_nodes,
 )
-from tasks.schedulers import JobPhase, Scheduler, scheduler_for
+from tasks.scaling import ScaleRefused, adapt_worker_jobs, add_worker_jobs, scale_running_cluster
+from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, Scheduler, scheduler_for
 from tasks.settings import (
     GROUPS,
     AdvancedOptions,
@@ -155,6 +156,7 @@ from tasks.settings import (
     PbsOptions,
     RayClusterSettings,
     RuntimeEnvOptions,
+    ScaleOptions,
     SchedulerKind,
     SlurmOptions,
 )
@@ -311,6 +313,9 @@ async def bring_up(
             await start_cluster(target, scheduler, plan)
             remember(plan, scheduler)
             background.append(asyncio.create_task(beat(target, plan)))
+            if plan.settings.scale.worker_jobs:  # queued beside the head job; readiness waits for them too
+                await add_worker_jobs(target, scheduler, plan, plan.settings.scale.worker_jobs)
+                remember(plan, scheduler)
             plan.environment = await building
         finally:
             if not building.done():
@@ -331,6 +336,11 @@ async def _run_job_or_hold(
     watcher = asyncio.create_task(watch_nodes(plan, ready.local_port, ready.nodes))
     background.append(watcher)
     settings = plan.settings
+    if settings.scale.adapt_bounds:
+        def record(ids: list[str]) -> None:  # in the saved state at once: a crash hook cancels them too
+            plan.worker_jobs += ids
+            remember(plan, scheduler)
+        background.append(asyncio.create_task(adapt_worker_jobs(target, scheduler, plan, ready.local_port, record)))
     try:
         if settings.user_script:
             await _unless_a_node_dies(run_user_job(target, plan, ready.local_port, ready.nodes), watcher)
@@ -537,6 +547,7 @@ PARAMETER_HELP = {
     'cluster': 'Node sizes and how long the cluster lives',
     'slurm': 'SLURM job options (scheduler slurm only)',
     'pbs': 'PBS job options (scheduler pbs only)',
+    'scale': 'Worker jobs beside the allocation (slurm/pbs): at start, added later (scale --add), or adaptive to Ray\'s pending demand',
     'environment': 'Ray version, Python and the shared work dir (visible on every node)',
     'advanced': 'Ports, timeouts, security and SSH',
 }
@@ -578,6 +589,7 @@ async def ray_cluster(
     cluster: ClusterOptions = ClusterOptions(),
     slurm: SlurmOptions = SlurmOptions(),
     pbs: PbsOptions = PbsOptions(),
+    scale: ScaleOptions = ScaleOptions(),
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),
 ) -> dict:
@@ -597,6 +609,7 @@ async def ray_cluster_slurm(
     host: str,  # required: the login node (keyword-only, so it can stand in form order)
     cluster: BatchClusterOptions = BatchClusterOptions(),
     slurm: SlurmOptions = SlurmOptions(),
+    scale: ScaleOptions = ScaleOptions(),
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),
 ) -> dict:
@@ -616,6 +629,7 @@ async def ray_cluster_pbs(
     host: str,  # required: the login node (keyword-only, so it can stand in form order)
     cluster: BatchClusterOptions = BatchClusterOptions(),
     pbs: PbsOptions = PbsOptions(),
+    scale: ScaleOptions = ScaleOptions(),
     environment: EnvironmentOptions = EnvironmentOptions(),
     advanced: AdvancedOptions = AdvancedOptions(),
 ) -> dict:
@@ -660,7 +674,7 @@ def _cli_model() -> type[BaseSettings]:
     fields: dict = {name: _cli_field(top[name]) for name in ("host", "scheduler", "user_script", "script_args", "runtime_env")}
     for model in GROUPS.values():
         fields.update({name: _cli_field(info) for name, info in model.model_fields.items()})
-    fields.update({name: _cli_field(top[name]) for name in ("slurm", "pbs")})
+    fields.update({name: _cli_field(top[name]) for name in ("slurm", "pbs", "scale")})
     fields["dry_run"] = (bool, Field(False, description="Validate the inputs, print what would run on the target, start nothing"))
 
     class CliBase(BaseSettings):
@@ -703,6 +717,17 @@ def _describe_environment(settings: RayClusterSettings) -> str:
             f"{settings.work_dir}/venvs/ray-{settings.ray_version}")
 
 
+def _describe_worker_jobs(settings: RayClusterSettings, scheduler: Scheduler, plan: ClusterPlan) -> list[str]:
+    if settings.scheduler is SchedulerKind.none:
+        return []
+    bounds = settings.scale.adapt_bounds
+    when = [f"{settings.scale.worker_jobs} at start"] if settings.scale.worker_jobs else []
+    when += [f"adaptive between {bounds[0]} and {bounds[1]}"] if bounds else []
+    when += [f"`python -m flows.ray_cluster scale {plan.cluster_id} --add K`"]
+    return [f"# 3b. worker job script {plan.cluster_dir}/{WORKER_JOB_SCRIPT} ({'; '.join(when)}):",
+            scheduler.render_worker(plan.cluster_id, plan.cluster_dir).rstrip()]
+
+
 def render_plan(settings: RayClusterSettings) -> str:
     """What a run would do, for --dry-run: no connection is made, nothing starts."""
     scheduler: Scheduler = scheduler_for(settings)
@@ -720,9 +745,12 @@ def render_plan(settings: RayClusterSettings) -> str:
             plan.environment_file().rstrip(),
             f"# 3. job script {plan.cluster_dir}/bin/job.sh:",
             scheduler.render(plan.cluster_id, plan.cluster_dir).rstrip(),
+            *_describe_worker_jobs(settings, scheduler, plan),
             "# 4. submit:",
             scheduler.submit_command(plan.cluster_dir),
-            f"# 5. wait for {settings.nodes} node(s) alive (readiness timeout {settings.readiness_timeout}s)",
+            *([f"{scheduler.submit_command(plan.cluster_dir, WORKER_JOB_SCRIPT)}   # x{settings.scale.worker_jobs}"]
+              if settings.scale.worker_jobs else []),
+            f"# 5. wait for {settings.ready_nodes} node(s) alive (readiness timeout {settings.readiness_timeout}s)",
             f"# 6. user job: {_describe_job(settings)}",
             f"# 7. teardown: cancel the job, bash {plan.cluster_dir}/bin/shutdown_ray.sh {plan.cluster_dir}",
         ]
@@ -771,10 +799,68 @@ async def _show_logs(settings: RayClusterSettings, cluster_id: str, node: str, t
     return shown.returncode
 
 
+async def scale_cluster(settings: RayClusterSettings, cluster_id: str, delta: int, timeout: float) -> dict:
+    """`scale`: the cluster's target, its dir there, then add or remove worker jobs."""
+    async with await open_target(settings) as target:
+        work_dir = await target_work_dir(target, settings)
+        changed = await scale_running_cluster(target, f"{work_dir}/clusters/{cluster_id}", delta, timeout)
+    return {"cluster_id": cluster_id, **changed}
+
+
+def scale_main(argv: list[str]) -> int:
+    """python -m flows.ray_cluster scale CLUSTER_ID --add K | --remove K [--host H] [--work-dir W]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.ray_cluster scale",
+        description="Grow or shrink a running SLURM/PBS cluster with worker jobs (each a 1-node job of its own, "
+                    "sized by the cluster's scale options), and wait until its nodes joined or left")
+    parser.add_argument("cluster_id", help="the cluster's id (ar-...), as the flow printed it")
+    change = parser.add_mutually_exclusive_group(required=True)
+    change.add_argument("--add", type=int, default=0, help="submit this many worker jobs")
+    change.add_argument("--remove", type=int, default=0, help="remove this many worker jobs (queued ones first)")
+    parser.add_argument("--host", default="", help="the login node, as given to the flow (empty: this machine)")
+    parser.add_argument("--work-dir", default=EnvironmentOptions().work_dir, help="the cluster's work dir")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the nodes (0: do not wait)")
+    args = parser.parse_args(argv)
+    count = args.add or args.remove
+    problems = [what for what, bad in [
+        ("cluster_id: not a cluster id (ar- and 32 hex digits)", not CLUSTER_ID_RE.fullmatch(args.cluster_id)),
+        ("--add/--remove: between 1 and 1000", not 1 <= count <= 1000),
+        ("--timeout: between 0 and 86400", not 0 <= args.timeout <= 86400)] if bad]
+    try:
+        settings = RayClusterSettings(host=args.host, work_dir=args.work_dir)
+    except ValidationError as exc:
+        problems += [f"{'.'.join(map(str, e['loc'][-1:]))}: {e['msg']}" for e in exc.errors()]
+    for problem in problems:
+        print(f"invalid input {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    try:
+        changed = asyncio.run(scale_cluster(settings, args.cluster_id, args.add - args.remove, args.timeout))
+    except (ScaleRefused, ClusterFailed) as exc:
+        print(f"scale failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(changed))
+    return 0
+
+
+@flow(name="ray-cluster-scale")
+async def ray_cluster_scale(cluster_id: str, add: int = 0, remove: int = 0, host: str = "",
+                            work_dir: str = EnvironmentOptions().work_dir, timeout: float = 600) -> dict:
+    """Grow (add) or shrink (remove) a running SLURM/PBS cluster by worker jobs, and wait until
+    their nodes joined or left: the `scale` command as a flow (a deployment's run form)."""
+    if not CLUSTER_ID_RE.fullmatch(cluster_id) or (add > 0) == (remove > 0) or max(add, remove) > 1000:
+        raise InvalidInput("give a cluster id (ar-...) and one of add or remove (1 to 1000)")
+    return await scale_cluster(RayClusterSettings(host=host, work_dir=work_dir), cluster_id, add - remove, timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["logs"]:
         return logs_main(argv[1:])
+    if argv[:1] == ["scale"]:
+        return scale_main(argv[1:])
     try:
         cli = CliApp.run(RayClusterCli, cli_args=argv)
         settings = RayClusterSettings.model_validate(cli.model_dump(exclude={"dry_run"}))

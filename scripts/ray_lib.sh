@@ -119,6 +119,8 @@ ar_make_node_tmp() {
 ar_stop_reason() {
     if [ ! -d "$AR_CLUSTER_DIR" ]; then echo "cluster dir removed"
     elif [ -e "$AR_CLUSTER_DIR/stop" ]; then echo "stop requested"
+    elif [ -n "${AR_NODE_NAME:-}" ] && [ -e "$AR_CLUSTER_DIR/nodes/$AR_NODE_NAME.remove" ]; then
+        echo "removed from the cluster (scale --remove or the adaptive loop)"
     elif [ "$(ar_heartbeat_age)" -gt "$AR_HEARTBEAT_TIMEOUT" ]; then
         echo "no heartbeat from the flow for more than ${AR_HEARTBEAT_TIMEOUT}s (dead-man switch)"
     fi
@@ -130,6 +132,8 @@ ar_stop_reason() {
 # usage: ar_run_node head|worker NAME
 ar_run_node() {
     local role="$1" name="$2" tmp ip args ports host runtime=""
+    # this node's name, for ar_stop_reason: a worker job is removed through nodes/NAME.remove
+    local AR_NODE_NAME="$name"
     host="$(ar_host)"
     # the address first: a node without one leaves nothing behind (no temp dir to sweep)
     ip="$(ar_node_ip)" || return 1
@@ -140,7 +144,7 @@ ar_run_node() {
     read -r -a ports < <(ar_free_ports)
     # Ray makes its temp dir 0777: it is a child of the private dir, never the private dir itself
     # node name: the host's own (the scheduler's name for it), so a node that failed can be excluded by it
-    args=(start --block --temp-dir="$tmp/r" --node-ip-address="$ip" --node-name="$host"
+    args=(start --block --temp-dir="$tmp/r" --node-ip-address="$ip" --node-name="${AR_RAY_NODE_NAME:-$host}"
         --node-manager-port="${ports[3]}" --object-manager-port="${ports[4]}"
         --metrics-export-port="${ports[5]}" --dashboard-agent-listen-port="${ports[6]}"
         --dashboard-agent-grpc-port="${ports[7]}" --runtime-env-agent-port="${ports[8]}"
@@ -200,7 +204,8 @@ ar_run_node() {
     fi
     local status=0 reason=""
     # shellcheck disable=SC2064
-    trap "ar_stop_node '$name' '$pgid' '$tmp' signal; exit 143" TERM INT HUP
+    # USR1: a worker job's walltime warning (--signal=B:USR1@60)
+    trap "ar_stop_node '$name' '$pgid' '$tmp' signal; exit 143" TERM INT HUP USR1
     # the process, not its group: the group exists only once setsid has run
     while kill -0 "$pgid" 2>/dev/null; do
         reason="$(ar_stop_reason)"
@@ -217,7 +222,7 @@ ar_run_node() {
         [ "$role" = head ] || printf 'RAY_FAILED=worker %s on %s: Ray ended by itself (exit %s), see %s\n' \
             "$name" "$host" "$status" "$AR_CLUSTER_DIR/logs/ray-$name.log" >>"$AR_CLUSTER_DIR/status"
     fi
-    trap - TERM INT HUP
+    trap - TERM INT HUP USR1
     ar_stop_node "$name" "$pgid" "$tmp" "$reason"
     return "$status"
 }

@@ -21,7 +21,8 @@ from pydantic import SecretStr
 from tasks.atomic_file import write_text_atomic
 from tasks.events import emit_cluster_event
 from tasks.logs import get_run_logger
-from tasks.schedulers import JobPhase, Scheduler, scheduler_for
+from tasks.scaling import end_worker_jobs, worker_job_ids_left
+from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, Scheduler, scheduler_for
 from tasks.settings import TARGET_PATH_RE, EnvironmentOptions, RayClusterSettings, node_tmp_name
 from tasks.transport import LocalTransport, Transport
 
@@ -31,7 +32,7 @@ RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 
 
 CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh",
-                   "exec_holding_ports.py", "node_ip.py", "site_setup.sh", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh")
+                   "exec_holding_ports.py", "node_ip.py", "site_setup.sh", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh", "worker_main.sh")
 # AR_PYTHON and AR_RAY in the cluster dir, once the environment is ready (cluster_main.sh waits).
 ENVIRONMENT_FILE = "environment.env"
 # The user's setup_commands in the cluster dir, run by the job script and every worker.
@@ -63,6 +64,7 @@ class ClusterPlan:
     environment: RayEnvironment | None = None
     job_id: str = ""
     nodes: list[str] = field(default_factory=list)  # the Ray nodes' names once the cluster is ready
+    worker_jobs: list[str] = field(default_factory=list)  # worker jobs this flow submitted (tasks/scaling.py)
 
     @classmethod
     def new(cls, settings: RayClusterSettings, work_dir: str) -> ClusterPlan:
@@ -95,6 +97,7 @@ class ClusterPlan:
         values = {
             "AR_CLUSTER_ID": self.cluster_id,
             "AR_CLUSTER_DIR": self.cluster_dir,
+            "AR_SCHEDULER": s.scheduler.value,  # for `scale`, which knows the cluster by its dir only
             "AR_NODE_TMP": s.node_tmp,
             # empty: the node takes what its allocation gives (ar_run_node)
             "AR_NUM_CPUS": "" if s.num_cpus_per_node is None else s.num_cpus_per_node,
@@ -232,8 +235,13 @@ async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPl
         if plan.settings.publish_token_block:
             await _save_token_block(plan)
     await target.write_text(f"{bin_dir}/job.sh", scheduler.render(plan.cluster_id, plan.cluster_dir), 0o700)
+    if plan.settings.scheduler.value != "none":  # any batch cluster can grow later (`scale --add`)
+        worker_job = scheduler.render_worker(plan.cluster_id, plan.cluster_dir)
+        await target.write_text(f"{plan.cluster_dir}/{WORKER_JOB_SCRIPT}", worker_job, 0o700)
     await target.run(f"touch {shlex.quote(plan.cluster_dir + '/heartbeat')}")
     plan.job_id = await scheduler.submit(target, plan.cluster_dir)
+    # for `scale`, whose worker job submissions must never take the head job for one of theirs
+    await target.write_text(f"{plan.cluster_dir}/job_id", plan.job_id + "\n", 0o600)
     logger.info("cluster %s submitted to %s: job %s", plan.cluster_id, scheduler.name, plan.job_id)
     return plan.job_id
 
@@ -247,6 +255,7 @@ def save_cluster_state(plan: ClusterPlan, flow_run_id: str) -> Path:
         "cluster_id": plan.cluster_id,
         "cluster_dir": plan.cluster_dir,
         "job_id": plan.job_id,
+        "worker_jobs": plan.worker_jobs,
         "settings": plan.settings.model_dump(mode="json"),
     }
     return write_text_atomic(RUNS_DIR / f"{plan.cluster_id}.json", json.dumps(state), 0o600)
@@ -281,7 +290,11 @@ def checked_cluster_state(path: Path, data: dict) -> ClusterPlan:
     scheduler_class = type(scheduler_for(settings))
     if not isinstance(job_id, str) or (job_id and not scheduler_class.job_id_re.fullmatch(job_id)):
         raise StateRefused(f"{path}: job id {str(job_id)[:60]!r} is not a {scheduler_class.name} job id")
-    return ClusterPlan(cluster_id, cluster_dir, settings, SecretStr(""), job_id=job_id)
+    worker_jobs = data.get("worker_jobs", [])
+    if not isinstance(worker_jobs, list) or not all(
+            isinstance(j, str) and scheduler_class.job_id_re.fullmatch(j) for j in worker_jobs):
+        raise StateRefused(f"{path}: worker jobs {str(worker_jobs)[:60]!r} are not {scheduler_class.name} job ids")
+    return ClusterPlan(cluster_id, cluster_dir, settings, SecretStr(""), job_id=job_id, worker_jobs=worker_jobs)
 
 
 def load_cluster_states(flow_run_id: str) -> list[ClusterPlan]:
@@ -347,6 +360,11 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     logger = get_run_logger()
     cluster_dir = shlex.quote(plan.cluster_dir)
     await target.run(f"[ ! -d {cluster_dir} ] || touch {cluster_dir}/stop", check=False, timeout=30)
+    # worker jobs (queued ones too), beside the head job's end: every one the cluster dir or the flow knows
+    worker_jobs = [] if plan.settings.scheduler.value == "none" else await worker_job_ids_left(
+        target, scheduler, plan.cluster_dir, plan.worker_jobs)
+    ending_workers = asyncio.ensure_future(
+        end_worker_jobs(target, scheduler, plan.cluster_dir, worker_jobs, grace=GRACEFUL_STOP_SECONDS))
     if plan.job_id:
         state = await _wait_ended(target, scheduler, plan.job_id, GRACEFUL_STOP_SECONDS)
         if state.phase is not JobPhase.ended:
@@ -356,6 +374,7 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
             state = await _wait_ended(target, scheduler, plan.job_id, 120)
             if state.phase is not JobPhase.ended:
                 logger.warning("job %s still %s after cancel", plan.job_id, state)
+    await ending_workers
     shutdown = shlex.quote(plan.cluster_dir + "/bin/shutdown_ray.sh")
     result = await target.run(
         f"if [ -e {shutdown} ]; then bash {shutdown} {cluster_dir}; else rm -rf {cluster_dir}; fi",
@@ -378,7 +397,8 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     emit_cluster_event("torn-down", plan.cluster_id, scheduler=scheduler.name, job_id=plan.job_id, nodes=plan.nodes)
     if plan.settings.publish_token_block:
         await _delete_token_block(plan)
-    logger.info("cluster %s torn down (job %s)", plan.cluster_id, plan.job_id or "never submitted")
+    logger.info("cluster %s torn down (job %s%s)", plan.cluster_id, plan.job_id or "never submitted",
+                f", worker jobs {', '.join(worker_jobs)}" if worker_jobs else "")
 
 
 def token_block_name(plan: ClusterPlan) -> str:

@@ -24,6 +24,7 @@ from tasks.cluster import ClusterPlan, token_block_name
 from tasks.events import emit_cluster_event
 from tasks.failures import FailureReason
 from tasks.logs import get_run_logger
+from tasks.scaling import is_worker_job_node
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.settings import NodeFailure, RayClusterSettings, SchedulerKind
 from tasks.transport import SshTransport, Transport
@@ -162,7 +163,7 @@ class ReadinessReport:
 
     def __init__(self, plan: ClusterPlan):
         self.plan = plan
-        self.expected = plan.settings.nodes
+        self.expected = plan.settings.ready_nodes  # the allocation's nodes and the worker jobs' at start
         self.last = ""
         self.artifact_id = None
 
@@ -325,9 +326,11 @@ class NodeLost(RuntimeError):
 
 
 async def watch_nodes(plan: ClusterPlan, local_port: int, ready_nodes: list[dict], every: float = 3.0) -> None:
-    """Report nodes that die after readiness; raise NodeLost when told to stop on it."""
+    """Report nodes that die after readiness; raise NodeLost when told to stop on it. Worker
+    jobs' nodes come and go (scale --remove, adaptive release, their own walltime): only the
+    allocation's nodes are watched."""
     logger = get_run_logger()
-    known = {n["node_id"]: node_name(n) for n in ready_nodes}
+    known = {n["node_id"]: node_name(n) for n in ready_nodes if not is_worker_job_node(node_name(n))}
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan), timeout=5
     ) as client:

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from tasks.schedulers.options import positioned
-from tasks.schedulers.pbs import PbsOptions, pbs_select_chunks
-from tasks.schedulers.slurm import SlurmOptions
+from tasks.schedulers.pbs import PBS_WALLTIME_RE, PbsOptions, pbs_select_chunks
+from tasks.schedulers.scale_options import ScaleOptions
+from tasks.schedulers.slurm import SLURM_WALLTIME_RE, SlurmOptions
 
 DEFAULT_RAY_VERSION = "2.60.0"
 
@@ -631,6 +632,8 @@ class RayClusterSettings(BaseModel):
         default_factory=SlurmOptions, title="SLURM", description="Used when the scheduler is slurm"
     )
     pbs: PbsOptions = Field(default_factory=PbsOptions, title="PBS", description="Used when the scheduler is pbs")
+    scale: ScaleOptions = Field(default_factory=ScaleOptions, title="Scaling",
+                                description="Worker jobs beside the allocation (slurm or pbs): at start, added, adaptive")
     environment: EnvironmentOptions = Field(default_factory=EnvironmentOptions, title="Environment",
                                             description="Ray version, Python and the shared work dir")
     advanced: AdvancedOptions = Field(default_factory=AdvancedOptions, title="Advanced",
@@ -698,6 +701,13 @@ class RayClusterSettings(BaseModel):
                     f"{name} options are set but the scheduler is {self.scheduler.value}: "
                     f"set scheduler={name}, or leave the {name} options out"
                 )
+        if self.scale.is_set and self.scheduler is SchedulerKind.none:
+            raise ValueError("scale options (worker jobs) need a scheduler: set scheduler=slurm or pbs, "
+                             "or use direct_workers for workers beside the head on the host")
+        walltime_re = {SchedulerKind.slurm: SLURM_WALLTIME_RE, SchedulerKind.pbs: PBS_WALLTIME_RE}.get(self.scheduler)
+        if self.scale.worker_walltime and walltime_re and not walltime_re.fullmatch(self.scale.worker_walltime):
+            raise ValueError(f"scale.worker_walltime {self.scale.worker_walltime!r} is not a {self.scheduler.value} "
+                             "walltime (as slurm.walltime or pbs.walltime takes it)")
         if self.cluster.direct_workers and self.scheduler is not SchedulerKind.none:
             raise ValueError(
                 f"direct_workers={self.cluster.direct_workers} applies without a scheduler only: with "
@@ -714,6 +724,11 @@ class RayClusterSettings(BaseModel):
             return pbs_select_chunks(self.pbs.select) if self.pbs.select else self.pbs.nodes
         return 1 + self.cluster.direct_workers
 
+    @property
+    def ready_nodes(self) -> int:
+        """Ray nodes readiness waits for: the allocation's and the worker jobs' at start."""
+        return self.nodes + self.scale.worker_jobs
+
     def parameters(self) -> dict:
         """The ray_cluster flow's parameters for these settings."""
         return {name: getattr(self, name) for name in type(self).model_fields}
@@ -722,6 +737,8 @@ class RayClusterSettings(BaseModel):
         """Parameters (JSON) for the flow of this scheduler (ray_cluster_slurm, _pbs, _direct):
         the groups that apply to it, every field spelled out."""
         skip = {"scheduler", "slurm", "pbs"} - {self.scheduler.value}
+        if self.scheduler is SchedulerKind.none:
+            skip.add("scale")
         parameters = {name: value for name, value in self.model_dump(mode="json").items() if name not in skip}
         if self.scheduler is not SchedulerKind.none:  # BatchClusterOptions: one Ray node per allocated node
             parameters["cluster"].pop("direct_workers")

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tasks.schedulers.base import TRANSIENT_SUBMIT_ERROR, JobPhase, JobState, Scheduler, SchedulerRejected, mem_mb
+from tasks.schedulers.base import (
+    JOB_SCRIPT,
+    TRANSIENT_SUBMIT_ERROR,
+    WORKER_JOB_SCRIPT,
+    JobPhase,
+    JobState,
+    Scheduler,
+    SchedulerRejected,
+    mem_mb,
+)
 from tasks.schedulers.direct import DirectScheduler
 from tasks.schedulers.pbs import (
     PBS_JOB_ID_RE,
@@ -31,7 +40,7 @@ def scheduler_for(settings: RayClusterSettings) -> Scheduler:
 
 
 __all__ = [
-    "PBS_JOB_ID_RE", "SCHEDULERS", "TRANSIENT_SUBMIT_ERROR", "DirectScheduler", "JobPhase", "JobState", "PbsOptions",
+    "JOB_SCRIPT", "PBS_JOB_ID_RE", "WORKER_JOB_SCRIPT", "SCHEDULERS", "TRANSIENT_SUBMIT_ERROR", "DirectScheduler", "JobPhase", "JobState", "PbsOptions",
     "PbsScheduler", "Scheduler", "SchedulerRejected", "SlurmOptions", "SlurmScheduler", "mem_mb", "parse_qstat_json",
     "parse_qstat_text", "parse_scontrol", "parse_squeue", "pbs_seconds", "pbs_select_chunks", "scheduler_for",
     "slurm_seconds",

@@ -43,6 +43,11 @@ class JobState:
         return f"{self.phase.value}{f' ({self.detail})' if self.detail else ''}"
 
 
+# The job scripts in a cluster dir: the cluster's, and the one every worker job submits.
+JOB_SCRIPT = "bin/job.sh"
+WORKER_JOB_SCRIPT = "bin/worker_job.sh"
+
+
 class SchedulerRejected(RuntimeError):
     """The scheduler refused the job (bad partition, too many nodes, ...)."""
 
@@ -76,10 +81,15 @@ class Scheduler(ABC):
     # other node at once (sourced by the job script)
     launch_script: ClassVar[str]
 
-    def submit_command(self, cluster_dir: str) -> str:
-        """The command line that submits <cluster_dir>/bin/job.sh, from the cluster dir:
+    def worker_directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
+        """The directives of one worker job (scale options): one node, its own partition,
+        walltime and GPUs, named as the cluster so every tool of the site sees it as one of its jobs."""
+        raise NotImplementedError(f"{self.name}: no worker jobs (they are scheduler jobs of their own)")
+
+    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT) -> str:
+        """The command line that submits <cluster_dir>/<script>, from the cluster dir:
         anything the scheduler drops in the submit dir is removed with it."""
-        return f"cd {shlex.quote(cluster_dir)} && {shlex.join([self.submit_program, *self.submit_flags, 'bin/job.sh'])}"
+        return f"cd {shlex.quote(cluster_dir)} && {shlex.join([self.submit_program, *self.submit_flags, script])}"
 
     def job_id_in(self, stdout: str) -> str:
         """Where the submit command's answer has the job id: all of it, unless a scheduler says otherwise."""
@@ -106,14 +116,16 @@ class Scheduler(ABC):
     submit_program: ClassVar[str] = ""
     submit_flags: ClassVar[tuple[str, ...]] = ()
 
-    async def submit(self, target: Transport, cluster_dir: str) -> str:
+    async def submit(self, target: Transport, cluster_dir: str, script: str = JOB_SCRIPT,
+                     known: frozenset[str] = frozenset()) -> str:
         """Submit, retrying with backoff on errors that pass (a busy controller, a timeout),
         never twice: before each new try the job is looked up by its name, the cluster id,
-        since a timed-out answer can come after the scheduler took the job."""
+        since a timed-out answer can come after the scheduler took the job. known: the
+        cluster's jobs already submitted (a worker job's lookup must not find them)."""
         job_name = cluster_dir.rstrip("/").rsplit("/", 1)[-1]
         delay = self.submit_backoff
         for attempt in range(1, self.submit_attempts + 1):
-            result = await target.run(self.submit_command(cluster_dir), check=False)
+            result = await target.run(self.submit_command(cluster_dir, script), check=False)
             if result.returncode == 0:
                 return self.parse_job_id(result.stdout)
             said = (result.stderr or result.stdout).strip()
@@ -127,7 +139,8 @@ class Scheduler(ABC):
             if found.returncode == 3:
                 raise SchedulerRejected(f"{self.submit_program} failed ({said[-500:]}) and this scheduler "
                                         "cannot be asked whether it took the job: not submitting again")
-            ids = [line.strip() for line in found.stdout.splitlines() if self.job_id_re.match(line.strip())]
+            ids = [line.strip() for line in found.stdout.splitlines()
+                   if self.job_id_re.match(line.strip()) and line.strip() not in known]
             if found.returncode == 0 and ids:
                 get_run_logger().info("the scheduler had taken the job after all: %s", ids[0])
                 return ids[0]
@@ -149,10 +162,25 @@ class Scheduler(ABC):
 
     # --- shared lifecycle
     def render(self, cluster_id: str, cluster_dir: str) -> str:
-        lines = ["#!/usr/bin/env bash"]
-        lines += [f"{self.directive_prefix} {d}" for d in self.directives(cluster_id, cluster_dir)]
+        """The cluster's job script: the head on the first node, one worker on every other."""
+        return self._script(self.directives(cluster_id, cluster_dir), f"cluster {cluster_id}", cluster_dir, [
+            f'. "$AR_CLUSTER_DIR/bin/{self.launch_script}"',
+            '. "$AR_CLUSTER_DIR/bin/cluster_main.sh"',
+        ])
+
+    def render_worker(self, cluster_id: str, cluster_dir: str) -> str:
+        """A worker job's script: one more Ray worker that joins the running head."""
+        scale, s = self.settings.scale, self.settings
+        sizes = [f"export AR_NUM_{name}={value}" for name, value, own in (
+            ("CPUS", scale.worker_cpus, s.num_cpus_per_node), ("GPUS", scale.worker_gpus, s.num_gpus_per_node))
+            if value is not None and value != own]
+        return self._script(self.worker_directives(cluster_id, cluster_dir), f"worker job of cluster {cluster_id}",
+                            cluster_dir, [*sizes, '. "$AR_CLUSTER_DIR/bin/worker_main.sh"'])
+
+    def _script(self, directives: list[str], what: str, cluster_dir: str, body: list[str]) -> str:
+        lines = ["#!/usr/bin/env bash", *(f"{self.directive_prefix} {d}" for d in directives)]
         lines += [
-            f"# activate-ray cluster {cluster_id} ({self.name})",
+            f"# activate-ray {what} ({self.name})",
             "set -euo pipefail",
             f"export AR_CLUSTER_DIR={shlex.quote(cluster_dir)}",
             '. "$AR_CLUSTER_DIR/cluster.env"',
@@ -160,11 +188,7 @@ class Scheduler(ABC):
         if self.settings.setup_commands:
             # the user's setup_commands, before Ray starts (workers run them too: ray_worker.sh)
             lines.append('. "$AR_CLUSTER_DIR/bin/site_setup.sh" "$AR_CLUSTER_DIR/setup_commands.sh" "$AR_CLUSTER_DIR/status"')
-        lines += [
-            f'. "$AR_CLUSTER_DIR/bin/{self.launch_script}"',
-            '. "$AR_CLUSTER_DIR/bin/cluster_main.sh"',
-        ]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + body) + "\n"
 
 
 def mem_mb(settings: RayClusterSettings) -> int | None:

@@ -283,6 +283,24 @@ class PbsScheduler(Scheduler):
         lines += [line.split(" ", 1)[1] for line in pbs.extra_directives.splitlines() if line]
         return lines
 
+    def worker_directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
+        s, pbs, scale = self.settings, self.settings.pbs, self.settings.scale
+        cpus = scale.worker_cpus if scale.worker_cpus is not None else s.num_cpus_per_node
+        gpus = scale.worker_gpus if scale.worker_gpus is not None else s.num_gpus_per_node
+        chunk = f"1:ncpus={cpus or 1}" + (f":mem={mem_mb(s)}mb" if mem_mb(s) is not None else "")
+        chunk += f":ngpus={gpus}" if gpus else ""
+        queue = scale.worker_partition or pbs.queue
+        return [
+            f"-N {cluster_id}",
+            *([f"-A {pbs.account}"] if pbs.account else []),
+            *([f"-q {queue}"] if queue else []),
+            f"-l walltime={scale.worker_walltime or pbs.walltime}",
+            f"-l select={chunk}",
+            "-j oe",
+            # the scheduler's copy of the output; worker_main.sh writes each job's own log
+            f"-o {cluster_dir}/logs/wjob.pbs.out",
+        ]
+
     @property
     def walltime_seconds(self) -> int | None:
         return pbs_seconds(self.settings.pbs.walltime)

@@ -190,6 +190,27 @@ class SlurmScheduler(Scheduler):
         lines += [line.split(" ", 1)[1] for line in slurm.extra_directives.splitlines() if line]
         return lines
 
+    def worker_directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
+        s, slurm, scale = self.settings, self.settings.slurm, self.settings.scale
+        cpus = scale.worker_cpus if scale.worker_cpus is not None else s.num_cpus_per_node
+        gpus = scale.worker_gpus if scale.worker_gpus is not None else s.num_gpus_per_node
+        lines = [
+            f"--job-name={cluster_id}",
+            "--nodes=1",
+            "--ntasks-per-node=1",
+            *([f"--cpus-per-task={cpus}"] if cpus is not None else []),
+            *([f"--mem={mem_mb(s)}M"] if mem_mb(s) is not None else []),
+            f"--time={scale.worker_walltime or slurm.walltime}",
+            f"--output={cluster_dir}/logs/wjob-%j.out",
+            "--signal=B:USR1@60",
+            *([f"--gpus-per-node={gpus}"] if gpus else []),
+        ]
+        for option, value in (("account", slurm.account), ("partition", scale.worker_partition or slurm.partition),
+                              ("qos", slurm.qos)):
+            if value:
+                lines.append(f"--{option}={value}")
+        return lines
+
     @property
     def walltime_seconds(self) -> int | None:
         return slurm_seconds(self.settings.slurm.walltime)

@@ -1,0 +1,340 @@
+"""Grow and shrink a running cluster with worker jobs (scale options, tasks/schedulers/scale_options.py).
+
+Every worker job of a cluster is recorded in its cluster dir (worker_jobs/<job id>), by
+whoever submitted it (the flow at start or adapting, `scale --add` from another shell),
+so the teardown, the crash hooks and `scale --remove` find them all. A worker job's Ray
+node is named wjob-<job id>@<host> (scripts/worker_main.sh): the node watcher keeps it
+apart from the allocation's nodes. Removing one asks its node to stop itself first
+(nodes/wjob-<job id>.remove), then cancels the job if it is still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.failures import FailureReason
+from tasks.logs import get_run_logger
+from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, Scheduler
+from tasks.transport import Transport
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterPlan
+
+WORKER_JOBS_DIR = "worker_jobs"
+WORKER_NODE_PREFIX = "wjob-"
+# How long a removed worker's node gets to stop itself before its job is cancelled.
+REMOVE_GRACE_SECONDS = 20
+
+
+def worker_node_name(job_id: str) -> str:
+    """The name of a worker job's entry in the cluster's nodes/ dir (ar_run_node's NAME)."""
+    return f"{WORKER_NODE_PREFIX}{job_id.split('.')[0]}"
+
+
+def is_worker_job_node(ray_node_name: str) -> bool:
+    return ray_node_name.startswith(WORKER_NODE_PREFIX)
+
+
+def job_of_worker_node(ray_node_name: str) -> str:
+    """wjob-123@node2 -> 123 (the job id as the node knows it: without a PBS server suffix)."""
+    return ray_node_name[len(WORKER_NODE_PREFIX):].split("@", 1)[0]
+
+
+async def recorded_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str) -> list[str]:
+    """The cluster's worker jobs, oldest first; only ids of the scheduler's own form."""
+    listing = await target.run(f"ls -1tr {shlex.quote(cluster_dir + '/' + WORKER_JOBS_DIR)} 2>/dev/null", check=False)
+    return [name for name in listing.stdout.split() if scheduler.job_id_re.fullmatch(name)]
+
+
+async def submit_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str, count: int,
+                             head_job: str = "") -> list[str]:
+    """Submit `count` worker jobs, one after the other (a retried submission looks its job up
+    by name: the ones before must be known by then); each recorded as it is taken."""
+    jobs_dir = f"{cluster_dir}/{WORKER_JOBS_DIR}"
+    await target.run(f"mkdir -p {shlex.quote(jobs_dir)}")
+    known = {head_job, *await recorded_worker_jobs(target, scheduler, cluster_dir)} - {""}
+    submitted = []
+    for _ in range(count):
+        job_id = await scheduler.submit(target, cluster_dir, WORKER_JOB_SCRIPT, known=frozenset(known))
+        await target.run(f"touch {shlex.quote(jobs_dir + '/' + job_id)}")
+        known.add(job_id)
+        submitted.append(job_id)
+    if submitted:
+        get_run_logger().info("worker job(s) submitted to %s: %s", scheduler.name, ", ".join(submitted))
+    return submitted
+
+
+async def _forget(target: Transport, cluster_dir: str, job_id: str) -> None:
+    paths = [f"{cluster_dir}/{WORKER_JOBS_DIR}/{job_id}", f"{cluster_dir}/nodes/{worker_node_name(job_id)}.remove"]
+    await target.run("rm -f -- " + shlex.join(paths), check=False)
+
+
+async def end_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str, job_ids: list[str],
+                          grace: float = REMOVE_GRACE_SECONDS) -> None:
+    """End these worker jobs: a queued one is cancelled at once; a running one's node is asked
+    to stop itself (it copies its logs, removes its temp dir), then its job is cancelled if
+    it is still there after `grace`."""
+    states = dict(zip(job_ids, await asyncio.gather(*(scheduler.state(target, j) for j in job_ids)), strict=True))
+    running = [j for j, s in states.items() if s.phase is JobPhase.running]
+    for job_id in [j for j, s in states.items() if s.phase is JobPhase.pending]:
+        await scheduler.cancel(target, job_id)
+    if running:
+        marks = [f"{cluster_dir}/nodes/{worker_node_name(j)}.remove" for j in running]
+        await target.run(f"[ ! -d {shlex.quote(cluster_dir + '/nodes')} ] || touch -- {shlex.join(marks)}", check=False)
+        deadline = time.monotonic() + grace
+        while running and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            phases = await asyncio.gather(*(scheduler.state(target, j) for j in running))
+            running = [j for j, s in zip(running, phases, strict=True) if s.phase is not JobPhase.ended]
+        for job_id in running:
+            get_run_logger().warning("worker job %s still there %.0fs after its node was asked to stop: cancelling it",
+                                     job_id, grace)
+            await scheduler.cancel(target, job_id)
+    for job_id in job_ids:
+        await _forget(target, cluster_dir, job_id)
+
+
+async def remove_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str, count: int) -> list[str]:
+    """Remove `count` worker jobs: queued ones first (they give nothing yet), then the newest."""
+    recorded = await recorded_worker_jobs(target, scheduler, cluster_dir)
+    states = await asyncio.gather(*(scheduler.state(target, j) for j in recorded))
+    for job_id, state in zip(recorded, states, strict=True):
+        if state.phase is JobPhase.ended:  # ended by itself (walltime): no longer one of the cluster's
+            await _forget(target, cluster_dir, job_id)
+    live = [(j, s) for j, s in zip(recorded, states, strict=True) if s.phase is not JobPhase.ended]
+    chosen = ([j for j, s in reversed(live) if s.phase is JobPhase.pending]
+              + [j for j, s in reversed(live) if s.phase is JobPhase.running])[:count]
+    if chosen:
+        get_run_logger().info("removing worker job(s) %s", ", ".join(chosen))
+        await end_worker_jobs(target, scheduler, cluster_dir, chosen)
+    return chosen
+
+
+# --- adaptive: worker jobs follow Ray's pending demand ----------------------------------------
+
+PENDING_STATES = ("PENDING_NODE_ASSIGNMENT",)
+
+
+async def pending_demand(client: httpx.AsyncClient) -> dict[str, float]:
+    """What tasks and actors waiting for a node ask for in all (Ray's State API: tasks in
+    PENDING_NODE_ASSIGNMENT with their required resources; actor creations are tasks too)."""
+    response = await client.get("/api/v0/tasks", params={
+        "detail": "true", "limit": 10000, "filter_keys": "state", "filter_predicates": "=",
+        "filter_values": PENDING_STATES[0]})
+    response.raise_for_status()
+    total: dict[str, float] = {}
+    for waiting in response.json()["data"]["result"]["result"]:
+        for resource, amount in (waiting.get("required_resources") or {}).items():
+            total[resource] = total.get(resource, 0.0) + float(amount)
+    return total
+
+
+async def busy_nodes(client: httpx.AsyncClient) -> set[str]:
+    """Ray node ids that run a task or hold a live actor."""
+    busy: set[str] = set()
+    for path, state in (("/api/v0/tasks", "RUNNING"), ("/api/v0/actors", "ALIVE")):
+        response = await client.get(path, params={"limit": 10000, "filter_keys": "state", "filter_predicates": "=",
+                                                  "filter_values": state})
+        response.raise_for_status()
+        busy |= {row.get("node_id") for row in response.json()["data"]["result"]["result"] if row.get("node_id")}
+    return busy
+
+
+def worker_jobs_for(demand: dict[str, float], cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """Worker jobs that would meet this demand (CPU and GPU; at least one when anything waits)."""
+    if not demand:
+        return 0
+    wanted = 1
+    if demand.get("CPU") and cpus_per_worker:
+        wanted = max(wanted, math.ceil(demand["CPU"] / cpus_per_worker))
+    if demand.get("GPU") and gpus_per_worker:
+        wanted = max(wanted, math.ceil(demand["GPU"] / gpus_per_worker))
+    return wanted
+
+
+@dataclass
+class Adapter:
+    """One decision every few seconds (after dask-jobqueue's adapt): submit worker jobs for
+    demand that waited two looks in a row, release worker jobs idle for idle_timeout, keep
+    between min and max, and wait `cooldown` after each change."""
+
+    target: Transport
+    scheduler: Scheduler
+    cluster_dir: str
+    head_job: str
+    low: int
+    high: int
+    idle_timeout: float
+    cooldown: float
+    cpus_per_worker: float
+    gpus_per_worker: float
+    on_submit: object = None  # called with the new job ids (the flow records them in its saved state)
+    idle_since: dict[str, float] = field(default_factory=dict)
+    demand_seen: int = 0
+    last_change: float = -1e9
+
+    async def step(self, client: httpx.AsyncClient, nodes: list[dict]) -> str:
+        """One look and at most one change; returns what it did ("" for nothing)."""
+        now = time.monotonic()
+        recorded = await recorded_worker_jobs(self.target, self.scheduler, self.cluster_dir)
+        states = dict(zip(recorded, await asyncio.gather(*(self.scheduler.state(self.target, j) for j in recorded)),
+                          strict=True))
+        for job_id in [j for j, s in states.items() if s.phase is JobPhase.ended]:
+            await _forget(self.target, self.cluster_dir, job_id)
+            states.pop(job_id)
+        joined = {job_of_worker_node(str(n.get("node_name"))): n["node_id"] for n in nodes
+                  if is_worker_job_node(str(n.get("node_name")))}
+        coming = [j for j in states if j.split(".")[0] not in joined]  # queued, or starting Ray
+        demand = await pending_demand(client)
+        self.demand_seen = self.demand_seen + 1 if demand else 0
+        if now - self.last_change < self.cooldown:
+            return ""
+        if len(states) < self.low:
+            return await self._submit(self.low - len(states), f"below min={self.low}", now)
+        if self.demand_seen >= 2 and not coming:
+            wanted = min(worker_jobs_for(demand, self.cpus_per_worker, self.gpus_per_worker),
+                         self.high - len(states))
+            if wanted > 0:
+                return await self._submit(wanted, f"unmet demand {demand}", now)
+        busy = await busy_nodes(client)
+        for job_id, node_id in list(joined.items()):
+            if node_id in busy or demand:
+                self.idle_since.pop(job_id, None)
+                continue
+            since = self.idle_since.setdefault(job_id, now)
+            full = next((j for j in states if j.split(".")[0] == job_id), None)
+            if full and now - since >= self.idle_timeout and len(states) > self.low:
+                get_run_logger().info("adapt: worker job %s idle for %.0fs: releasing it", full, now - since)
+                await end_worker_jobs(self.target, self.scheduler, self.cluster_dir, [full])
+                self.idle_since.pop(job_id, None)
+                self.last_change = time.monotonic()
+                return f"released {full}"
+        return ""
+
+    async def _submit(self, count: int, why: str, now: float) -> str:
+        get_run_logger().info("adapt: %s: submitting %d worker job(s)", why, count)
+        ids = await submit_worker_jobs(self.target, self.scheduler, self.cluster_dir, count, self.head_job)
+        if callable(self.on_submit):
+            self.on_submit(ids)
+        self.last_change = time.monotonic()
+        self.demand_seen = 0
+        return f"submitted {', '.join(ids)}"
+
+
+async def worker_job_ids_left(target: Transport, scheduler: Scheduler, cluster_dir: str, known: list[str]) -> list[str]:
+    """For teardown: every worker job the cluster dir records, and the ones the flow saved."""
+    recorded = await recorded_worker_jobs(target, scheduler, cluster_dir)
+    return list(dict.fromkeys([*known, *recorded]))
+
+
+@task(name="submit-worker-jobs", cache_policy=NO_CACHE)
+async def add_worker_jobs(target: Transport, scheduler: Scheduler, plan: ClusterPlan, count: int) -> list[str]:
+    """Worker jobs for this cluster, recorded in its plan too (the flow's saved state)."""
+    ids = await submit_worker_jobs(target, scheduler, plan.cluster_dir, count, plan.job_id)
+    plan.worker_jobs += ids
+    return ids
+
+
+async def adapt_worker_jobs(target: Transport, scheduler: Scheduler, plan: ClusterPlan, local_port: int,
+                            on_submit, every: float = 2.0) -> None:
+    """The adaptive loop, while the cluster holds (until cancelled): one Adapter step every
+    `every` seconds. A failed step (a busy controller, the dashboard restarting) is logged and
+    the next one tries again: scaling never fails the cluster."""
+    from tasks.readiness import alive_nodes, auth_headers  # readiness imports this module
+
+    settings = plan.settings
+    low, high = settings.scale.adapt_bounds
+    adapter = None
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan),
+                                 timeout=10) as client:
+        while True:
+            try:
+                nodes = await alive_nodes(client)
+                if adapter is None:
+                    biggest = max(nodes, key=lambda n: n.get("resources_total", {}).get("CPU", 0))["resources_total"]
+                    adapter = Adapter(
+                        target, scheduler, plan.cluster_dir, plan.job_id, low, high, settings.scale.idle_timeout,
+                        settings.scale.cooldown,
+                        cpus_per_worker=settings.scale.worker_cpus or settings.num_cpus_per_node or biggest.get("CPU", 1),
+                        gpus_per_worker=(settings.scale.worker_gpus if settings.scale.worker_gpus is not None
+                                         else settings.num_gpus_per_node or biggest.get("GPU", 0)),
+                        on_submit=on_submit)
+                    get_run_logger().info("adapt: between %d and %d worker job(s) of %s CPU(s) each, following Ray's "
+                                          "pending demand", low, high, adapter.cpus_per_worker)
+                await adapter.step(client, nodes)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (scaling never fails the cluster)
+                get_run_logger().warning("adapt: %s: %s", type(exc).__name__, str(exc)[:300])
+            await asyncio.sleep(every)
+
+
+class ScaleRefused(RuntimeError):
+    """`scale` cannot act on this cluster (none there, no scheduler, stopping), or its
+    worker jobs did not join or leave in time."""
+
+    reason = FailureReason.invalid_input
+
+
+async def scale_running_cluster(target: Transport, cluster_dir: str, delta: int, timeout: float) -> dict:
+    """Add (delta > 0) or remove (delta < 0) worker jobs of a running cluster known only by
+    its dir (the flow that started it runs elsewhere), then wait up to `timeout` until
+    their nodes are alive on the head's dashboard, or gone from it."""
+    from tasks.readiness import alive_nodes, node_name, parse_head_env  # readiness imports this module
+    from tasks.schedulers import SCHEDULERS
+    from tasks.settings import RayClusterSettings
+
+    env = await target.read_text(f"{cluster_dir}/cluster.env")
+    if env is None:
+        raise ScaleRefused(f"no cluster at {cluster_dir} on {target.label} (ended, or another host or work dir)")
+    kind = re.search(r"^export AR_SCHEDULER=(\w+)$", env, re.M)
+    if not kind or kind.group(1) not in ("slurm", "pbs"):
+        raise ScaleRefused("worker jobs need a SLURM or PBS cluster; this one runs without a scheduler")
+    if await target.read_text(f"{cluster_dir}/stop") is not None:
+        raise ScaleRefused("the cluster is stopping")
+    head_env = await target.read_text(f"{cluster_dir}/head.env")
+    if not head_env:
+        raise ScaleRefused("the cluster's head is not up yet: try again once the flow says it is ready")
+    head = parse_head_env(head_env)
+    scheduler = SCHEDULERS[kind.group(1)](RayClusterSettings(scheduler=kind.group(1)))
+    headers = {}
+    if re.search(r"^export RAY_AUTH_MODE=token$", env, re.M):
+        token = (await target.read_text(f"{cluster_dir}/token") or "").strip()
+        headers = {"Authorization": f"Bearer {token}"}
+    head_job = (await target.read_text(f"{cluster_dir}/job_id") or "").strip()
+    local_port = await target.forward_to(head.node, head.dashboard_port)
+    started = time.monotonic()
+    if delta > 0:
+        changed = await submit_worker_jobs(target, scheduler, cluster_dir, delta, head_job)
+    else:
+        changed = await remove_worker_jobs(target, scheduler, cluster_dir, -delta)
+    names = {worker_node_name(job_id) for job_id in changed}
+    alive: list[dict] = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{local_port}", headers=headers, timeout=10) as client:
+        while True:
+            alive = await alive_nodes(client)
+            present = {node_name(n).split("@", 1)[0] for n in alive} & names
+            if (present == names) if delta > 0 else not present:
+                break
+            if delta > 0:
+                phases = await asyncio.gather(*(scheduler.state(target, j) for j in changed))
+                ended = [j for j, s in zip(changed, phases, strict=True) if s.phase is JobPhase.ended]
+                if ended:
+                    raise ScaleRefused(f"worker job(s) {', '.join(ended)} ended before joining: see "
+                                       f"{cluster_dir}/logs/wjob-<id>.out")
+            if time.monotonic() - started > timeout:
+                raise ScaleRefused(f"worker job(s) {', '.join(changed)} not {'joined' if delta > 0 else 'gone'} "
+                                   f"after {timeout:g}s ({len(present)} of {len(names)} nodes there)")
+            await asyncio.sleep(0.25)
+    return {"added" if delta > 0 else "removed": changed, "nodes_alive": len(alive),
+            "seconds": round(time.monotonic() - started, 2)}
