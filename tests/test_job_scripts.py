@@ -102,3 +102,26 @@ def test_job_script_is_the_reviewed_one(name):
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(script)
     assert script == golden.read_text(), f"job script changed: review, then UPDATE_GOLDEN=1 pytest {__file__}"
+
+
+# Worker jobs: CPU head job, GPU worker jobs of their own partition and walltime.
+WORKER_GOLDEN_SETTINGS = {
+    "slurm": dict(GOLDEN_SETTINGS["slurm"], num_gpus_per_node=0,
+                  scale={"worker_partition": "gpu-short", "worker_walltime": "00:30:00", "worker_gpus": 2,
+                         "worker_cpus": 16}),
+    "pbs": dict(GOLDEN_SETTINGS["pbs"], scale={"worker_partition": "gpuq", "worker_gpus": 1}),
+}
+
+
+@pytest.mark.parametrize("name", WORKER_GOLDEN_SETTINGS)
+def test_worker_job_script_is_the_reviewed_one(name):
+    """The worker job script: one node, its own partition/queue, walltime, CPUs and GPUs, the
+    cluster's name and account; its own sizes exported over the cluster's for its Ray node."""
+    s = settings(**WORKER_GOLDEN_SETTINGS[name])
+    script = scheduler_for(s).render_worker(CLUSTER_ID, "/scratch/alice/activate-ray/clusters/" + CLUSTER_ID)
+    golden = GOLDEN / f"worker_job_{name}.sh"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text(), f"worker job script changed: review, then UPDATE_GOLDEN=1 pytest {__file__}"
+    result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
