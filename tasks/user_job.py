@@ -104,7 +104,7 @@ async def keep_alive(plan: ClusterPlan, local_port: int, walltime_s: int | None)
                 idle_since = time.monotonic()
             now = time.monotonic()
             if now - idle_since >= idle_limit:
-                logger.info("no Ray job for %d min: stopping the cluster", plan.settings.cluster_idle_timeout)
+                logger.info("no Ray job for %g min: stopping the cluster", plan.settings.cluster_idle_timeout)
                 return "idle"
             if walltime_s and now - started >= walltime_s - 60:
                 logger.info("walltime almost over: stopping the cluster")

@@ -78,7 +78,7 @@ def test_adaptive_submits_worker_jobs_for_unmet_demand_and_releases_them_when_id
     script = work / "big.py"
     script.write_text(BIG_TASK)
     run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "1", "--user-script", script, "--keep-alive",
-                                   "--cluster-idle-timeout", "0.5", "--scale.adapt", "min=0,max=2",
+                                   "--cluster-idle-timeout", "0.2", "--scale.adapt", "min=0,max=2",
                                    "--scale.worker-cpus", "2", "--scale.idle-timeout", "3", "--scale.cooldown", "1",
                                    "--host", f"{bed.user_name}@{bed.login_ip}", "--python", bed.user_python),
                    work=work, api=prefect_api)

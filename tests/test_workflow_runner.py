@@ -288,8 +288,12 @@ def test_update_session_records_its_inputs_and_the_target_answers(tmp_path, http
     assert session["probe"]["status"] == 200 and "hello dashboard" in session["probe"]["body"]
 
 
-def test_update_session_fails_when_nothing_answers_or_the_target_is_elsewhere(tmp_path, http_server):
+def test_update_session_fails_when_nothing_answers_or_the_target_is_elsewhere(tmp_path, http_server, monkeypatch):
     import socket
+
+    import tests.workflow_runner as runner
+
+    monkeypatch.setattr(runner, "SESSION_ANSWER_SECONDS", 2)  # not 30 s of a test's time for a port nobody opens
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

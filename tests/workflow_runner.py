@@ -65,6 +65,8 @@ ACTION_INPUTS = {
         "optional": {"remoteHost", "localPort", "slug", "status"},
     },
 }
+# How long a session's far end gets to answer before update-session fails.
+SESSION_ANSWER_SECONDS = 30
 USER_WORKSPACE = "user-workspace"  # update-session's target for the workspace itself
 CANCEL_GRACE_S = 20  # SIGTERM, then SIGKILL: the flow tears its cluster down on SIGTERM
 EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}", re.S)
@@ -667,7 +669,7 @@ class Run:
         if not port.isdigit() or not 0 < int(port) < 65536:
             return self._session_failure(name, kind, record, f"remotePort {port!r} is not a port")
         url = f"http://{host}:{port}/{record['with'].get('slug', '').lstrip('/')}"
-        deadline, error = time.monotonic() + 30, None
+        deadline, error = time.monotonic() + SESSION_ANSWER_SECONDS, None
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(url, timeout=10) as response:
