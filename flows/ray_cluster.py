@@ -106,7 +106,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from dataclasses import asdict
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -845,11 +845,26 @@ def scale_main(argv: list[str]) -> int:
     return 0
 
 
-@flow(name="ray-cluster-scale")
-async def ray_cluster_scale(cluster_id: str, add: int = 0, remove: int = 0, host: str = "",
-                            work_dir: str = EnvironmentOptions().work_dir, timeout: float = 600) -> dict:
+@flow(name="ray-cluster", flow_run_name="ray-cluster-scale")
+async def ray_cluster_scale(
+    cluster_id: Annotated[str, Field(pattern=CLUSTER_ID_RE.pattern, description="The cluster's id (ar-...), as its run printed it")],
+    add: Annotated[int, Field(ge=0, le=1000, description="Worker jobs to submit")] = 0,
+    remove: Annotated[int, Field(ge=0, le=1000, description="Worker jobs to remove (queued ones first, then the newest)")] = 0,
+    host: Annotated[str, Field(description="The login node, as the cluster's run was given it (empty: the worker's machine)")] = "",
+    work_dir: Annotated[str, Field(description="The cluster's work dir")] = EnvironmentOptions().work_dir,
+    timeout: Annotated[float, Field(ge=0, le=86400, description="Seconds to wait for the nodes to join or leave")] = 600,
+) -> dict:
     """Grow (add) or shrink (remove) a running SLURM/PBS cluster by worker jobs, and wait until
-    their nodes joined or left: the `scale` command as a flow (a deployment's run form)."""
+    their nodes joined or left: the `scale` command as a flow (the ray-cluster/scale deployment).
+
+    Args:
+        cluster_id: The cluster's id (ar-...), as its run printed it
+        add: Worker jobs to submit, each a 1-node job sized by the cluster's scale options
+        remove: Worker jobs to remove (queued ones first, then the newest)
+        host: The login node, as the cluster's run was given it (empty: the worker's machine)
+        work_dir: The cluster's work dir
+        timeout: Seconds to wait for the nodes to join or leave
+    """
     if not CLUSTER_ID_RE.fullmatch(cluster_id) or (add > 0) == (remove > 0) or max(add, remove) > 1000:
         raise InvalidInput("give a cluster id (ar-...) and one of add or remove (1 to 1000)")
     return await scale_cluster(RayClusterSettings(host=host, work_dir=work_dir), cluster_id, add - remove, timeout)

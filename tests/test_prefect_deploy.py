@@ -89,8 +89,8 @@ ENTRYPOINTS = {"local": "ray_cluster_direct", "ssh": "ray_cluster_direct", "slur
 # The parameters of each kind of deployment: the workflow's input groups that apply to it, in form order.
 PARAMETERS = {
     "local": ["user_script", "script_args", "runtime_env", "host", "cluster", "environment", "advanced"],
-    "slurm": ["user_script", "script_args", "runtime_env", "host", "cluster", "slurm", "environment", "advanced"],
-    "pbs": ["user_script", "script_args", "runtime_env", "host", "cluster", "pbs", "environment", "advanced"],
+    "slurm": ["user_script", "script_args", "runtime_env", "host", "cluster", "slurm", "scale", "environment", "advanced"],
+    "pbs": ["user_script", "script_args", "runtime_env", "host", "cluster", "pbs", "scale", "environment", "advanced"],
 }
 
 
@@ -109,6 +109,18 @@ def test_deploy_all_creates_the_four_deployments(http):
     assert deployment(http, "pbs")["parameters"] == {"host": "hpc-login", "pbs": {"nodes": 2}}
     assert deployment(http, "local")["parameters"] == {"user_script": "examples/hello_ray.py",
                                                        "cluster": {"direct_workers": 1}}
+
+
+def test_the_scale_deployment_takes_a_cluster_id_and_a_change(http):
+    """ray-cluster/scale: the scale command as a run form; the server refuses a cluster id
+    that is not one, before any worker sees it."""
+    d = deployment(http, "scale")
+    assert d["entrypoint"] == "flows/ray_cluster.py:ray_cluster_scale" and d["enforce_parameter_schema"] is True
+    properties = d["parameter_openapi_schema"]["properties"]
+    assert list(properties) == ["cluster_id", "add", "remove", "host", "work_dir", "timeout"]
+    assert properties["add"]["maximum"] == 1000 and "pattern" in properties["cluster_id"]
+    refused = http.post(f"/deployments/{d['id']}/create_flow_run", json={"parameters": {"cluster_id": "ar-; rm -rf ~"}})
+    assert refused.status_code == 409, refused.text
 
 
 @pytest.mark.parametrize("name", PARAMETERS)
