@@ -13,7 +13,7 @@ from tests.helpers import REPO
 
 # Flags of the command line that are not fields of the form: the groups as one JSON
 # value, the negations of booleans, and the dry run.
-NOT_FIELDS = {"--help", "--dry-run", "--slurm", "--pbs", "--runtime-env"}
+NOT_FIELDS = {"--help", "--dry-run", "--slurm", "--pbs", "--scale", "--runtime-env"}
 
 
 def help_flags() -> set[str]:
