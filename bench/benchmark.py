@@ -893,6 +893,68 @@ class SlurmBench:
             shutil.rmtree(job_dir, ignore_errors=True)
         return result
 
+    def _scale(self, cluster_id: str, *change: str) -> dict:
+        from tests.helpers import flow_env
+
+        done = self.bed.run_login([self.bed.user_python, "-m", "flows.ray_cluster", "scale", cluster_id, *change,
+                                   "--work-dir", str(self.work), "--timeout", "120"], user=self.bed.user,
+                                  env=flow_env(self.server.url, None, self.bed.repo), cwd=self.bed.repo, timeout=180)
+        if done.returncode != 0:
+            raise RuntimeError(f"scale {' '.join(change)}: {done.stderr[-1500:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def scaling(self, reps: int) -> dict:
+        """Worker jobs on a running 1-node cluster: `scale --add 1` until its node is alive on
+        the head's dashboard (the command's own clock; the wall clock around the whole command,
+        its Python start included), `--remove 1` until it is gone; and, on a cluster with
+        scale.adapt, from a task asking for more CPUs than the cluster has (the driver's clock
+        just before .remote()) to the flow's "worker job(s) submitted" log line."""
+        from tests.helpers import BackgroundFlow
+        from tests.helpers import run_flow as run_test_flow
+
+        result: dict = {"ok": False, "add_s": [], "add_wall_s": [], "remove_s": [], "demand_to_submit_s": []}
+        work = self.home / "scale"
+        work.mkdir(parents=True, exist_ok=True)
+        common = ["--scheduler", "slurm", "--slurm.nodes", "1", "--slurm.walltime", "00:10:00", "--work-dir",
+                  str(self.work), "--readiness-timeout", "180", *FLOW_SIZE]
+        try:
+            self.settle()
+            flow = BackgroundFlow(self.bed, [*common, "--keep-alive", "--scale.worker-cpus", "1"], work, self.server.url)
+            try:
+                cluster_id = flow.wait_ready(240)["cluster_id"]
+                for _ in range(reps):
+                    began = time.monotonic()
+                    added = self._scale(cluster_id, "--add", "1")
+                    result["add_wall_s"].append(time.monotonic() - began)
+                    result["add_s"].append(added["seconds"])
+                    result["remove_s"].append(self._scale(cluster_id, "--remove", "1")["seconds"])
+                flow.send_signal(signal.SIGINT)
+                flow.wait(120)
+            finally:
+                flow.kill()
+            script = work / "demand.py"
+            script.write_text("import time, ray\nray.init()\n@ray.remote(num_cpus=2)\ndef big():\n    return 1\n"
+                              "print(f'DEMAND_AT={time.time():.3f}', flush=True)\nray.get(big.remote())\n")
+            for rep_index in range(reps):
+                self.settle()
+                adapt_work = work / f"adapt{rep_index}"
+                adapt_work.mkdir()
+                run = run_test_flow(self.bed, [*common, "--user-script", str(script), "--scale.adapt", "min=0,max=1",
+                                               "--scale.worker-cpus", "2", "--scale.cooldown", "0"],
+                                    work=adapt_work, api=self.server.url, timeout=300)
+                demand = re.search(r"DEMAND_AT=([0-9.]+)", run.output)
+                submitted = re.search(r"^(\d\d:\d\d:\d\d\.\d{3}) \| INFO .*worker job\(s\) submitted to slurm",
+                                      run.output, re.M)
+                if run.returncode != 0 or not demand or not submitted:
+                    raise RuntimeError(f"adaptive run: rc {run.returncode}, {run.output[-1500:]}")
+                clock = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(submitted.group(1)))
+                result["demand_to_submit_s"].append(clock.timestamp() - float(demand.group(1)))
+            result["ok"] = True
+        except Exception as exc:  # recorded: the rest of the report still gets written
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            log(f"scaling runs failed: {result['error']}")
+        return result
+
     def baseline(self, kind: str, nodes: int) -> dict:
         self.settle()
         tag = f"{MARK}-{kind}{nodes}-{secrets.token_hex(3)}"
@@ -1013,6 +1075,10 @@ def bench_slurm(reps: int, node_counts: list[int], server: PrefectServer, result
                         log(f"slurm {method} {nodes}n {rep + 1}/{reps}: ready {entry.get('ready_s')}s, "
                             f"all alive {entry.get('all_alive_s')}s")
                     runs.append(entry)
+        results["slurm_scale"] = [bench.scaling(reps)]
+        scale = results["slurm_scale"][0]
+        log(f"slurm worker jobs: --add 1 -> alive {median(scale['add_s'])}s, unmet demand -> submitted "
+            f"{median(scale['demand_to_submit_s'])}s")
         if build_s is not None:
             nodes = QUEUED_NODES if QUEUED_NODES in node_counts else max(node_counts)
             try:
@@ -1200,6 +1266,13 @@ def summarize(results: dict) -> dict:
     if s["job_bare"]:
         s["job_ratio"] = s["job_flow"] / s["job_bare"] if s["job_flow"] else None
         s["job_eph_ratio"] = s["job_eph"] / s["job_bare"] if s["job_eph"] else None
+    scale = ok(results.get("slurm_scale", []))
+    if scale:
+        bare_one = get("bare", 1)
+        s["scale"] = {"add": median(scale[0]["add_s"]), "add_wall": median(scale[0]["add_wall_s"]),
+                      "remove": median(scale[0]["remove_s"]), "demand": median(scale[0]["demand_to_submit_s"]),
+                      "n": len(scale[0]["add_s"]), "bare_one": bare_one}
+        s["scale"]["vs_bare"] = s["scale"]["add"] / bare_one if bare_one and s["scale"]["add"] else None
     queued = ok(results.get("slurm_queued", []))
     if queued:
         q = queued[0]
@@ -1214,7 +1287,7 @@ def summarize(results: dict) -> dict:
     s["failures"] = [
         f"{key}: {r.get('mode') or r.get('method') or key} {r.get('nodes', '')} - {r.get('error')}"
         for key in ("local_floor", "local_floor_plain", "local_flow", "local_ephemeral", "slurm", "slurm_queued",
-                "cold", "job_bare", "job_flow", "job_ephemeral")
+                "slurm_scale", "cold", "job_bare", "job_flow", "job_ephemeral")
         for r in results.get(key, []) if not r.get("ok")
     ]
     return s
@@ -1436,6 +1509,15 @@ def report(results: dict) -> str:
         row(f"**Slurm teardown ({top} nodes): SIGTERM to no job and no Ray process** (median, max of {flow.get('n')})",
             f"{fmt(s.get('slurm_teardown'))} (max {fmt(s.get('slurm_teardown_max'))})", f"<= {T['teardown_s']:g}s",
             verdict(s.get("slurm_teardown"), T["teardown_s"]))
+        if s.get("scale"):
+            sc = s["scale"]
+            row(f"**worker job: `scale --add 1` to its node alive on the head's dashboard** (median of {sc['n']})",
+                f"{fmt(sc['add'])} ({fmt(sc['add_wall'])} with the command's own start)", "", "")
+            row("... against a bare 1-node job's ready time in this run (sbatch to the node alive)",
+                fmt(sc.get("vs_bare"), "x"), "", "")
+            row("worker job: `scale --remove 1` to its node gone", fmt(sc["remove"]), "", "")
+            row("**adaptive: a task asking for more CPUs than the cluster has, to its worker job submitted**",
+                fmt(sc["demand"]), "", "")
         if s.get("scaling") is not None:
             low = min(s["node_counts"])
             row(f"**Slurm scaling: flow t({top})/t({low})**", fmt(s["scaling"], "x"), f"<= {T['scaling']}x",
