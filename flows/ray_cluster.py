@@ -161,7 +161,7 @@ from tasks.settings import (
     SlurmOptions,
 )
 from tasks.transport import LocalTransport, SshParams, SshTransport, Transport
-from tasks.user_job import keep_alive, run_user_job
+from tasks.user_job import keep_alive, run_user_job, warm_up_job_client
 
 
 async def open_target(settings: RayClusterSettings) -> Transport:
@@ -287,6 +287,8 @@ async def _bring_up_and_hold(
 ) -> dict:
     """The pipeline of one cluster: environment, start, readiness, connection info, then
     the user job and/or keep-alive. Its teardown is the caller's (_one_cluster)."""
+    if plan.settings.user_script:
+        background.append(warm_up_job_client())
     ready, info = await bring_up(target, scheduler, plan, work_dir, background)
     await _run_job_or_hold(target, scheduler, plan, ready, background)
     return asdict(info)

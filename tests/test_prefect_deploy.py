@@ -291,6 +291,46 @@ def test_the_local_deployment_runs_through_a_process_worker(api, http, bed, work
     assert_cluster_events(http, info, run["id"])
 
 
+@pytest.mark.bed
+def test_a_run_cancelled_from_the_ui_tears_its_cluster_down(api, http, bed, work):
+    """The UI's Cancel on a running keep-alive cluster (the API call the button makes: the
+    run set to Cancelling): the process worker ends the run, the run ends Cancelled, and
+    the cluster is torn down on its host, leaving nothing."""
+    work_dir = work / "w"
+    info_file = work / "info.json"
+    deployed = prefect(api, "deploy", "--name", "local", timeout=90, cwd=bed.repo)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    d = deployment(http, "local")
+    started = prefect(api, "deployment", "run", "ray-cluster/local", "-p", "user_script=",
+                      "-p", "cluster=" + json.dumps({"keep_alive": True, "direct_workers": 1}),
+                      "-p", "advanced=" + json.dumps({"info_file": str(info_file)}),
+                      "-p", "environment=" + json.dumps({"work_dir": str(work_dir)}))
+    assert started.returncode == 0, started.stdout + started.stderr
+    (run,) = [r for r in flow_runs(http, d["id"]) if r["state"]["type"] == "SCHEDULED"]
+    worker_prefect = str(Path(bed.user_python).parent / "prefect")
+    worker = bed.spawn("login", [worker_prefect, "worker", "start", "--pool", POOL, "--type", "process",
+                                 "--run-once", "--limit", "1"],
+                       "cancel-worker.log", user=bed.user, env=flow_env(api, repo=bed.repo), cwd=bed.repo)
+    try:
+        deadline = time.monotonic() + 150
+        while not info_file.exists():
+            assert worker.poll() is None and time.monotonic() < deadline, \
+                (bed.log_dir / "cancel-worker.log").read_text()[-4000:]
+            time.sleep(0.5)
+        cluster_id = json.loads(info_file.read_text())["cluster_id"]
+        assert bed.cluster_processes(cluster_id), "the cluster runs before the cancel"
+        cancelled = http.post(f"/flow_runs/{run['id']}/set_state",
+                              json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+        assert cancelled.status_code in (200, 201), cancelled.text
+        deadline = time.monotonic() + 90
+        while (state := http.get(f"/flow_runs/{run['id']}").json()["state"])["type"] != "CANCELLED":
+            assert time.monotonic() < deadline, f"{state}\n" + (bed.log_dir / "cancel-worker.log").read_text()[-4000:]
+            time.sleep(0.5)
+    finally:
+        bed.stop_spawned(worker, timeout=60)
+    assert_nothing_left(bed, cluster_id, work_dir, settle=30)
+
+
 def assert_progress_artifact_reached_all_nodes(http: httpx.Client, run_id: str, cluster_id: str) -> None:
     response = http.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]},
                                                                   "type": {"any_": ["progress"]}}})
