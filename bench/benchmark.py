@@ -1594,11 +1594,11 @@ def report(results: dict) -> str:
     if lags:
         lines += [
             "",
-            "The readiness loop (`tasks/readiness.py`, `wait_until_ready`) sleeps 0.1 s, then 1.5 times longer "
-            "after every poll, up to 2 s, and never resets: its polls fall about 0.1, 0.25, 0.48, 0.81, 1.32, "
-            "2.08, 3.22, 4.93 and 6.93 s after it starts. A head that registers just after the 3.22 s poll (the "
-            "floor above is about 3.3 s) is seen at 4.93 s, so \"dashboard answers\" and \"nodes joining\" "
-            "above are mostly this schedule, not Ray. Detection lag of every flow run (s): "
+            "The readiness loop (`tasks/readiness.py`, `wait_until_ready`) backs off (0.1 s, 1.5 times longer "
+            "after every poll, up to 2 s) only while the job waits in the queue; once it runs, it looks for the "
+            "head's head.env every 0.25 s, then polls the dashboard every 0.25 s until every node is ALIVE, so "
+            "\"dashboard answers\" and \"nodes joining\" above are Ray's own start plus at most a quarter "
+            "second. Detection lag of every flow run (s): "
             + ", ".join(f"{name} {fmt(lag, '')}" for name, lag in lags) + ".",
         ]
     if s["failures"]:

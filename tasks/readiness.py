@@ -241,8 +241,10 @@ async def wait_for_head(
                 f"cluster {plan.cluster_id} not ready after {deadline.seconds:g}s: {report.last or 'no answer'}",
                 reason=FailureReason.readiness_timeout, retryable=state.phase is JobPhase.running, head_failed=True,
             )
-        await asyncio.sleep(delay)  # back off while the job waits in the queue
-        delay = min(delay * 1.5, 2.0)
+        await asyncio.sleep(delay)
+        # back off while the job waits in the queue; once it runs, its head writes head.env
+        # within seconds: look briskly, so the head is seen when it is up, not a backoff step later
+        delay = 0.25 if state.phase is JobPhase.running else min(delay * 1.5, 2.0)
 
 
 async def wait_for_nodes(
