@@ -320,6 +320,8 @@ async def scale_running_cluster(target: Transport, cluster_dir: str, delta: int,
         changed = await remove_worker_jobs(target, scheduler, cluster_dir, -delta)
     names = {worker_node_name(job_id) for job_id in changed}
     alive: list[dict] = []
+    if timeout == 0:  # not waiting: the jobs may stay queued for long
+        return {"added" if delta > 0 else "removed": changed, "seconds": round(time.monotonic() - started, 2)}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{local_port}", headers=headers, timeout=10) as client:
         while True:
             alive = await alive_nodes(client)

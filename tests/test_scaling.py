@@ -14,10 +14,10 @@ from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_arg
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
 
-def scale(bed, prefect_api, cluster_id, work_dir, *change) -> dict:
+def scale(bed, prefect_api, cluster_id, work_dir, *change, timeout="120") -> dict:
     """`python -m flows.ray_cluster scale ...` as the bed's user on the login node."""
     result = bed.run_login([bed.user_python, "-m", "flows.ray_cluster", "scale", cluster_id, *change,
-                            "--host", f"{bed.user_name}@{bed.login_ip}", "--work-dir", str(work_dir), "--timeout", "120"],
+                            "--host", f"{bed.user_name}@{bed.login_ip}", "--work-dir", str(work_dir), "--timeout", timeout],
                            user=bed.user, env=flow_env(prefect_api, repo=bed.repo), cwd=bed.repo, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -25,8 +25,9 @@ def scale(bed, prefect_api, cluster_id, work_dir, *change) -> dict:
 
 def test_add_two_worker_jobs_spread_a_job_remove_one_then_nothing_left(work, prefect_api, bed):
     """A 1-node cluster gets 2 worker jobs of 2 CPUs each (so SLURM puts each on a node of its
-    own): 3 Ray nodes, a job spreads over the three hosts; one removed, 2 nodes, and the
-    teardown cancels the one left."""
+    own): 3 Ray nodes, a job spreads over the three hosts. A third waits in the queue (every
+    node is full) and is the first removed; then the newest running one: 2 nodes. The
+    teardown ends the rest, a queued one included."""
     flow = BackgroundFlow(bed, batch_args(work / "w", "--slurm.nodes", "1", "--keep-alive", "--scale.worker-cpus", "2",
                                           "--host", f"{bed.user_name}@{bed.login_ip}", "--python", bed.user_python), work, prefect_api)
     try:
@@ -45,14 +46,24 @@ def test_add_two_worker_jobs_spread_a_job_remove_one_then_nothing_left(work, pre
             user=bed.user, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": info["token_file"]},
             cwd=work, timeout=180)
         assert "HOSTS=node1,node2,node3\n" in submitted.stdout, submitted.stdout[-3000:] + submitted.stderr[-2000:]
+        # every node is full now: a third worker job waits in the queue, and is the first to go
+        queued = scale(bed, prefect_api, cluster_id, work / "w", "--add", "1", timeout="0")["added"][0]
+        assert f"{queued} PENDING" in " ".join(bed.live_jobs(name=cluster_id)), bed.live_jobs(name=cluster_id)
+        removed = scale(bed, prefect_api, cluster_id, work / "w", "--remove", "1")
+        assert removed["removed"] == [queued] and removed["nodes_alive"] == 3, removed
         removed = scale(bed, prefect_api, cluster_id, work / "w", "--remove", "1")
         assert len(removed["removed"]) == 1 and removed["nodes_alive"] == 2, removed
         assert removed["removed"][0] == added["added"][1], "the newest worker job goes first"
         assert bed.job_state(removed["removed"][0]) in ("COMPLETED", None), "a removed worker stops itself: exit 0"
         assert len(bed.live_jobs(name=cluster_id)) == 2
+        # the freed node takes one more; the one after it waits in the queue for the teardown,
+        # which cancels it with the running ones
+        again = scale(bed, prefect_api, cluster_id, work / "w", "--add", "1", timeout="0")["added"][0]
+        left_queued = scale(bed, prefect_api, cluster_id, work / "w", "--add", "1", timeout="0")["added"][0]
+        assert f"{left_queued} PENDING" in " ".join(bed.live_jobs(name=cluster_id))
         flow.send_signal(signal.SIGINT)
         assert flow.wait(120) == 128 + signal.SIGINT, flow.output[-3000:]
-        assert f"worker jobs {added['added'][0]}" in flow.output, flow.output[-3000:]
+        assert f"worker jobs {added['added'][0]}, {again}, {left_queued})" in flow.output, flow.output[-3000:]
     finally:
         flow.kill()
     assert "Ray node(s) lost" not in flow.output, "a removed worker job is not a lost node"
