@@ -12,6 +12,8 @@ ar_job_id="${SLURM_JOB_ID:-${PBS_JOBID:-}}"
 ar_job_id="${ar_job_id%%.*}"
 [ -n "$ar_job_id" ] || { ar_log "worker job: no SLURM_JOB_ID or PBS_JOBID"; exit 1; }
 ar_worker_name="wjob-$ar_job_id"
+# ar_stop_reason also sees this job's own removal (nodes/NAME.remove), while it waits too
+export AR_NODE_NAME="$ar_worker_name"
 # one log per worker job (PBS's -o is one path for every worker job of the cluster)
 exec >>"$AR_CLUSTER_DIR/logs/$ar_worker_name.out" 2>&1
 # a job that starts after the cluster stopped (still queued at teardown) leaves at once
