@@ -338,11 +338,7 @@ async def _run_job_or_hold(
     watcher = asyncio.create_task(watch_nodes(plan, ready.local_port, ready.nodes))
     background.append(watcher)
     settings = plan.settings
-    if settings.scale.adapt_bounds:
-        def record(ids: list[str]) -> None:  # in the saved state at once: a crash hook cancels them too
-            plan.worker_jobs += ids
-            remember(plan, scheduler)
-        background.append(asyncio.create_task(adapt_worker_jobs(target, scheduler, plan, ready.local_port, record)))
+    start_adapting(target, scheduler, plan, ready, background)
     try:
         if settings.user_script:
             await _unless_a_node_dies(run_user_job(target, plan, ready.local_port, ready.nodes), watcher)
@@ -374,6 +370,19 @@ async def keep_the_failed_cluster_up(
             get_run_logger().warning("the job of cluster %s ended while kept up", plan.cluster_id)
             return
     get_run_logger().info("kept cluster %s up for %.1f min: tearing it down", plan.cluster_id, seconds / 60)
+
+
+def start_adapting(target: Transport, scheduler: Scheduler, plan: ClusterPlan, ready: ReadyCluster,
+                   background: list[asyncio.Task]) -> None:
+    """scale.adapt: the adaptive loop beside whatever holds the cluster (a job, keep-alive, tasks)."""
+    if not plan.settings.scale.adapt_bounds:
+        return
+
+    def record(ids: list[str]) -> None:  # in the saved state at once: a crash hook cancels them too
+        plan.worker_jobs += ids
+        remember(plan, scheduler)
+
+    background.append(asyncio.create_task(adapt_worker_jobs(target, scheduler, plan, ready.local_port, record)))
 
 
 def remember(plan: ClusterPlan, scheduler: Scheduler) -> None:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from prefect.settings import get_current_settings
 
-from flows.ray_cluster import bring_up, open_target, remember, teardown_saved_clusters
+from flows.ray_cluster import bring_up, open_target, remember, start_adapting, teardown_saved_clusters
 from tasks.cluster import ClusterPlan, target_work_dir, teardown_cluster
 from tasks.failures import InvalidInput
 from tasks.logs import get_run_logger
@@ -126,7 +126,8 @@ async def ray_cluster_for_tasks(settings: RayClusterSettings) -> AsyncIterator[C
         remember(plan, scheduler)
         background: list[asyncio.Task] = []
         try:
-            _, info = await bring_up(target, scheduler, plan, work_dir, background)
+            ready, info = await bring_up(target, scheduler, plan, work_dir, background)
+            start_adapting(target, scheduler, plan, ready, background)  # scale.adapt: workers follow the tasks
             with ray_token_in_environment(plan):
                 yield ClusterForTasks(info, api_url)
         finally:
