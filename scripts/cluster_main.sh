@@ -10,12 +10,27 @@
 mkdir -p "$AR_CLUSTER_DIR/logs" "$AR_CLUSTER_DIR/nodes"
 touch "$AR_CLUSTER_DIR/heartbeat"
 
+# The cluster's worker jobs (scale options, recorded in worker_jobs/), for a cluster that
+# ends without the flow (dead-man switch, head failed): a queued one would otherwise wait
+# in the queue for a cluster that is gone. The flow's own teardown cancels them itself.
+ar_cancel_worker_jobs() {
+    local file job
+    for file in "$AR_CLUSTER_DIR"/worker_jobs/*; do
+        [ -e "$file" ] || continue
+        job="${file##*/}"
+        case "$job" in -* | *[!0-9A-Za-z.\[\]_-]*) continue ;; esac
+        ar_log "cancelling worker job $job"
+        ar_cancel_job "$job"
+    done
+}
+
 # Every node stops itself once the stop file exists (ar_run_node): workers
 # started over ssh included, which a signal here would not reach.
 ar_cleanup() {
     local status="$1" _
     trap - EXIT TERM INT HUP USR1
     touch "$AR_CLUSTER_DIR/stop" 2>/dev/null || true
+    [ "$status" = 0 ] || ar_cancel_worker_jobs
     ar_stop_cluster_here
     # the worker launch (srun step, pbsdsh, ssh clients) ends once its nodes stopped
     for _ in $(seq 1 100); do

@@ -1,6 +1,9 @@
 # shellcheck shell=bash
 # No scheduler: AR_DIRECT_WORKERS more Ray nodes on this host, beside the head, all at
 # once. Sourced by the job script (which has sourced cluster.env and ray_lib.sh's users).
+# No worker jobs without a scheduler (scale options need one).
+ar_cancel_job() { :; }
+
 ar_launch_workers() {
     local i
     for i in $(seq 1 "$AR_DIRECT_WORKERS"); do

@@ -2,6 +2,9 @@
 # PBS: a Ray worker on every other host of PBS_NODEFILE, all at once: with pbsdsh where
 # the site has it (tasks the MoM tracks), else with ssh from the head, attached to the
 # job with pbs_attach where it exists. Sourced by the job script.
+# Cancel one of the cluster's worker jobs (cluster_main.sh, when the cluster ends without the flow).
+ar_cancel_job() { qdel -- "$1" 2>/dev/null || true; }
+
 ar_launch_workers() {
     local nodes node attach=""
     # PBS writes one line per mpiproc: keep each host once, in order

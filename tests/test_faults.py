@@ -13,7 +13,7 @@ import signal
 import pytest
 
 from tasks.settings import node_tmp_name
-from tests.helpers import REPO, SMALL, BackgroundFlow, assert_nothing_left, batch_args, run_flow, wait_for
+from tests.helpers import REPO, SMALL, BackgroundFlow, assert_nothing_left, batch_args, flow_env, run_flow, wait_for
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(300)]
 
@@ -39,12 +39,19 @@ def test_sigterm_tears_down(work, prefect_api, bed):
 
 def test_sigkill_fires_the_dead_man_switch(work, prefect_api, bed):
     """The flow dies without a word: every node notices the silence and ends itself,
-    and the scheduler records the job as failed."""
-    flow = BackgroundFlow(bed, keep_alive_args(work, "--slurm.nodes", "2", "--heartbeat-timeout", "10"),
-                          work, prefect_api)
+    and the scheduler records the job as failed. Its worker jobs go too: the running one
+    stops itself, and the head cancels the one still queued (2-CPU worker jobs: node3
+    takes one, the other waits)."""
+    flow = BackgroundFlow(bed, keep_alive_args(work, "--slurm.nodes", "2", "--heartbeat-timeout", "10",
+                                               "--scale.worker-cpus", "2"), work, prefect_api)
     try:
         info = flow.wait_ready()
-        assert bed.live_jobs(name=info["cluster_id"]) != []
+        added = bed.run_login([bed.user_python, "-m", "flows.ray_cluster", "scale", info["cluster_id"], "--add", "2",
+                               "--work-dir", str(work / "w"), "--timeout", "0"], user=bed.user,
+                              env=flow_env(prefect_api, repo=bed.repo), cwd=bed.repo, timeout=120)
+        assert added.returncode == 0, added.stderr[-2000:]
+        wait_for(lambda: sorted(line.split()[1] for line in bed.live_jobs(name=info["cluster_id"]))
+                 == ["PENDING", "RUNNING", "RUNNING"], 30, "one worker job running, one queued")
         flow.kill()
         # bound: heartbeat timeout + one heartbeat interval + the nodes' stop
         took = wait_for(lambda: bed.live_jobs(name=info["cluster_id"]) == []
