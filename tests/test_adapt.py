@@ -1,0 +1,118 @@
+"""The adaptive loop's decisions (tasks/scaling.py `Adapter`), one look at a time: a cluster
+dir on this machine, a scheduler whose jobs are a dict, Ray's State API answers from a
+table. The real thing (SLURM, Ray's demand) is tests/test_scaling.py on the bed."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tasks.scaling import Adapter, worker_jobs_for
+from tasks.schedulers import JobPhase, JobState, Scheduler
+from tasks.settings import RayClusterSettings
+from tasks.transport import LocalTransport
+
+
+class QueueOfDicts(Scheduler):
+    """Jobs are entries of a dict: submit adds one (pending), cancel ends it, and a running
+    one ends once its node is asked to stop (nodes/wjob-<id>.remove), as worker_main.sh does."""
+
+    name = "slurm"
+    job_id_re = re.compile(r"^[0-9]{1,12}$")
+
+    def __init__(self, cluster_dir: Path):
+        super().__init__(RayClusterSettings(scheduler="slurm"))
+        self.jobs: dict[str, JobPhase] = {}
+        self.cluster_dir = cluster_dir
+
+    async def submit(self, target, cluster_dir, script="bin/job.sh", known=frozenset()) -> str:
+        job_id = str(100 + len(self.jobs))
+        self.jobs[job_id] = JobPhase.pending
+        return job_id
+
+    async def state(self, target, job_id):
+        if (self.cluster_dir / "nodes" / f"wjob-{job_id}.remove").exists():
+            self.jobs[job_id] = JobPhase.ended
+        return JobState(self.jobs.get(job_id, JobPhase.ended))
+
+    async def cancel(self, target, job_id):
+        self.jobs[job_id] = JobPhase.ended
+
+
+class StateApi:
+    """What Ray's State API answers: pending tasks with their resources, running tasks by node."""
+
+    def __init__(self):
+        self.pending: list[dict] = []
+        self.running_on: set[str] = set()
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        state = request.url.params.get("filter_values")
+        if request.url.path == "/api/v0/tasks" and state == "PENDING_NODE_ASSIGNMENT":
+            rows = [{"required_resources": r} for r in self.pending]
+        elif request.url.path == "/api/v0/tasks":
+            rows = [{"node_id": n} for n in self.running_on]
+        else:
+            rows = []
+        return httpx.Response(200, json={"data": {"result": {"result": rows}}})
+
+
+@pytest.fixture
+def world(tmp_path):
+    scheduler, api = QueueOfDicts(tmp_path), StateApi()
+    (tmp_path / "nodes").mkdir()
+    adapter = Adapter(LocalTransport(), scheduler, str(tmp_path), "1", low=0, high=2, idle_timeout=0.0, cooldown=0.0,
+                      cpus_per_worker=2, gpus_per_worker=0)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(api.handler), base_url="http://ray")
+    return scheduler, api, adapter, client
+
+
+def step(adapter, client, nodes=()):
+    return asyncio.run(adapter.step(client, list(nodes)))
+
+
+def worker_node(job_id: str) -> dict:
+    return {"node_id": f"id-{job_id}", "node_name": f"wjob-{job_id}@node2"}
+
+
+def test_demand_seen_twice_submits_what_meets_it_never_beyond_max(world):
+    scheduler, api, adapter, client = world
+    api.pending = [{"CPU": 2.0}] * 3  # 6 CPUs: 3 workers of 2 would meet it; max is 2
+    assert step(adapter, client) == ""  # seen once: a task that waits a moment is no demand yet
+    assert step(adapter, client) == "submitted 100, 101"
+    assert step(adapter, client) == "", "nothing more while the first ones are on their way"
+    scheduler.jobs = dict.fromkeys(scheduler.jobs, JobPhase.running)
+    nodes = [worker_node("100"), worker_node("101")]
+    for _ in range(3):
+        assert step(adapter, client, nodes) == "", "at max: no more, however long the demand waits"
+
+
+def test_an_idle_worker_job_is_released_and_a_busy_one_kept(world):
+    scheduler, api, adapter, client = world
+    api.pending = [{"CPU": 4.0}]
+    step(adapter, client)
+    assert step(adapter, client) == "submitted 100, 101"
+    scheduler.jobs = dict.fromkeys(scheduler.jobs, JobPhase.running)
+    api.pending, api.running_on = [], {"id-100"}
+    nodes = [worker_node("100"), worker_node("101")]
+    assert step(adapter, client, nodes) == "released 101"
+    assert scheduler.jobs["101"] is JobPhase.ended and scheduler.jobs["100"] is JobPhase.running
+
+
+def test_min_is_kept_and_cooldown_waits(world):
+    scheduler, api, adapter, client = world
+    adapter.low, adapter.cooldown = 1, 3600.0
+    assert step(adapter, client) == "submitted 100"  # below min: at once, no demand needed
+    api.pending = [{"CPU": 2.0}]
+    for _ in range(3):
+        assert step(adapter, client) == "", "within the cool-down nothing changes"
+
+
+@pytest.mark.parametrize("demand, wanted", [({}, 0), ({"CPU": 1.0}, 1), ({"CPU": 5.0}, 3), ({"GPU": 3.0}, 2),
+                                            ({"memory": 1e9}, 1)])
+def test_worker_jobs_for_a_demand(demand, wanted):
+    assert worker_jobs_for(demand, cpus_per_worker=2, gpus_per_worker=2) == wanted
