@@ -165,8 +165,10 @@ def worker_jobs_for(demand: dict[str, float], cpus_per_worker: float, gpus_per_w
 @dataclass
 class Adapter:
     """One decision every few seconds (after dask-jobqueue's adapt): submit worker jobs for
-    demand that waited two looks in a row, release worker jobs idle for idle_timeout, keep
-    between min and max, and wait `cooldown` after each change."""
+    demand that waited two looks in a row and `settle` seconds (Ray reports a task's state
+    about a second late: a task just placed on a node that joined still looks pending),
+    release worker jobs idle for idle_timeout, keep between min and max, and wait
+    `cooldown` after each change."""
 
     target: Transport
     scheduler: Scheduler
@@ -180,7 +182,10 @@ class Adapter:
     gpus_per_worker: float
     on_submit: object = None  # called with the new job ids (the flow records them in its saved state)
     idle_since: dict[str, float] = field(default_factory=dict)
+    settle: float = 3.0
     demand_seen: int = 0
+    demand_since: float | None = None
+    seen_joined: set = field(default_factory=set)
     last_change: float = -1e9
 
     async def step(self, client: httpx.AsyncClient, nodes: list[dict]) -> str:
@@ -196,12 +201,20 @@ class Adapter:
                   if is_worker_job_node(str(n.get("node_name")))}
         coming = [j for j in states if j.split(".")[0] not in joined]  # queued, or starting Ray
         demand = await pending_demand(client)
-        self.demand_seen = self.demand_seen + 1 if demand else 0
+        if set(joined) - self.seen_joined:  # a worker joined: what waited may be going to it right now
+            self.demand_seen, self.demand_since = 0, None
+        self.seen_joined = set(joined)
+        if demand:
+            self.demand_seen += 1
+            self.demand_since = now if self.demand_since is None else self.demand_since
+        else:
+            self.demand_seen, self.demand_since = 0, None
+        unmet = self.demand_seen >= 2 and self.demand_since is not None and now - self.demand_since >= self.settle
         if now - self.last_change < self.cooldown:
             return ""
         if len(states) < self.low:
             return await self._submit(self.low - len(states), f"below min={self.low}", now)
-        if self.demand_seen >= 2 and not coming:
+        if unmet and not coming:
             wanted = min(worker_jobs_for(demand, self.cpus_per_worker, self.gpus_per_worker),
                          self.high - len(states))
             if wanted > 0:
@@ -227,7 +240,7 @@ class Adapter:
         if callable(self.on_submit):
             self.on_submit(ids)
         self.last_change = time.monotonic()
-        self.demand_seen = 0
+        self.demand_seen, self.demand_since = 0, None
         return f"submitted {', '.join(ids)}"
 
 

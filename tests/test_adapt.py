@@ -66,7 +66,7 @@ def world(tmp_path):
     scheduler, api = QueueOfDicts(tmp_path), StateApi()
     (tmp_path / "nodes").mkdir()
     adapter = Adapter(LocalTransport(), scheduler, str(tmp_path), "1", low=0, high=2, idle_timeout=0.0, cooldown=0.0,
-                      cpus_per_worker=2, gpus_per_worker=0)
+                      cpus_per_worker=2, gpus_per_worker=0, settle=0.0)
     client = httpx.AsyncClient(transport=httpx.MockTransport(api.handler), base_url="http://ray")
     return scheduler, api, adapter, client
 
@@ -89,6 +89,19 @@ def test_demand_seen_twice_submits_what_meets_it_never_beyond_max(world):
     nodes = [worker_node("100"), worker_node("101")]
     for _ in range(3):
         assert step(adapter, client, nodes) == "", "at max: no more, however long the demand waits"
+
+
+def test_demand_still_reported_after_a_worker_joined_is_looked_at_afresh(world):
+    """Ray reports a task's state late: the task the new worker took still looks pending for
+    a moment. A join starts the count again, so that no second job is submitted for it."""
+    scheduler, api, adapter, client = world
+    adapter.high = 5
+    api.pending = [{"CPU": 2.0}]
+    step(adapter, client)
+    assert step(adapter, client) == "submitted 100"
+    scheduler.jobs["100"] = JobPhase.running
+    assert step(adapter, client, [worker_node("100")]) == "", "just joined: not yet unmet"
+    assert step(adapter, client, [worker_node("100")]) == "submitted 101", "still waiting two looks later: unmet"
 
 
 def test_an_idle_worker_job_is_released_and_a_busy_one_kept(world):
