@@ -3,7 +3,6 @@ its own (`scale --add/--remove`), and follows Ray's pending demand (`scale.adapt
 teardown leaves no job, queued or running, and no process."""
 
 import json
-import re
 import signal
 import textwrap
 
@@ -105,19 +104,3 @@ def test_adaptive_submits_worker_jobs_for_unmet_demand_and_releases_them_when_id
     assert sum("submitting" in line for line in decisions) == 1, "never more than the demand needs:\n" + "\n".join(decisions)
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
-
-def test_pbs_worker_jobs_at_start_are_part_of_readiness_and_the_job(work, prefect_api, bed):
-    """PBS (the bed's torque commands): a 1-chunk cluster with one worker job at start (2 CPUs:
-    another host) is ready only with both nodes, its job spreads over both hosts, and the
-    teardown ends the worker job as well."""
-    script = work / "spread.py"
-    script.write_text(SPREAD)
-    run = run_flow(bed, batch_args(work / "w", "--pbs.nodes", "1", "--scale.worker-jobs", "1",
-                                   "--scale.worker-cpus", "2", "--user-script", script, scheduler="pbs"),
-                   work=work, api=prefect_api)
-    assert run.returncode == 0, run.output[-5000:]
-    assert len(run.info["nodes"]) == 2 and any(n["node"].startswith("wjob-") for n in run.info["nodes"]), run.info
-    hosts = next(line for line in run.output.splitlines() if "HOSTS=" in line).split("HOSTS=")[1].split(",")
-    assert len(hosts) == 2, hosts
-    assert re.search(r"torn down \(job \S+, worker jobs \S+\)", run.output), run.output[-2000:]
-    assert_nothing_left(bed, run.cluster_id, work / "w")

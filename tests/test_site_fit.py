@@ -2,6 +2,7 @@
 can find Ray (as `module load` or `conda activate`), and Ray on a second network (the
 bed's fabric: interface ib0 on node1 and node2, not on node3, not in /etc/hosts)."""
 
+import re
 import signal
 import textwrap
 
@@ -45,10 +46,11 @@ def site_module(bed, work):
     return bin_dir, ran, commands
 
 
-# SLURM: 2 nodes on the fabric (ib0); PBS: 3 nodes, workers started over ssh from the head.
+# SLURM: 2 nodes on the fabric (ib0); PBS: 3 nodes, workers started over ssh from the head,
 SIZES = {"slurm": ["--slurm.nodes", "2", "--slurm.extra-directives", "#SBATCH --nodelist=node1,node2",
                    "--network-interface", "ib0"],
-         "pbs": ["--pbs.select", "3:ncpus=1"]}
+         # and one worker job at start (a job of its own: it runs the setup commands too)
+         "pbs": ["--pbs.select", "3:ncpus=1", "--scale.worker-jobs", "1"]}
 HOSTS = {"slurm": "node1,node2", "pbs": "node1,node2,node3"}
 # On the login node only: a slow environment step, as a cold venv build would be.
 SLOW_LOGIN = 'case "$(hostname -s)" in login) sleep 8 ;; esac\n'
@@ -75,6 +77,10 @@ def test_setup_commands_make_ray_findable_on_the_login_node_and_every_node(work,
     assert not (work / "w" / "venvs").exists(), "a venv was built: the setup commands' Python was not used"
     # submitted first, the environment after: the job waited for it
     assert run.output.index(f"submitted to {scheduler}: job") < run.output.index(f"Ray 2.60.0 on {bed.login_ip}: ")
+    if scheduler == "pbs":  # the worker job's node is part of readiness, and its job ended with the cluster
+        assert len(run.info["nodes"]) == 4 and sum(n["node"].startswith("wjob-") for n in run.info["nodes"]) == 1, \
+            run.info["nodes"]
+        assert re.search(r"torn down \(job \S+, worker jobs \S+\)", run.output), run.output[-2000:]
     if scheduler == "slurm":
         info = run.info
         assert info["head_ip"] == bed.fabric_ips[info["head_node"]], info
