@@ -10,15 +10,18 @@
 mkdir -p "$AR_CLUSTER_DIR/logs" "$AR_CLUSTER_DIR/nodes"
 touch "$AR_CLUSTER_DIR/heartbeat"
 
-# The cluster's worker jobs (scale options, recorded in worker_jobs/), for a cluster that
-# ends without the flow (dead-man switch, head failed): a queued one would otherwise wait
-# in the queue for a cluster that is gone. The flow's own teardown cancels them itself.
+# The cluster's worker jobs (scale options, recorded in worker_jobs/) that have not started
+# a node, for a cluster that ends without the flow (dead-man switch, head failed): a queued
+# one would otherwise wait in the queue for a cluster that is gone. One whose node started
+# (nodes/wjob-ID.tmp) stops itself, as every node does, and is not cut short by a cancel.
+# The flow's own teardown ends them all itself.
 ar_cancel_worker_jobs() {
     local file job
     for file in "$AR_CLUSTER_DIR"/worker_jobs/*; do
         [ -e "$file" ] || continue
         job="${file##*/}"
         case "$job" in -* | *[!0-9A-Za-z.\[\]_-]*) continue ;; esac
+        [ ! -e "$AR_CLUSTER_DIR/nodes/wjob-${job%%.*}.tmp" ] || continue
         ar_log "cancelling worker job $job"
         ar_cancel_job "$job"
     done

@@ -135,6 +135,8 @@ ar_run_node() {
     # this node's name, for ar_stop_reason: a worker job is removed through nodes/NAME.remove
     local AR_NODE_NAME="$name"
     host="$(ar_host)"
+    # a node told to stop before it started makes nothing (a worker job that started late)
+    if [ -n "$(ar_stop_reason)" ]; then ar_log "node $name not started: $(ar_stop_reason)"; return 0; fi
     # the address first: a node without one leaves nothing behind (no temp dir to sweep)
     ip="$(ar_node_ip)" || return 1
     if [ -n "${AR_CONTAINER_IMAGE:-}" ]; then
