@@ -85,6 +85,7 @@ def run_lib(tmp_path: Path, plan: ClusterPlan, script: str, path: str = "/usr/bi
     """Source the plan's real env file and ray_lib.sh in bash, then run `script` there."""
     cluster_dir = tmp_path / "cluster"
     (cluster_dir / "nodes").mkdir(parents=True, exist_ok=True)
+    (cluster_dir / "heartbeat").touch()  # as start_cluster leaves it: the flow is alive
     env_file = tmp_path / "cluster.env"
     env_file.write_text((plan.env_file() + plan.environment_file()).replace(plan.cluster_dir, str(cluster_dir)))
     body = f'set -euo pipefail\n. "{env_file}"\n. "{SCRIPTS_DIR}/ray_lib.sh"\n{script}\n'
