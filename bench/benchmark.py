@@ -913,8 +913,7 @@ class SlurmBench:
         from tests.helpers import run_flow as run_test_flow
 
         result: dict = {"ok": False, "add_s": [], "add_wall_s": [], "remove_s": [], "demand_to_submit_s": []}
-        work = self.home / "scale"
-        work.mkdir(parents=True, exist_ok=True)
+        work = self.bed.home_dir("bench-scale")  # the bed user's: the flow writes its info file there
         common = ["--scheduler", "slurm", "--slurm.nodes", "1", "--slurm.walltime", "00:10:00", "--work-dir",
                   str(self.work), "--readiness-timeout", "180", *FLOW_SIZE]
         try:
@@ -937,8 +936,7 @@ class SlurmBench:
                               "print(f'DEMAND_AT={time.time():.3f}', flush=True)\nray.get(big.remote())\n")
             for rep_index in range(reps):
                 self.settle()
-                adapt_work = work / f"adapt{rep_index}"
-                adapt_work.mkdir()
+                adapt_work = self.bed.home_dir(f"bench-adapt{rep_index}")
                 run = run_test_flow(self.bed, [*common, "--user-script", str(script), "--scale.adapt", "min=0,max=1",
                                                "--scale.worker-cpus", "2", "--scale.cooldown", "0"],
                                     work=adapt_work, api=self.server.url, timeout=300)
@@ -949,10 +947,13 @@ class SlurmBench:
                     raise RuntimeError(f"adaptive run: rc {run.returncode}, {run.output[-1500:]}")
                 clock = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(submitted.group(1)))
                 result["demand_to_submit_s"].append(clock.timestamp() - float(demand.group(1)))
+                shutil.rmtree(adapt_work, ignore_errors=True)
             result["ok"] = True
         except Exception as exc:  # recorded: the rest of the report still gets written
             result["error"] = f"{type(exc).__name__}: {exc}"
             log(f"scaling runs failed: {result['error']}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return result
 
     def baseline(self, kind: str, nodes: int) -> dict:
