@@ -41,7 +41,9 @@ from tasks.settings import RayClusterSettings, SchedulerKind
 from tasks.transport import LocalTransport
 
 CLIENT_ATTEMPTS = 3
-CLIENT_START_FAILED = "Starting Ray client server failed"
+# What ray.init("ray://...") raises when the head's per-connection Ray Client server did not
+# start (its process died at once, or was not up in time): before any task ran.
+CLIENT_START_FAILED = ("Starting Ray client server failed", "Initialization failure from server")
 
 __all__ = ["ClusterForTasks", "ray_cluster_for_tasks", "teardown_saved_clusters"]
 
@@ -71,10 +73,12 @@ class ClusterForTasks:
             except ConnectionAbortedError as exc:
                 # The head starts a Ray Client server per connection; on a loaded machine its
                 # start fails now and then (before any task ran): connect again.
-                if CLIENT_START_FAILED not in str(exc) or attempt == CLIENT_ATTEMPTS:
+                said = next((words for words in CLIENT_START_FAILED if words in str(exc)), None)
+                if said is None or attempt == CLIENT_ATTEMPTS:
                     raise
                 get_run_logger().warning("Ray Client connection %d of %d failed (%s); connecting again",
-                                         attempt, CLIENT_ATTEMPTS, CLIENT_START_FAILED)
+                                         attempt, CLIENT_ATTEMPTS, said)
+                await asyncio.sleep(2.0 * attempt)
 
 
 def api_the_nodes_reach(settings: RayClusterSettings, local_target: bool, api: str | None = None) -> str:
