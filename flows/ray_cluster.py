@@ -771,6 +771,19 @@ def render_plan(settings: RayClusterSettings) -> str:
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 
 
+def _where_the_cluster_is(host: str, work_dir: str, problems: list[str]) -> RayClusterSettings | None:
+    """The `logs` and `scale` commands' target, checked as the flow checks it; with the
+    command's own problems, every one printed and None when there is any."""
+    settings = None
+    try:
+        settings = RayClusterSettings(host=host, work_dir=work_dir)
+    except ValidationError as exc:
+        problems = problems + [f"{'.'.join(map(str, e['loc'][-1:]))}: {e['msg']}" for e in exc.errors()]
+    for problem in problems:
+        print(f"invalid input {problem}", file=sys.stderr)
+    return None if problems else settings
+
+
 def logs_main(argv: list[str]) -> int:
     """python -m flows.ray_cluster logs CLUSTER_ID [--host H] [--work-dir W] [--node N] [--tail K]"""
     import argparse
@@ -788,13 +801,8 @@ def logs_main(argv: list[str]) -> int:
         ("cluster_id: not a cluster id (ar- and 32 hex digits)", not CLUSTER_ID_RE.fullmatch(args.cluster_id)),
         ("--node: not a node name", bool(args.node) and not NODE_NAME_RE.fullmatch(args.node)),
         ("--tail: between 1 and 100000", not 1 <= args.tail <= 100000)] if bad]
-    try:
-        settings = RayClusterSettings(host=args.host, work_dir=args.work_dir)
-    except ValidationError as exc:
-        problems += [f"{'.'.join(map(str, e['loc'][-1:]))}: {e['msg']}" for e in exc.errors()]
-    for problem in problems:
-        print(f"invalid input {problem}", file=sys.stderr)
-    if problems:
+    settings = _where_the_cluster_is(args.host, args.work_dir, problems)
+    if settings is None:
         return 2
     return asyncio.run(_show_logs(settings, args.cluster_id, args.node, args.tail))
 
@@ -839,13 +847,8 @@ def scale_main(argv: list[str]) -> int:
         ("cluster_id: not a cluster id (ar- and 32 hex digits)", not CLUSTER_ID_RE.fullmatch(args.cluster_id)),
         ("--add/--remove: between 1 and 1000", not 1 <= count <= 1000),
         ("--timeout: between 0 and 86400", not 0 <= args.timeout <= 86400)] if bad]
-    try:
-        settings = RayClusterSettings(host=args.host, work_dir=args.work_dir)
-    except ValidationError as exc:
-        problems += [f"{'.'.join(map(str, e['loc'][-1:]))}: {e['msg']}" for e in exc.errors()]
-    for problem in problems:
-        print(f"invalid input {problem}", file=sys.stderr)
-    if problems:
+    settings = _where_the_cluster_is(args.host, args.work_dir, problems)
+    if settings is None:
         return 2
     try:
         changed = asyncio.run(scale_cluster(settings, args.cluster_id, args.add - args.remove, args.timeout))

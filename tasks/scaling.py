@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.failures import FailureReason
 from tasks.logs import get_run_logger
-from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, Scheduler
+from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, JobState, Scheduler
 from tasks.transport import Transport
 
 if TYPE_CHECKING:
@@ -74,6 +74,17 @@ async def submit_worker_jobs(target: Transport, scheduler: Scheduler, cluster_di
     return submitted
 
 
+async def live_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str) -> dict[str, JobState]:
+    """The recorded worker jobs still queued or running, oldest first, with their states; one
+    that ended by itself (its walltime) is no longer the cluster's and is forgotten."""
+    recorded = await recorded_worker_jobs(target, scheduler, cluster_dir)
+    states = dict(zip(recorded, await asyncio.gather(*(scheduler.state(target, j) for j in recorded)), strict=True))
+    for job_id in [j for j, state in states.items() if state.phase is JobPhase.ended]:
+        await _forget(target, cluster_dir, job_id)
+        states.pop(job_id)
+    return states
+
+
 async def _forget(target: Transport, cluster_dir: str, job_id: str) -> None:
     paths = [f"{cluster_dir}/{WORKER_JOBS_DIR}/{job_id}", f"{cluster_dir}/nodes/{worker_node_name(job_id)}.remove"]
     await target.run("rm -f -- " + shlex.join(paths), check=False)
@@ -106,12 +117,7 @@ async def end_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: 
 
 async def remove_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str, count: int) -> list[str]:
     """Remove `count` worker jobs: queued ones first (they give nothing yet), then the newest."""
-    recorded = await recorded_worker_jobs(target, scheduler, cluster_dir)
-    states = await asyncio.gather(*(scheduler.state(target, j) for j in recorded))
-    for job_id, state in zip(recorded, states, strict=True):
-        if state.phase is JobPhase.ended:  # ended by itself (walltime): no longer one of the cluster's
-            await _forget(target, cluster_dir, job_id)
-    live = [(j, s) for j, s in zip(recorded, states, strict=True) if s.phase is not JobPhase.ended]
+    live = list((await live_worker_jobs(target, scheduler, cluster_dir)).items())
     chosen = ([j for j, s in reversed(live) if s.phase is JobPhase.pending]
               + [j for j, s in reversed(live) if s.phase is JobPhase.running])[:count]
     if chosen:
@@ -191,12 +197,7 @@ class Adapter:
     async def step(self, client: httpx.AsyncClient, nodes: list[dict]) -> str:
         """One look and at most one change; returns what it did ("" for nothing)."""
         now = time.monotonic()
-        recorded = await recorded_worker_jobs(self.target, self.scheduler, self.cluster_dir)
-        states = dict(zip(recorded, await asyncio.gather(*(self.scheduler.state(self.target, j) for j in recorded)),
-                          strict=True))
-        for job_id in [j for j, s in states.items() if s.phase is JobPhase.ended]:
-            await _forget(self.target, self.cluster_dir, job_id)
-            states.pop(job_id)
+        states = await live_worker_jobs(self.target, self.scheduler, self.cluster_dir)
         joined = {job_of_worker_node(str(n.get("node_name"))): n["node_id"] for n in nodes
                   if is_worker_job_node(str(n.get("node_name")))}
         coming = [j for j in states if j.split(".")[0] not in joined]  # queued, or starting Ray

@@ -168,11 +168,17 @@ class Scheduler(ABC):
             '. "$AR_CLUSTER_DIR/bin/cluster_main.sh"',
         ])
 
+    def worker_sizes(self) -> tuple[int | None, int | None]:
+        """A worker job's CPUs and GPUs: the scale options', else the cluster's per node (None: unset)."""
+        scale, s = self.settings.scale, self.settings
+        return (scale.worker_cpus if scale.worker_cpus is not None else s.num_cpus_per_node,
+                scale.worker_gpus if scale.worker_gpus is not None else s.num_gpus_per_node)
+
     def render_worker(self, cluster_id: str, cluster_dir: str) -> str:
         """A worker job's script: one more Ray worker that joins the running head."""
-        scale, s = self.settings.scale, self.settings
-        sizes = [f"export AR_NUM_{name}={value}" for name, value, own in (
-            ("CPUS", scale.worker_cpus, s.num_cpus_per_node), ("GPUS", scale.worker_gpus, s.num_gpus_per_node))
+        s = self.settings
+        sizes = [f"export AR_NUM_{name}={value}" for name, value, own in zip(
+            ("CPUS", "GPUS"), self.worker_sizes(), (s.num_cpus_per_node, s.num_gpus_per_node), strict=True)
             if value is not None and value != own]
         return self._script(self.worker_directives(cluster_id, cluster_dir), f"worker job of cluster {cluster_id}",
                             cluster_dir, [*sizes, '. "$AR_CLUSTER_DIR/bin/worker_main.sh"'])

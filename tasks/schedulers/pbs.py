@@ -285,8 +285,7 @@ class PbsScheduler(Scheduler):
 
     def worker_directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
         s, pbs, scale = self.settings, self.settings.pbs, self.settings.scale
-        cpus = scale.worker_cpus if scale.worker_cpus is not None else s.num_cpus_per_node
-        gpus = scale.worker_gpus if scale.worker_gpus is not None else s.num_gpus_per_node
+        cpus, gpus = self.worker_sizes()
         chunk = f"1:ncpus={cpus or 1}" + (f":mem={mem_mb(s)}mb" if mem_mb(s) is not None else "")
         chunk += f":ngpus={gpus}" if gpus else ""
         queue = scale.worker_partition or pbs.queue

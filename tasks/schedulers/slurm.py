@@ -192,8 +192,7 @@ class SlurmScheduler(Scheduler):
 
     def worker_directives(self, cluster_id: str, cluster_dir: str) -> list[str]:
         s, slurm, scale = self.settings, self.settings.slurm, self.settings.scale
-        cpus = scale.worker_cpus if scale.worker_cpus is not None else s.num_cpus_per_node
-        gpus = scale.worker_gpus if scale.worker_gpus is not None else s.num_gpus_per_node
+        cpus, gpus = self.worker_sizes()
         lines = [
             f"--job-name={cluster_id}",
             "--nodes=1",
