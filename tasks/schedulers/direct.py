@@ -31,7 +31,9 @@ class DirectScheduler(Scheduler):
         return match.group(1)
 
     async def state(self, target: Transport, job_id: str) -> JobState:
-        alive = await target.query(f"kill -0 {int(job_id)}")
+        # a zombie counts as ended: the detached supervisor is reaped by the host's init,
+        # whenever that gets to it (seconds, on some), and `kill -0` still answers for it
+        alive = await target.query(f"ps -o stat= -p {int(job_id)} | grep -qv '^Z'")
         return JobState(JobPhase.running if alive.returncode == 0 else JobPhase.ended)
 
     async def cancel(self, target: Transport, job_id: str) -> None:
