@@ -1345,10 +1345,12 @@ def plot(s: dict, path: Path) -> str:
     return ""
 
 
-# The headline figures of the previous full run (2026-11-25, commit f42b3d7), for "what changed".
+# The headline figures of the previous full run (2026-12-02 16:32, commit 83f18bf), for "what changed".
+PREVIOUS_RUN = "2026-12-02 16:32, commit 83f18bf"
 PREVIOUS = {
-    "local_ratio_begin": 1.57, "vs_bare": 1.36, "vs_template": 0.53, "slurm_lag": 1.98, "slurm_teardown": 3.85,
-    "local_teardown": 3.15, "setup": 0.047, "slurm_ready": 10.70, "bare_ready": 7.85, "local_hwm": 153, "slurm_hwm": 154,
+    "local_ratio_begin": 1.10, "vs_bare": 1.02, "vs_template": 0.90, "slurm_lag": None, "slurm_teardown": 2.28,
+    "local_teardown": 2.88, "setup": 0.128, "slurm_ready": 18.25, "bare_ready": 17.92, "local_hwm": 112, "slurm_hwm": 113,
+    "job_ratio": 1.78, "job_flow": 46.51, "job_bare": 26.07,
 }
 
 
@@ -1361,6 +1363,7 @@ def changes_section(s: dict) -> list[str]:
         "slurm_lag": flow.get("lag"), "slurm_teardown": s.get("slurm_teardown"), "local_teardown": s.get("local_teardown"),
         "setup": s.get("setup"), "slurm_ready": flow.get("ready"), "bare_ready": bare.get("ready"),
         "local_hwm": s.get("local_hwm"), "slurm_hwm": s.get("slurm_hwm"),
+        "job_ratio": s.get("job_ratio"), "job_flow": s.get("job_flow"), "job_bare": s.get("job_bare"),
     }
     names = {
         "local_ratio_begin": ("local: flow / floor, from flow start", "x"),
@@ -1374,20 +1377,19 @@ def changes_section(s: dict) -> list[str]:
         "setup": ("warm setup (reuse path)", "s"),
         "local_hwm": ("controller peak memory, local (MiB)", ""),
         "slurm_hwm": ("controller peak memory, Slurm (MiB)", ""),
+        "job_flow": ("main job: flow, process start to exit (server running)", "s"),
+        "job_bare": ("main job: bare Ray script", "s"),
+        "job_ratio": ("main job with a server: flow / bare Ray script", "x"),
     }
     lines = [
         "## What changed since the last run",
         "",
-        "The last full run (2026-11-25, commit f42b3d7) was made before: faster readiness polling once the head is "
-        "up and a shorter stop grace; `scripts/setup_ray.sh` building venvs with uv (pip the fallback, `AR_UV=0` "
-        "forces pip); SLURM/PBS jobs submitted first, the environment built while the job is queued (the job script "
-        "waits for `environment.env`); `make server` (a lasting Prefect server, `scripts/prefect_server.sh`).",
-        "",
-        "New rows: the cold environment build (uv and pip, from PyPI), a cold first run on a queued SLURM job, and "
-        "the main job (flow with a user script against a bare `ray start --head` + `ray job submit` + stop, with "
-        "and without a Prefect server). Targets: Slurm flow / bare parallel is now <= 1.1x (was 1.2x); the "
-        "flow / fixed-sleep template target applies only where the template's sleeps cover Ray's own start on the "
-        "bed (its nodes ALIVE by its ready line), else the bare parallel start is the comparison.",
+        f"The last full run ({PREVIOUS_RUN}) was made before: the worker jobs and the adaptive loop (`scale`, "
+        "issue 18: their rows below come from this run now); the Ray job client imported while the cluster starts; "
+        "`head.env` polled every 0.25 s once the job runs; a faster teardown (a local supervisor reaped late by the "
+        "host's init counts as ended, stop requests seen within 0.25 s, 0.3 s of TERM grace instead of 1 s since "
+        "Ray's GCS and raylet ignore TERM, node logs collected without a fork per file); the detection-lag figures "
+        "reading the node temp dirs where the flow now makes them.",
         "",
         "| figure | last run | this run |",
         "|---|---|---|",
