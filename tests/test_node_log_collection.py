@@ -13,7 +13,7 @@ RAY_LIB = Path(__file__).resolve().parents[1] / "scripts" / "ray_lib.sh"
 MIB = 1024 * 1024
 
 
-def collect(tmp_path: Path, cap_mb: int, logs: dict[str, int]) -> Path:
+def collect(tmp_path: Path, cap_mb: int, logs: dict[str, float]) -> Path:
     """Session logs of the given sizes (MiB), oldest first, under a node temp dir; collect them."""
     cluster, node_tmp, dest = tmp_path / "cluster", tmp_path / "node", tmp_path / "logs"
     (cluster / "logs").mkdir(parents=True)
