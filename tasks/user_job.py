@@ -41,6 +41,52 @@ def _client(plan: ClusterPlan, local_port: int):
     return JobSubmissionClient(f"http://127.0.0.1:{local_port}", headers=auth_headers(plan))
 
 
+async def follow_job(client, local_port: int, headers: dict[str, str], job_id: str, emit) -> tuple[str, str]:
+    """Stream the job's log lines to `emit` until the job ends; return its final status and
+    Ray's message about it.
+
+    Ray's log stream closes only after a few 1 s EOF checks past the job's end (about 3 s
+    with every job), so the end is taken from the status, polled every 0.1-0.5 s, and what
+    the stream had not yet delivered is read from the finished log."""
+    delivered = 0
+
+    async def stream() -> None:
+        nonlocal delivered
+        async for chunk in client.tail_job_logs(job_id):
+            delivered += len(chunk)
+            for line in chunk.splitlines():
+                emit(line)
+
+    streaming = asyncio.ensure_future(stream())
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{local_port}", headers=headers, timeout=30) as api:
+        try:
+            delay = 0.1
+            while (status := (details := await _job_details(api, job_id))["status"]) not in TERMINAL:
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+        finally:
+            streaming.cancel()
+            try:
+                await streaming
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # the log stream can drop; the status is what counts
+                get_run_logger().warning("log stream ended early: %s", exc)
+        response = await api.get(f"/api/jobs/{job_id}/logs")
+        response.raise_for_status()
+        for line in response.json().get("logs", "")[delivered:].splitlines():
+            emit(line)
+    return status, details.get("message") or ""
+
+
+async def _job_details(api: httpx.AsyncClient, job_id: str) -> dict:
+    """The job API's record of one job, its status as a bare name (SUCCEEDED)."""
+    response = await api.get(f"/api/jobs/{job_id}")
+    response.raise_for_status()
+    details = response.json()
+    return {**details, "status": str(details.get("status")).split(".")[-1]}
+
+
 @task(name="run-user-job", cache_policy=NO_CACHE)
 async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, ready_nodes: list[dict]) -> str:
     """Upload the script, check the ready nodes are all still there, submit it with
@@ -62,26 +108,17 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
     )
     reserved = settings.runtime_env.entrypoint_resources()
     logger.info("submitted Ray job %s: %s%s", job_id, script.name, f" (its driver reserves {reserved})" if reserved else "")
-    try:
-        async for chunk in client.tail_job_logs(job_id):
-            for line in chunk.splitlines():
-                logger.info("[%s] %s", script.name, line)
-    except Exception as exc:  # the log stream can drop; the status below is what counts
-        logger.warning("log stream ended early: %s", exc)
-    delay = 0.2
-    while (status := str(await asyncio.to_thread(client.get_job_status, job_id)).split(".")[-1]) not in TERMINAL:
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 2)
-    info = await asyncio.to_thread(client.get_job_info, job_id)
+    status, message = await follow_job(client, local_port, auth_headers(plan), job_id,
+                                       lambda line: logger.info("[%s] %s", script.name, line))
     emit_cluster_event("job-finished", plan.cluster_id, scheduler=plan.settings.scheduler.value, job_id=plan.job_id,
                        nodes=plan.nodes, ray_job_id=job_id, status=status)
     await create_markdown_artifact(
         key=f"ray-job-{plan.cluster_id}",
-        markdown=f"# Ray job `{job_id}`\n\nscript `{script.name}`: **{status}**\n\n{info.message or ''}",
+        markdown=f"# Ray job `{job_id}`\n\nscript `{script.name}`: **{status}**\n\n{message}",
         description="The user job's final status",
     )
     if status != "SUCCEEDED":
-        raise UserJobFailed(f"Ray job {job_id} ({script.name}) {status}: {info.message}")
+        raise UserJobFailed(f"Ray job {job_id} ({script.name}) {status}: {message}")
     logger.info("Ray job %s SUCCEEDED", job_id)
     return job_id
 

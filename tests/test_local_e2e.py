@@ -1,6 +1,7 @@
 """Local mode, for real: the bed's user runs the flow on the login node, Ray on that
 node, the user's job, nothing left behind."""
 
+import re
 
 import pytest
 
@@ -25,10 +26,14 @@ def test_local_cluster_runs_hello_ray_and_leaves_nothing(work, prefect_api, bed)
 
 def test_failing_user_script_fails_the_flow_and_leaves_nothing(work, prefect_api, bed):
     script = work / "boom.py"
-    script.write_text("import ray\nray.init()\nprint('ABOUT_TO_FAIL')\nraise SystemExit(3)\n")
+    # a burst of lines as it ends: the flow takes the end from the job's status, before Ray's
+    # log stream has delivered them, and must still log every line once, in order
+    script.write_text("import ray\nray.init()\nprint('ABOUT_TO_FAIL')\n"
+                      "print('\\n'.join(f'LINE {i}' for i in range(300)), flush=True)\nraise SystemExit(3)\n")
     run = run_flow(bed, ["--user-script", script, "--work-dir", work / "w", *SMALL], work=work, api=prefect_api)
     assert run.returncode == 1, run.output[-4000:]
     assert "ABOUT_TO_FAIL" in run.output
+    assert [int(n) for n in re.findall(r"\[boom\.py\] LINE (\d+)$", run.output, re.M)] == list(range(300))
     assert "FAILED" in run.output
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
