@@ -20,7 +20,7 @@ class SshConnection(Block):
     known_hosts: str = Field("", title="known_hosts", description="known_hosts lines for the host, instead of ~/.ssh/known_hosts (/etc/ssh/ssh_known_hosts is read as well)")
 
     def ssh_params(self, accept_new_host_key: bool = False):
-        from tasks.transport import SshParams
+        from tasks.ssh_transport import SshParams
 
         return SshParams(
             host=self.host,

@@ -106,7 +106,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from dataclasses import asdict
 from enum import Enum
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -160,8 +160,11 @@ from tasks.settings import (
     SchedulerKind,
     SlurmOptions,
 )
-from tasks.transport import LocalTransport, SshParams, SshTransport, Transport
+from tasks.transport import LocalTransport, Transport
 from tasks.user_job import keep_alive, run_user_job, warm_up_job_client
+
+if TYPE_CHECKING:
+    from tasks.ssh_transport import SshParams
 
 
 async def open_target(settings: RayClusterSettings) -> Transport:
@@ -172,7 +175,9 @@ async def open_target(settings: RayClusterSettings) -> Transport:
         accept_new_host_key=settings.accept_new_host_key,
     )
     if not settings.host:
-        return LocalTransport(node_ssh=SshParams(host="", **ssh_options))
+        return LocalTransport(node_ssh=ssh_options)
+    from tasks.ssh_transport import SshParams, SshTransport  # asyncssh: only where SSH is used
+
     params = None
     if "@" not in settings.host and ":" not in settings.host:
         params = await _block_params(settings)

@@ -27,7 +27,7 @@ from tasks.logs import get_run_logger
 from tasks.scaling import is_worker_job_node
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.settings import NodeFailure, RayClusterSettings, SchedulerKind
-from tasks.transport import SshTransport, Transport
+from tasks.transport import Transport
 
 
 class ClusterFailed(RuntimeError):
@@ -138,7 +138,7 @@ def _tunnel_command(settings: RayClusterSettings, target: Transport, head: HeadI
     # listener, which would then get the requests and the token) instead of running on without it.
     forward = (f"-o ExitOnForwardFailure=yes -L {TUNNEL_DASHBOARD_PORT}:127.0.0.1:{head.dashboard_port} "
                f"-L {TUNNEL_CLIENT_PORT}:127.0.0.1:{head.client_port}")
-    if isinstance(target, SshTransport):
+    if target.params is not None:
         p = target.params
         login = (f"{p.username}@" if p.username else "") + p.host
         port = f" -p {p.port}" if p.port else ""

@@ -19,8 +19,8 @@ import time
 import asyncssh
 import pytest
 
-from tasks import transport
-from tasks.transport import HostKeyChanged, SshParams, connect_ssh
+from tasks import ssh_transport as transport
+from tasks.ssh_transport import HostKeyChanged, SshParams, connect_ssh
 
 
 class Server:

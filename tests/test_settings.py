@@ -1326,7 +1326,7 @@ def test_cli_dry_run_starts_nothing(monkeypatch, capsys, sandbox):
     import asyncio
 
     import flows.ray_cluster as cli_module
-    from tasks import transport
+    from tasks import ssh_transport, transport
 
     def forbidden(*a, **k):
         raise AssertionError("--dry-run started something")
@@ -1336,7 +1336,7 @@ def test_cli_dry_run_starts_nothing(monkeypatch, capsys, sandbox):
     monkeypatch.setattr(cli_module, "ray_cluster", forbidden)
     monkeypatch.setattr(asyncio, "run", forbidden)
     monkeypatch.setattr(transport.asyncio, "create_subprocess_exec", forbidden)
-    monkeypatch.setattr(transport, "connect_ssh", forbidden)
+    monkeypatch.setattr(ssh_transport, "connect_ssh", forbidden)
     monkeypatch.setattr(subprocess, "Popen", forbidden)
     for scheduler in ("none", "slurm", "pbs"):
         rc, out, err = run_main(capsys, ["--scheduler", scheduler, "--host", "alice@login1:2222", "--dry-run"])
@@ -1434,3 +1434,11 @@ def test_groups_and_flat_names_are_one_definition():
                 assert get_args(cli.annotation) == tuple(m.value for m in info.annotation) and cli.default == info.default.value
             else:
                 assert (cli.annotation, cli.default) == (info.annotation, info.default), f"{group}.{name}"
+
+
+def test_this_machine_needs_no_asyncssh():
+    """asyncssh costs about half a second to import: the flow's modules load it only when a
+    target or a node is reached over SSH."""
+    code = "import sys, flows.ray_cluster, tasks.transport; print('asyncssh' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.strip() == "False"
