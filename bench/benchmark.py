@@ -134,14 +134,38 @@ def marker_pids(marker: str) -> list[int]:
 
 
 def kill_marker(marker: str) -> int:
-    """Last resort for what a failed run left: SIGKILL every process of this marker."""
+    """SIGKILL every process of this marker and their process groups: Ray's dashboard agent
+    renames itself (`ray::DashboardAgent`, no temp dir in its command line) and, its head
+    gone, spins at 100% CPU until killed, taking a core from the next run."""
     pids = marker_pids(marker)
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgrp())
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return kill_pids(pids)
+
+
+def kill_pids(pids) -> int:
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     return len(pids)
+
+
+def ray_processes() -> set[int]:
+    """Every live Ray process of this machine, renamed ones (`ray::...`) included."""
+    return {pid for pid in _pids() if re.match(r"\S*(ray::|raylet|gcs_server)", _cmdline(pid))
+            and (_stat(pid) or ["Z"])[0] not in ("Z", "X")}
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -686,9 +710,12 @@ def bare_main_job(index: int) -> dict:
                               20000 + 50 * secrets.randbelow(150))]
     submit = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", PY, str(MAIN_JOB)]
     result: dict = {"ok": False, "busy_before": wait_quiet()}
+    ray_before = ray_processes()
     t0 = time.time()
     try:
-        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        # its own process group, which the head's daemons keep: kill_marker kills them all
+        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
         if started.returncode != 0:
             raise RuntimeError(f"ray start: {started.stderr[-1500:]}")
         result["head_s"] = time.time() - t0
@@ -705,6 +732,7 @@ def bare_main_job(index: int) -> dict:
         log(f"bare main job failed: {result['error']}")
     finally:
         kill_marker(str(tmp))
+        result["orphans_killed"] = kill_pids(ray_processes() - ray_before)
         shutil.rmtree(tmp, ignore_errors=True)
         token_file.unlink(missing_ok=True)
     return result
@@ -958,6 +986,7 @@ class SlurmBench:
 
     def baseline(self, kind: str, nodes: int) -> dict:
         self.settle()
+        ray_before = ray_processes()
         tag = f"{MARK}-{kind}{nodes}-{secrets.token_hex(3)}"
         job_dir = BENCH / "slurm" / tag
         job_dir.mkdir(parents=True)
@@ -1030,6 +1059,8 @@ class SlurmBench:
                     result["killed_after_scancel"] = kill_marker(tmp)
                     wait_until(lambda: not self.live_jobs(), 60, "baseline job gone", 0.2)
             kill_marker(tmp)
+            # the renamed agents (`ray::DashboardAgent`) that escape scancel and the marker
+            result["orphans_killed"] = kill_pids(ray_processes() - ray_before)
             for path in self.node_tmps(tag):
                 shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -1114,6 +1145,8 @@ def leftovers(results: dict) -> list[str]:
                                             "job_ephemeral") for r in results.get(key, [])}
     for marker in [f"/tmp/{MARK}-", *(f"/{i}-" for i in ids if i)]:
         found += [f"process {pid}: {_cmdline(pid)[:120]}" for pid in marker_pids(marker)]
+    found += [f"Ray process {pid}: {_cmdline(pid)[:120]}"
+              for pid in sorted(ray_processes() - set(results.get("ray_before", [])))]
     found += [f"temp dir {p}" for p in Path("/tmp").glob(f"{MARK}-*")]
     found += [f"temp dir {p}" for i in ids if i for p in Path("/tmp").glob(f"{i}-*")]
     found += [f"dir {p}" for p in BENCH.glob("cold-*")]
@@ -1713,7 +1746,8 @@ def main(argv: list[str] | None = None) -> int:
     BENCH.mkdir(exist_ok=True)
     command = ".venv/bin/python -m bench " + " ".join(shlex.quote(a) for a in argv) if argv else \
         "make bench   # = .venv/bin/python -m bench"
-    results: dict = {"machine": machine_facts(), "command": command, "args": vars(args)}
+    results: dict = {"machine": machine_facts(), "command": command, "args": vars(args),
+                     "ray_before": sorted(ray_processes())}
     if (Path.home() / ".ray" / "auth_token").exists():
         log("warning: ~/.ray/auth_token exists; Ray heads will turn token auth on by themselves")
     foreign = marker_pids("raylet")
