@@ -1384,12 +1384,12 @@ def plot(s: dict, path: Path) -> str:
     return ""
 
 
-# The headline figures of the previous full run (2026-12-02 16:32, commit 83f18bf), for "what changed".
-PREVIOUS_RUN = "2026-12-02 16:32, commit 83f18bf"
+# The headline figures of the previous full run (2026-12-02 23:45, commit 4099630), for "what changed".
+PREVIOUS_RUN = "2026-12-02 23:45, commit 4099630"
 PREVIOUS = {
-    "local_ratio_begin": 1.10, "vs_bare": 1.02, "vs_template": 0.90, "slurm_lag": None, "slurm_teardown": 2.28,
-    "local_teardown": 2.88, "setup": 0.128, "slurm_ready": 18.25, "bare_ready": 17.92, "local_hwm": 112, "slurm_hwm": 113,
-    "job_ratio": 1.78, "job_flow": 46.51, "job_bare": 26.07,
+    "local_ratio_begin": 1.04, "vs_bare": 1.02, "vs_template": 0.76, "slurm_lag": 0.27, "slurm_teardown": 0.80,
+    "local_teardown": 0.72, "setup": 0.087, "slurm_ready": 15.46, "bare_ready": 15.18, "local_hwm": 125, "slurm_hwm": 113,
+    "job_ratio": 1.34, "job_flow": 26.44, "job_bare": 19.73, "job_eph": 36.41,
 }
 
 
@@ -1403,6 +1403,7 @@ def changes_section(s: dict) -> list[str]:
         "setup": s.get("setup"), "slurm_ready": flow.get("ready"), "bare_ready": bare.get("ready"),
         "local_hwm": s.get("local_hwm"), "slurm_hwm": s.get("slurm_hwm"),
         "job_ratio": s.get("job_ratio"), "job_flow": s.get("job_flow"), "job_bare": s.get("job_bare"),
+        "job_eph": s.get("job_eph"),
     }
     names = {
         "local_ratio_begin": ("local: flow / floor, from flow start", "x"),
@@ -1419,16 +1420,19 @@ def changes_section(s: dict) -> list[str]:
         "job_flow": ("main job: flow, process start to exit (server running)", "s"),
         "job_bare": ("main job: bare Ray script", "s"),
         "job_ratio": ("main job with a server: flow / bare Ray script", "x"),
+        "job_eph": ("main job without a server (temporary server), process start to exit", "s"),
     }
     lines = [
         "## What changed since the last run",
         "",
-        f"The last full run ({PREVIOUS_RUN}) was made before: the worker jobs and the adaptive loop (`scale`, "
-        "issue 18: their rows below come from this run now); the Ray job client imported while the cluster starts; "
-        "`head.env` polled every 0.25 s once the job runs; a faster teardown (a local supervisor reaped late by the "
-        "host's init counts as ended, stop requests seen within 0.25 s, 0.3 s of TERM grace instead of 1 s since "
-        "Ray's GCS and raylet ignore TERM, node logs collected without a fork per file); the detection-lag figures "
-        "reading the node temp dirs where the flow now makes them.",
+        f"The last full run ({PREVIOUS_RUN}) was made before: the job's end taken from its status (polled "
+        "0.1-0.5 s) and the lines Ray's log stream had not delivered read from the finished log, instead of waiting "
+        "about 3 s for the stream to close; the SSH transport (asyncssh) imported only when a target or node is "
+        "reached over SSH (the flow's modules load 0.7 s faster); and a benchmark fix: the bare main job's head "
+        "now runs in its own process group and is killed as one. Before, its renamed `ray::DashboardAgent` "
+        "outlived the head and spun a whole core for the flow run that came next: most of that run's 1.34x. "
+        "Ray processes a run leaves are now killed and counted as leftovers. The target against the fixed-sleep "
+        "template now applies only where Ray's own parallel start meets it (issue 17).",
         "",
         "| figure | last run | this run |",
         "|---|---|---|",

@@ -305,29 +305,24 @@ async def bring_up(
     """Environment, start, readiness, connection info: a cluster ready for work. The
     heartbeat joins `background`; teardown is the caller's, whatever happens here."""
     await make_private_work_dir(target, work_dir)
-    if plan.settings.scheduler is SchedulerKind.none:
-        plan.environment = await prepare_environment(target, plan.settings, work_dir)
+    # Submit first, build meanwhile: a batch job waits in the queue while the environment
+    # is built (time-to-ready is max(build, queue) + start, not their sum), a local
+    # supervisor starts its scripts. Either waits for environment.env; a build that fails
+    # ends here, and teardown cancels the job.
+    building = asyncio.create_task(prepare_environment(target, plan.settings, work_dir))
+    try:
         await prune_old_logs(target, plan.settings, work_dir)
         await start_cluster(target, scheduler, plan)
+        remember(plan, scheduler)
         background.append(asyncio.create_task(beat(target, plan)))
-    else:
-        # Submit first, build while the job waits in the queue: time-to-ready is
-        # max(build, queue) + start, not their sum. The job script waits for the
-        # environment; a build that fails ends here, and teardown cancels the job.
-        building = asyncio.create_task(prepare_environment(target, plan.settings, work_dir))
-        try:
-            await prune_old_logs(target, plan.settings, work_dir)
-            await start_cluster(target, scheduler, plan)
+        if plan.settings.scale.worker_jobs:  # queued beside the head job; readiness waits for them too
+            await add_worker_jobs(target, scheduler, plan, plan.settings.scale.worker_jobs)
             remember(plan, scheduler)
-            background.append(asyncio.create_task(beat(target, plan)))
-            if plan.settings.scale.worker_jobs:  # queued beside the head job; readiness waits for them too
-                await add_worker_jobs(target, scheduler, plan, plan.settings.scale.worker_jobs)
-                remember(plan, scheduler)
-            plan.environment = await building
-        finally:
-            if not building.done():
-                building.cancel()
-                await asyncio.gather(building, return_exceptions=True)
+        plan.environment = await building
+    finally:
+        if not building.done():
+            building.cancel()
+            await asyncio.gather(building, return_exceptions=True)
     await publish_environment(target, plan)
     remember(plan, scheduler)
     ready = await wait_until_ready(target, scheduler, plan)
