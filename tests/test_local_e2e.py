@@ -38,6 +38,20 @@ def test_failing_user_script_fails_the_flow_and_leaves_nothing(work, prefect_api
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 
+def test_failing_environment_step_stops_the_started_supervisor_and_leaves_nothing(work, prefect_api, bed):
+    """A local cluster starts while its environment is checked (as a batch job is queued
+    while it is built): a setup step that fails ends the flow, and the supervisor already
+    waiting for environment.env is stopped with everything it made."""
+    run = run_flow(bed, ["--user-script", REPO / "examples/hello_ray.py", "--setup-commands",
+                         "echo SETUP_BROKEN >&2; exit 3", "--work-dir", work / "w", *SMALL],
+                   work=work, api=prefect_api)
+    assert run.returncode == 1, run.output[-4000:]
+    assert "SETUP_BROKEN" in run.output
+    assert re.search(r"submitted to none: job \d+", run.output), run.output[-4000:]
+    assert "HELLO_RAY_OK" not in run.output
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
 def test_script_given_as_text_with_arguments_and_a_runtime_env(work, prefect_api, bed):
     """The form's editor: the script's text, its arguments (one word each, even with spaces
     and quotes) and a runtime env whose working_dir and env_vars reach the job's tasks."""
