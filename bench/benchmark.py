@@ -55,8 +55,9 @@ from pathlib import Path
 
 from tasks.schedulers import mem_mb
 from tasks.settings import RayClusterSettings, node_tmp_name
+from tests.bed.testbed import is_ray_process
 from tests.helpers import PrefectServer, free_port, prefect_env
-from tests.procs import all_pids, cmdline
+from tests.procs import alive, all_pids, cmdline
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -145,27 +146,24 @@ def kill_marker(marker: str) -> int:
         except ProcessLookupError:
             pass
     groups.discard(os.getpgrp())
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_pids(groups, os.killpg)
     return kill_pids(pids)
 
 
-def kill_pids(pids) -> int:
-    for pid in pids:
+def kill_pids(ids, kill=os.kill) -> int:
+    """SIGKILL each of ids (pids; process groups with kill=os.killpg), gone ones skipped."""
+    for one in ids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            kill(one, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return len(pids)
+    return len(ids)
 
 
 def ray_processes() -> set[int]:
-    """Every live Ray process of this machine, renamed ones (`ray::...`) included."""
-    return {pid for pid in _pids() if re.match(r"\S*(ray::|raylet|gcs_server)", _cmdline(pid))
-            and (_stat(pid) or ["Z"])[0] not in ("Z", "X")}
+    """Every live Ray process of this machine, renamed ones (`ray::...`) included: the
+    bed's own test of what a Ray process is."""
+    return {pid for pid in _pids() if alive(pid) and is_ray_process(pid)}
 
 
 def _status_kb(pid: int, key: str) -> int:
