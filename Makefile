@@ -11,9 +11,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(BASE_PYTHON) -m venv $(VENV)
-	# uv installs the dependencies in seconds (pip: minutes); pip is the fallback
+	# uv installs the dependencies in seconds (pip: minutes); pip is the fallback. Bytecode
+	# compiled at install: with PYTHONDONTWRITEBYTECODE set (as on some machines) none is
+	# ever written, and every Ray process of the demo starts about 3x slower
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --quiet -p $(PY) -e '.[test]' \
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode -p $(PY) -e '.[test]' \
 		|| $(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
