@@ -198,7 +198,7 @@ async def prepare_environment(target: Transport, settings: RayClusterSettings, w
     command = env_prefix + shlex.join(
         ["bash", f"{work_dir}/bin/setup_ray.sh", settings.ray_version, work_dir, *candidates]
     )
-    result = await target.run(command, timeout=1800)
+    result = await target.run_logged(command, timeout=1800)
     values = dict(re.findall(r"^(RAY_\w+)=(.*)$", result.stdout, re.M))
     environment = RayEnvironment(values["RAY_PYTHON"], values["RAY_BIN"], values["RAY_ENV_SOURCE"])
     logger.info("Ray %s on %s: %s (%s)", settings.ray_version, target.label, environment.python, environment.source)

@@ -81,6 +81,11 @@ class Transport(ABC):
                 delay *= 2
         raise AssertionError("unreachable")
 
+    async def run_logged(self, command: str, *, timeout: float) -> CommandResult:
+        """run() for a long command whose output belongs in the run log (building the
+        environment); stdout and stderr together. Here: the output once it ends."""
+        return await self.run(command, timeout=timeout)
+
     async def read_text(self, path: str) -> str | None:
         result = await self.run(f"cat {shlex.quote(path)} 2>/dev/null", check=False)
         return result.stdout if result.returncode == 0 else None
@@ -125,6 +130,23 @@ class LocalTransport(Transport):
             raise
         result = CommandResult(process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and result.returncode != 0:
+            raise CommandError(command, result)
+        return result
+
+    async def run_logged(self, command: str, *, timeout: float) -> CommandResult:
+        """Each line into the run log as it comes, through prefect-shell (its shell in a
+        session of its own, the whole group stopped on a timeout or a cancel)."""
+        from prefect_shell import ShellOperation
+
+        async with ShellOperation(commands=[command], log_prefix=None) as operation:
+            process = await operation.atrigger(stdin=asyncio.subprocess.DEVNULL)
+            try:
+                await asyncio.wait_for(process.await_for_completion(), timeout)
+            except RuntimeError:  # prefect-shell's "failed with return code": the output says why
+                pass
+            output = "\n".join(await process.afetch_result())
+        result = CommandResult(process.return_code or 0, output, output)
+        if result.returncode != 0:
             raise CommandError(command, result)
         return result
 

@@ -1,6 +1,8 @@
 """scripts/setup_ray.sh for real: reuse a Python that has the requested Ray with no
 pip call at all, and fail clearly (leaving no half-built venv) when pip cannot help."""
 
+import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -8,7 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect.logging import get_logger
+from prefect.logging.configuration import setup_logging
 
+from tasks.transport import CommandError, LocalTransport
 from tests.conftest import REPO
 
 SETUP = REPO / "scripts" / "setup_ray.sh"
@@ -149,3 +154,55 @@ def test_two_builds_at_once_build_once_and_a_failed_build_leaves_nothing(tmp_pat
     failed = setup(tmp_path / "work", env=env, version="0.0.3")  # not in the links dir
     assert failed.returncode != 0 and "0.0.3" in failed.stderr
     assert sorted(p.name for p in (tmp_path / "work" / "venvs").iterdir()) == ["ray-0.0.2"]
+
+
+class _Lines(logging.Handler):
+    """Collects what prefect-shell logs; `on_line` sees each record as it arrives."""
+
+    def __init__(self, on_line=lambda text: None):
+        super().__init__()
+        self.texts: list[str] = []
+        self.on_line = on_line
+
+    def emit(self, record):
+        self.texts.append(record.getMessage())
+        self.on_line(record.getMessage())
+
+
+def _run_logged(command: str, handler: logging.Handler, timeout: float = 30):
+    """LocalTransport.run_logged outside a flow run: prefect-shell logs to its classes' loggers
+    (in a run: to the run logger). Prefect's logging set up first: its first setup drops
+    handlers added before it."""
+    setup_logging()
+    loggers = [get_logger("ShellOperation"), get_logger("ShellProcess")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        return asyncio.run(LocalTransport().run_logged(command, timeout=timeout))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def test_building_on_this_machine_streams_its_output_into_the_log_as_it_comes(tmp_path):
+    """The command waits until its first line has been logged: only a streamed log lets it end."""
+    seen = tmp_path / "seen"
+    handler = _Lines(lambda text: "first line" in text and seen.touch())
+    command = f"echo 'first line' >&2; until [ -e {seen} ]; do sleep 0.05; done; echo RAY_PYTHON=/x/python"
+    result = _run_logged(command, handler, timeout=20)
+    assert any("first line" in text for text in handler.texts)
+    assert "RAY_PYTHON=/x/python" in result.stdout.splitlines()
+
+
+def test_a_failed_build_on_this_machine_says_why_and_a_timed_out_one_leaves_no_process(tmp_path):
+    with pytest.raises(CommandError, match="exit code 3") as failed:
+        _run_logged("echo 'no matching distribution for ray' >&2; exit 3", _Lines())
+    assert "no matching distribution for ray" in str(failed.value)
+    marker = f"ar-test-{tmp_path.name}"
+    with pytest.raises(TimeoutError):
+        _run_logged(f"bash -c 'exec -a {marker} sleep 300' & sleep 300", _Lines(), timeout=1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and marker in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                                                   text=True).stdout:
+        time.sleep(0.1)
+    assert marker not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
