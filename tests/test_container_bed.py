@@ -15,6 +15,7 @@ import gzip
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -22,7 +23,7 @@ import pytest
 from tasks.settings import node_tmp_name
 from tests.bed import skip_or_fail
 from tests.bed.ray_image import build_rootfs_tar, image_tag, import_command
-from tests.helpers import SMALL, assert_nothing_left, run_flow
+from tests.helpers import SMALL, BackgroundFlow, assert_nothing_left, run_flow, wait_for
 from tests.procs import all_pids, cmdline, uid
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(900)]
@@ -117,3 +118,63 @@ def test_direct_cluster_in_podman_runs_the_job_and_leaves_nothing(bed, work, pre
     containers = _podman(bed, "ps", "--all", "--format", "{{.Names}}")
     assert containers.returncode == 0, containers.stderr
     assert run.cluster_id not in containers.stdout, containers.stdout
+
+
+HOLD = (
+    "import os, sys, time, ray\n"
+    "ray.init()\n"
+    "print('JOB_STARTED')\n"
+    "deadline = time.time() + 240\n"
+    "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
+    "    time.sleep(0.5)\n"
+    "print('JOB_RELEASED')\n"
+)
+
+
+def test_a_killed_podman_client_does_not_leave_its_container_running(bed, work, prefect_api, podman_image):
+    """SIGKILL to a node's `podman run` (no signal reaches the container through it): the node
+    sees its Ray end, removes its container by name, and Ray's processes in it end with it."""
+    (work / "w").mkdir()
+    shutil.chown(work / "w", bed.user.uid, bed.user.gid)
+    release = work / "w" / "release"  # the job sees the bound dirs only (and the image)
+    flow = BackgroundFlow(bed, ["--user-script", HOLD, "--script-args", f'["{release}"]', "--direct-workers", "1",
+                                "--work-dir", work / "w", *SMALL, "--container-image", podman_image], work, prefect_api)
+    failure = None
+    try:
+        info = flow.wait_ready(timeout=300)
+        # once the job runs: a node lost before it is submitted fails the run (confirm_nodes_alive)
+        wait_for(lambda: "JOB_STARTED" in flow.output, 120, "the job started")
+        cluster_id = info["cluster_id"]
+        nodes = work / "w" / "clusters" / cluster_id / "nodes"
+        worker_tmp = (nodes / "worker1.tmp").read_text().split()[1]
+        container = f"{cluster_id}-worker1"
+        clients = [pid for host, pid, _, cmd in bed.processes(user=bed.user)
+                   if host == bed.login_host and cmd.startswith("podman run ") and f" {container} " in cmd]
+        # rootless podman re-executes itself inside the user's namespace: two processes, one group
+        assert clients, bed.processes(user=bed.user)
+        assert any(worker_tmp + "/" in line for line in processes_of_cluster_anywhere(bed, cluster_id))
+        for pid in clients:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: container not in _podman(bed, "ps", "--all", "--format", "{{.Names}}").stdout, 60,
+                 "the worker's container removed")
+        wait_for(lambda: not any(worker_tmp + "/" in line for line in processes_of_cluster_anywhere(bed, cluster_id)),
+                 30, "the worker's Ray processes gone")
+        wait_for((nodes / "worker1.stopped").exists, 30, "the worker's stop recorded")
+        assert "Ray ended" in (nodes / "worker1.stopped").read_text()  # the node's own stop, on its host
+        release.touch()
+        assert flow.wait(timeout=300) == 0, flow.output[-3000:]
+    except (AssertionError, subprocess.TimeoutExpired) as error:
+        failure = error
+        containers = _podman(bed, "ps", "--all").stdout
+    finally:
+        if flow.process.poll() is None:  # a failed check: the flow's own teardown, then no mercy
+            flow.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                flow.wait(timeout=90)
+        flow.kill()
+    if failure:
+        raise AssertionError(f"{failure}\ncontainers then:\n{containers}\n{kept_logs(work / 'w')}")
+    assert "JOB_RELEASED" in flow.output
+    assert_nothing_left(bed, cluster_id, work / "w")
+    assert processes_of_cluster_anywhere(bed, cluster_id) == []
+    assert cluster_id not in _podman(bed, "ps", "--all", "--format", "{{.Names}}").stdout
