@@ -177,6 +177,9 @@ async def publish_environment(target: Transport, plan: ClusterPlan) -> None:
 async def prepare_environment(target: Transport, settings: RayClusterSettings, work_dir: str) -> RayEnvironment:
     """Reuse a Python that has the requested Ray (no pip call), else build a venv once."""
     logger = get_run_logger()
+    if settings.container_image:  # (python and requirements are refused beside an image)
+        logger.info("Ray on %s: the python3 and ray of image %s", target.label, settings.container_image)
+        return CONTAINER_ENVIRONMENT
     candidates = [settings.python] if settings.python else []
     if isinstance(target, LocalTransport):
         candidates.append(sys.executable)
@@ -186,9 +189,6 @@ async def prepare_environment(target: Transport, settings: RayClusterSettings, w
         remote_req = f"{work_dir}/requirements-{req_hash}.txt"
         await target.put_file(Path(settings.requirements).expanduser(), remote_req)
         env_prefix = f"AR_REQUIREMENTS={shlex.quote(remote_req)} AR_REQ_HASH={req_hash} "
-    if settings.container_image:
-        logger.info("Ray on %s: the python3 and ray of image %s", target.label, settings.container_image)
-        return CONTAINER_ENVIRONMENT
     await target.put_file(SCRIPTS_DIR / "setup_ray.sh", f"{work_dir}/bin/setup_ray.sh", 0o700)
     if settings.setup_commands:
         await target.put_file(SCRIPTS_DIR / "site_setup.sh", f"{work_dir}/bin/site_setup.sh", 0o700)

@@ -50,6 +50,12 @@ def job_of_worker_node(ray_node_name: str) -> str:
     return ray_node_name[len(WORKER_NODE_PREFIX):].split("@", 1)[0]
 
 
+async def job_states(target: Transport, scheduler: Scheduler, job_ids: list[str]) -> dict[str, JobState]:
+    """Each job's state, asked at once, in the order given."""
+    states = await asyncio.gather(*(scheduler.state(target, job_id) for job_id in job_ids))
+    return dict(zip(job_ids, states, strict=True))
+
+
 async def recorded_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str) -> list[str]:
     """The cluster's worker jobs, oldest first; only ids of the scheduler's own form."""
     listing = await target.run(f"ls -1tr {shlex.quote(cluster_dir + '/' + WORKER_JOBS_DIR)} 2>/dev/null", check=False)
@@ -78,7 +84,7 @@ async def live_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir:
     """The recorded worker jobs still queued or running, oldest first, with their states; one
     that ended by itself (its walltime) is no longer the cluster's and is forgotten."""
     recorded = await recorded_worker_jobs(target, scheduler, cluster_dir)
-    states = dict(zip(recorded, await asyncio.gather(*(scheduler.state(target, j) for j in recorded)), strict=True))
+    states = await job_states(target, scheduler, recorded)
     for job_id in [j for j, state in states.items() if state.phase is JobPhase.ended]:
         await _forget(target, cluster_dir, job_id)
         states.pop(job_id)
@@ -95,7 +101,7 @@ async def end_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: 
     """End these worker jobs: a queued one is cancelled at once; a running one's node is asked
     to stop itself (it copies its logs, removes its temp dir), then its job is cancelled if
     it is still there after `grace`."""
-    states = dict(zip(job_ids, await asyncio.gather(*(scheduler.state(target, j) for j in job_ids)), strict=True))
+    states = await job_states(target, scheduler, job_ids)
     running = [j for j, s in states.items() if s.phase is JobPhase.running]
     for job_id in [j for j, s in states.items() if s.phase is JobPhase.pending]:
         await scheduler.cancel(target, job_id)
@@ -105,8 +111,8 @@ async def end_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: 
         deadline = time.monotonic() + grace
         while running and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            phases = await asyncio.gather(*(scheduler.state(target, j) for j in running))
-            running = [j for j, s in zip(running, phases, strict=True) if s.phase is not JobPhase.ended]
+            running = [j for j, s in (await job_states(target, scheduler, running)).items()
+                       if s.phase is not JobPhase.ended]
         for job_id in running:
             get_run_logger().warning("worker job %s still there %.0fs after its node was asked to stop: cancelling it",
                                      job_id, grace)
@@ -343,8 +349,8 @@ async def scale_running_cluster(target: Transport, cluster_dir: str, delta: int,
             if (present == names) if delta > 0 else not present:
                 break
             if delta > 0:
-                phases = await asyncio.gather(*(scheduler.state(target, j) for j in changed))
-                ended = [j for j, s in zip(changed, phases, strict=True) if s.phase is JobPhase.ended]
+                ended = [j for j, s in (await job_states(target, scheduler, changed)).items()
+                         if s.phase is JobPhase.ended]
                 if ended:
                     raise ScaleRefused(f"worker job(s) {', '.join(ended)} ended before joining: see "
                                        f"{cluster_dir}/logs/wjob-<id>.out")
