@@ -322,14 +322,17 @@ def forget_cluster_state(plan: ClusterPlan) -> None:
 GRACEFUL_STOP_SECONDS = 20
 
 
-async def _wait_ended(target: Transport, scheduler: Scheduler, job_id: str, seconds: float):
-    """Poll the job with short backoff until it ended or the time is up; its last state."""
+async def _wait_ended(target: Transport, scheduler: Scheduler, job_id: str, seconds: float, *,
+                      or_queued: bool = False):
+    """Poll the job with short backoff until it ended or the time is up; its last state.
+    or_queued: a job still queued is returned at once (no node of it can stop itself:
+    waiting would only delay its cancel)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     delay = 0.1
     while True:
         state = await scheduler.state(target, job_id)
-        if state.phase is JobPhase.ended or loop.time() > deadline:
+        if state.phase is JobPhase.ended or (or_queued and state.phase is JobPhase.pending) or loop.time() > deadline:
             return state
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.3)  # the nodes stop within a second or two: see it at once
@@ -366,10 +369,13 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     ending_workers = asyncio.ensure_future(
         end_worker_jobs(target, scheduler, plan.cluster_dir, worker_jobs, grace=GRACEFUL_STOP_SECONDS))
     if plan.job_id:
-        state = await _wait_ended(target, scheduler, plan.job_id, GRACEFUL_STOP_SECONDS)
-        if state.phase is not JobPhase.ended:
+        state = await _wait_ended(target, scheduler, plan.job_id, GRACEFUL_STOP_SECONDS, or_queued=True)
+        if state.phase is JobPhase.pending:
+            logger.info("job %s still queued (%s): cancelling it", plan.job_id, state)
+        elif state.phase is not JobPhase.ended:
             logger.warning("job %s still %s %ds after the stop request: cancelling it", plan.job_id, state,
                            GRACEFUL_STOP_SECONDS)
+        if state.phase is not JobPhase.ended:
             await scheduler.cancel(target, plan.job_id)
             state = await _wait_ended(target, scheduler, plan.job_id, 120)
             if state.phase is not JobPhase.ended:
