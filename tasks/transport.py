@@ -143,7 +143,8 @@ class LocalTransport(Transport):
             try:
                 await asyncio.wait_for(process.await_for_completion(), timeout)
             except RuntimeError:  # prefect-shell's "failed with return code": the output says why
-                pass
+                if process.return_code is None:  # not that: the shell never ended
+                    raise
             output = "\n".join(await process.afetch_result())
         result = CommandResult(process.return_code or 0, output, output)
         if result.returncode != 0:

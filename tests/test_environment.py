@@ -15,6 +15,7 @@ from prefect.logging.configuration import setup_logging
 
 from tasks.transport import CommandError, LocalTransport
 from tests.conftest import REPO
+from tests.procs import alive, all_pids, cmdline
 
 SETUP = REPO / "scripts" / "setup_ray.sh"
 RAY_VERSION = "2.60.0"
@@ -201,8 +202,10 @@ def test_a_failed_build_on_this_machine_says_why_and_a_timed_out_one_leaves_no_p
     marker = f"ar-test-{tmp_path.name}"
     with pytest.raises(TimeoutError):
         _run_logged(f"bash -c 'exec -a {marker} sleep 300' & sleep 300", _Lines(), timeout=1)
+    def marked() -> list[int]:
+        return [pid for pid in all_pids() if alive(pid) and marker in (cmdline(pid) or "")]
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and marker in subprocess.run(["ps", "-eo", "args"], capture_output=True,
-                                                                   text=True).stdout:
+    while marked() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert marker not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert marked() == []
