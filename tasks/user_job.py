@@ -35,6 +35,34 @@ def warm_up_job_client() -> asyncio.Future:
     return asyncio.ensure_future(asyncio.to_thread(importlib.import_module, "ray.job_submission"))
 
 
+# Ray's job head gives up after 10 s when the head node's dashboard agent has not yet
+# published its address (a busy or shared head node), and asks to "try again later".
+NO_AGENT_YET = "No available agent to submit job"
+AGENT_WAIT_S = 120.0
+
+
+def submit_when_agent_ready(client, submission_id: str, wait_s: float = AGENT_WAIT_S, **job) -> str:
+    """`client.submit_job`, tried again while the head's job agent is not yet reachable.
+
+    A retry after a submission the agent took but whose answer was lost finds the
+    submission id already there: that is the job, submitted once."""
+    deadline = time.monotonic() + wait_s
+    delay, tried = 0.5, False
+    while True:
+        try:
+            return client.submit_job(submission_id=submission_id, **job)
+        except RuntimeError as exc:
+            if tried and "already exists" in str(exc):
+                return submission_id
+            if NO_AGENT_YET not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        if not tried:
+            get_run_logger().info("the head's job agent is not up yet; submitting again for up to %.0f s", wait_s)
+        tried = True
+        time.sleep(delay)
+        delay = min(delay * 1.5, 3.0)
+
+
 def _client(plan: ClusterPlan, local_port: int):
     from ray.job_submission import JobSubmissionClient
 
@@ -103,7 +131,7 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
     await confirm_nodes_alive(plan, local_port, ready_nodes)
     entrypoint = shlex.join([plan.environment.python, remote, *settings.script_args])
     job_id = await asyncio.to_thread(
-        client.submit_job, entrypoint=entrypoint, submission_id=f"{plan.cluster_id}-{script.stem}"[:60],
+        submit_when_agent_ready, client, f"{plan.cluster_id}-{script.stem}"[:60], entrypoint=entrypoint,
         runtime_env=settings.runtime_env.as_ray() or None, **settings.runtime_env.entrypoint_resources(),
     )
     reserved = settings.runtime_env.entrypoint_resources()
