@@ -79,7 +79,9 @@ def bed(prefect_api):
 
 @pytest.fixture
 def work(bed, request) -> Path:
-    """A fresh dir of the bed user's on the shared filesystem (its home), removed afterwards."""
+    """A fresh dir of the bed user's on the shared filesystem (its home), removed afterwards;
+    the test starts with every Slurm node idle."""
+    bed.wait_nodes_idle()
     path = bed.home_dir(request.node.name)
     yield path
     import shutil

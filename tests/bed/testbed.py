@@ -1108,6 +1108,16 @@ echo "export PBS_NODEFILE=$nodefile"
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
+    def wait_nodes_idle(self, timeout: float = 60) -> None:
+        """Every Slurm node idle: what a test starts on is not a node still completing the
+        previous test's job. Named with sinfo's view when it does not come."""
+        try:
+            self._poll(self._nodes_idle, timeout, "Slurm nodes not idle")
+        except BedError as exc:
+            view = self.run_login(["sinfo", "-h", "-N", "-o", "%N %t %E"], timeout=10).stdout
+            jobs = self.run_login(["squeue", "-h", "-o", "%i %u %T %R"], timeout=10).stdout
+            raise BedError(f"{exc} after {timeout:g}s:\n{view}{jobs}") from None
+
     def _nodes_idle(self) -> bool:
         cp = self.run_login(["sinfo", "-h", "-N", "-o", "%N %t"], timeout=10)
         if cp.returncode != 0:
