@@ -1383,11 +1383,11 @@ def plot(s: dict, path: Path) -> str:
 
 
 # The headline figures of the previous full run (2026-12-02 23:45, commit 4099630), for "what changed".
-PREVIOUS_RUN = "2026-12-02 23:45, commit 4099630"
+PREVIOUS_RUN = "2026-12-03 06:25, commit 6127093"
 PREVIOUS = {
-    "local_ratio_begin": 1.04, "vs_bare": 1.02, "vs_template": 0.76, "slurm_lag": 0.27, "slurm_teardown": 0.80,
-    "local_teardown": 0.72, "setup": 0.087, "slurm_ready": 15.46, "bare_ready": 15.18, "local_hwm": 125, "slurm_hwm": 113,
-    "job_ratio": 1.34, "job_flow": 26.44, "job_bare": 19.73, "job_eph": 36.41,
+    "local_ratio_begin": 1.08, "vs_bare": 1.01, "vs_template": 0.63, "slurm_lag": 0.18, "slurm_teardown": 0.75,
+    "local_teardown": 0.62, "setup": 0.099, "slurm_ready": 13.08, "bare_ready": 12.95, "local_hwm": 102, "slurm_hwm": 113,
+    "job_ratio": 1.02, "job_flow": 16.92, "job_bare": 16.66, "job_eph": 32.06,
 }
 
 
@@ -1423,14 +1423,11 @@ def changes_section(s: dict) -> list[str]:
     lines = [
         "## What changed since the last run",
         "",
-        f"The last full run ({PREVIOUS_RUN}) was made before: the job's end taken from its status (polled "
-        "0.1-0.5 s) and the lines Ray's log stream had not delivered read from the finished log, instead of waiting "
-        "about 3 s for the stream to close; the SSH transport (asyncssh) imported only when a target or node is "
-        "reached over SSH (the flow's modules load 0.7 s faster); and a benchmark fix: the bare main job's head "
-        "now runs in its own process group and is killed as one. Before, its renamed `ray::DashboardAgent` "
-        "outlived the head and spun a whole core for the flow run that came next: most of that run's 1.34x. "
-        "Ray processes a run leaves are now killed and counted as leftovers. The target against the fixed-sleep "
-        "template now applies only where Ray's own parallel start meets it (issue 17).",
+        f"The last full run ({PREVIOUS_RUN}) was made before: the local environment build run through "
+        "prefect-shell's ShellOperation, its output streamed into the run log (the module is imported on the local "
+        "path); a still-queued head job cancelled at once at teardown; and the user job submitted again while Ray's "
+        "job head has no agent yet (no cost when it has one). The machine was slower on this run: the baselines "
+        "themselves took 10-25% longer (bare 3-node start 12.95 s then, 16.18 s now), so compare the ratios.",
         "",
         "| figure | last run | this run |",
         "|---|---|---|",
