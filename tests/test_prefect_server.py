@@ -84,16 +84,22 @@ def test_without_a_server_the_cli_says_so_once_and_copes_with_a_busy_machine(wor
     flow run begins on it (the rest of the run is not what is under test here)."""
     env = own_prefect(bed, work)
     burners = [bed.spawn("login", ["/usr/bin/python3", "-c", "while True: pass"], f"burn{i}.out") for i in range(2)]
+    flow = None
     try:
         flow = BackgroundFlow(bed, ["--user-script", HELLO, "--work-dir", work / "w", *SMALL], work, api="", env=env)
         deadline = time.monotonic() + 300
         while flow.cluster_id is None and flow.process.poll() is None:  # its first log line, from the server
             assert time.monotonic() < deadline, "the flow run never began:\n" + flow.output[-4000:]
             time.sleep(0.5)
-    finally:
         for burner in burners:
             bed.stop_spawned(burner)
-    assert flow.wait(300) == 0, flow.output[-4000:]
+        burners = []
+        assert flow.wait(300) == 0, flow.output[-4000:]
+    finally:  # a failed check leaves neither the burners nor the flow (and its cluster) running
+        for burner in burners:
+            bed.stop_spawned(burner)
+        if flow is not None:
+            flow.kill()
     assert flow.output.count(NOTE) == 1 and "make server" in flow.output
     assert "HELLO_RAY_OK" in flow.output
     assert_nothing_left(bed, flow.cluster_id, work / "w")
