@@ -1,31 +1,80 @@
 # shellcheck shell=bash
-# PBS: a Ray worker on every other host of PBS_NODEFILE, all at once: with pbsdsh where
-# the site has it (tasks the MoM tracks), else with ssh from the head, attached to the
-# job with pbs_attach where it exists. Sourced by the job script.
+# PBS: a Ray worker on every other host of PBS_NODEFILE, all at once. OpenPBS and PBS Pro:
+# pbs_tmrsh (a task of the job that its MoM tracks and ends with it); Torque: pbsdsh -u;
+# neither: ssh from the head, attached to the job with pbs_attach where it exists.
+# Sourced by the job script.
+
+# PBS's own commands: OpenPBS/PBS Pro name their install in pbs.conf (PBS_EXEC). Inside a
+# job their bin dir comes last on PATH, so a bare `qdel` could be another batch system's
+# wrapper (Slurm's Torque qdel) on a machine that has both.
+ar_pbs_command() {
+    local exec_dir="" conf="${PBS_CONF_FILE:-/etc/pbs.conf}"
+    if [ -r "$conf" ]; then
+        exec_dir="$(sed -n 's/^PBS_EXEC=//p' "$conf" | tail -n 1)"
+    fi
+    if [ -n "$exec_dir" ] && [ -x "$exec_dir/bin/$1" ]; then
+        printf '%s\n' "$exec_dir/bin/$1"
+    else
+        printf '%s\n' "$1"
+    fi
+}
+
 # Cancel one of the cluster's worker jobs (cluster_main.sh, when the cluster ends without the flow).
-ar_cancel_job() { qdel -- "$1" 2>/dev/null || true; }
+ar_cancel_job() { "$(ar_pbs_command qdel)" -- "$1" 2>/dev/null || true; }
 
 ar_launch_workers() {
-    local nodes node attach=""
-    # PBS writes one line per mpiproc: keep each host once, in order
-    mapfile -t nodes < <(awk '!seen[$0]++' "$PBS_NODEFILE")
-    if [ "${#nodes[@]}" -ne "$AR_EXPECTED_NODES" ]; then
-        echo "activate-ray: PBS_NODEFILE names ${#nodes[@]} distinct host(s) for $AR_EXPECTED_NODES chunk(s):" \
+    local nodes=() node short head attach="" line
+    head="$(hostname -s)"
+    # PBS writes one line per mpiproc, with the server's names (short or fully qualified):
+    # each host once, in order, the head left out
+    declare -A seen=(["$head"]=1)
+    while IFS= read -r line; do
+        [ -n "$line" ] || continue
+        short="${line%%.*}"
+        [ -z "${seen[$short]:-}" ] || continue
+        seen[$short]=1
+        nodes+=("$short")
+    done <"$PBS_NODEFILE"
+    if [ "$((${#nodes[@]} + 1))" -ne "$AR_EXPECTED_NODES" ]; then
+        echo "activate-ray: PBS_NODEFILE names $((${#nodes[@]} + 1)) distinct host(s) for $AR_EXPECTED_NODES chunk(s):" \
             "one Ray node per host, the flow waits for one per chunk" >&2
     fi
-    [ "${#nodes[@]}" -gt 1 ] || return 0
+    [ "${#nodes[@]}" -gt 0 ] || return 0
+    local worker=(/usr/bin/env "AR_CLUSTER_DIR=$AR_CLUSTER_DIR" bash "$AR_CLUSTER_DIR/bin/ray_worker.sh")
+    if command -v pbs_tmrsh >/dev/null; then
+        # OpenPBS/PBS Pro: one task per host (its pbsdsh has no -u, and runs once per chunk)
+        for node in "${nodes[@]}"; do
+            {
+                local status=0
+                pbs_tmrsh "$node" "${worker[@]}" >"$AR_CLUSTER_DIR/logs/workers-$node.log" 2>&1 || status=$?
+                ar_launcher_ended "pbs_tmrsh $node" "$node" "$status"
+            } &
+        done
+        return 0
+    fi
     if command -v pbsdsh >/dev/null; then
-        # one task per host; the head skips itself
-        # shellcheck disable=SC2016 # expanded by the task's own bash, on its host
-        pbsdsh -u -- bash -c '[ "$(hostname -s)" = "$1" ] || exec bash "$2"' _ "$(hostname -s)" \
-            "$AR_CLUSTER_DIR/bin/ray_worker.sh" >"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &
+        # Torque: one task per host; the head skips itself
+        {
+            local status=0
+            # shellcheck disable=SC2016 # expanded by the task's own bash, on its host
+            pbsdsh -u -- bash -c '[ "$(hostname -s)" = "$1" ] || exec "${@:2}"' _ "$head" "${worker[@]}" \
+                >"$AR_CLUSTER_DIR/logs/workers-pbsdsh.log" 2>&1 || status=$?
+            for node in "${nodes[@]}"; do
+                cp "$AR_CLUSTER_DIR/logs/workers-pbsdsh.log" "$AR_CLUSTER_DIR/logs/workers-$node.log" 2>/dev/null || true
+                ar_launcher_ended "pbsdsh -u" "$node" "$status"
+            done
+        } &
         return 0
     fi
     command -v pbs_attach >/dev/null && attach="pbs_attach -j $PBS_JOBID"
-    for node in "${nodes[@]:1}"; do
-        # shellcheck disable=SC2086 # AR_NODE_SSH_OPTS: ssh options, one word each
-        ssh -o BatchMode=yes ${AR_NODE_SSH_OPTS:-} "$node" \
-            "AR_CLUSTER_DIR=$(printf %q "$AR_CLUSTER_DIR") $attach bash $(printf %q "$AR_CLUSTER_DIR/bin/ray_worker.sh")" \
-            >>"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &
+    for node in "${nodes[@]}"; do
+        {
+            local status=0
+            # shellcheck disable=SC2086 # AR_NODE_SSH_OPTS: ssh options, one word each
+            ssh -o BatchMode=yes ${AR_NODE_SSH_OPTS:-} "$node" \
+                "AR_CLUSTER_DIR=$(printf %q "$AR_CLUSTER_DIR") $attach bash $(printf %q "$AR_CLUSTER_DIR/bin/ray_worker.sh")" \
+                >"$AR_CLUSTER_DIR/logs/workers-$node.log" 2>&1 || status=$?
+            ar_launcher_ended "ssh $node" "$node" "$status"
+        } &
     done
 }

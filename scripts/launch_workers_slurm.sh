@@ -7,7 +7,20 @@ ar_cancel_job() { scancel -- "$1" 2>/dev/null || true; }
 ar_launch_workers() {
     local count=$((SLURM_JOB_NUM_NODES - 1))
     [ "$count" -gt 0 ] || return 0
-    srun --nodes="$count" --ntasks="$count" --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" \
-        --kill-on-bad-exit=0 --cpus-per-task="${AR_NUM_CPUS:-$SLURM_CPUS_ON_NODE}" \
-        bash "$AR_CLUSTER_DIR/bin/ray_worker.sh" >"$AR_CLUSTER_DIR/logs/workers.log" 2>&1 &
+    {
+        local status=0 node
+        # one output file per node (srun --output=%N): a node whose launch failed is named with its own words
+        srun --nodes="$count" --ntasks="$count" --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" \
+            --kill-on-bad-exit=0 --cpus-per-task="${AR_NUM_CPUS:-$SLURM_CPUS_ON_NODE}" \
+            --output="$AR_CLUSTER_DIR/logs/workers-%N.log" \
+            bash "$AR_CLUSTER_DIR/bin/ray_worker.sh" >"$AR_CLUSTER_DIR/logs/workers-srun.log" 2>&1 || status=$?
+        [ "$status" = 0 ] && exit 0
+        for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
+            [ "$node" != "$SLURMD_NODENAME" ] || continue
+            # srun's own refusal (bad option, no nodes): in its own output, not a node's
+            [ -s "$AR_CLUSTER_DIR/logs/workers-$node.log" ] || cp "$AR_CLUSTER_DIR/logs/workers-srun.log" \
+                "$AR_CLUSTER_DIR/logs/workers-$node.log" 2>/dev/null || true
+            ar_launcher_ended srun "$node" "$status"
+        done
+    } &
 }

@@ -126,8 +126,8 @@ ar_stop_reason() {
     fi
 }
 
-# Start one Ray node in a session of its own (its process group is then
-# exactly this node's processes) and watch it until it ends or is told to stop;
+# Start one Ray node in a process group of its own (exactly this node's processes)
+# and watch it until it ends or is told to stop;
 # then stop it and remove its temp dir, here, on its own host.
 # usage: ar_run_node head|worker NAME
 ar_run_node() {
@@ -189,8 +189,14 @@ ar_run_node() {
         ar_container_launch "$runtime" "$name" "$tmp"
         launch=("${AR_CONTAINER_LAUNCH[@]}" "${launch[@]}")
     fi
-    setsid "${launch[@]}" "${args[@]}" >"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
+    # A process group of its own (job control: set -m), so this node's processes are exactly
+    # that group; but not a session of its own (setsid): a batch system ends a job by its
+    # sessions (OpenPBS's MoM kills each task's session), and Ray must end with the job even
+    # when this supervisor is SIGKILLed.
+    set -m
+    "${launch[@]}" "${args[@]}" >"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
     local pgid=$!
+    set +m
     # host and group: only this host ever signals this group
     printf '%s %s\n' "$host" "$pgid" >"$AR_CLUSTER_DIR/nodes/$name.pgid"
     if [ "$role" = head ]; then
@@ -334,6 +340,32 @@ ar_nodes_not_stopped() {
         read -r host pgid <"$file" || [ -n "$pgid" ] || continue
         printf '%s@%s\n' "$(basename "$file" .pgid)" "$host"
     done
+}
+
+# The first line every worker writes to its launcher's output: a launcher whose output lacks
+# it failed before the worker began.
+AR_WORKER_BEGAN="activate-ray: worker began on"
+ar_worker_began() { printf '%s %s\n' "$AR_WORKER_BEGAN" "$(hostname -s)" >&2; }
+
+# A worker launch that ended (non-zero) before its node recorded anything never started Ray
+# there: said in the cluster's status with the launcher's or the worker's own last words, so
+# the flow fails now instead of waiting for a node that cannot come. A launcher that failed
+# before the worker began (pbsdsh, srun, pbs_tmrsh or ssh refusing) is said as such: a fresh
+# cluster would fail the same way. (After the node started, its own supervisor reports how it ended.)
+# usage: ar_launcher_ended WHAT NODE STATUS (its output in logs/workers-NODE.log)
+ar_launcher_ended() {
+    local what="$1" node="$2" status="$3" log said
+    [ "$status" != 0 ] || return 0
+    [ ! -e "$AR_CLUSTER_DIR/nodes/$node.pgid" ] && [ ! -e "$AR_CLUSTER_DIR/nodes/$node.stopped" ] || return 0
+    [ ! -e "$AR_CLUSTER_DIR/stop" ] || return 0
+    log="$AR_CLUSTER_DIR/logs/workers-$node.log"
+    said="$(grep -v -F "$AR_WORKER_BEGAN" "$log" 2>/dev/null | tail -n 3 | tr '\n' ' ')"
+    if grep -q -F "$AR_WORKER_BEGAN" "$log" 2>/dev/null; then
+        printf 'RAY_FAILED=worker on %s exited %s before Ray started: %s\n' "$node" "$status" "${said:-(no output)}"
+    else
+        printf 'RAY_FAILED=launcher: %s exited %s before the worker on %s began: %s\n' \
+            "$what" "$status" "$node" "${said:-(no output)}"
+    fi >>"$AR_CLUSTER_DIR/status"
 }
 
 # Seconds since the controlling flow last touched the heartbeat file.

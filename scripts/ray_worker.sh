@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One worker node, started on every non-head node by the scheduler's single
-# parallel launch (one srun step, pbsdsh, or ssh fan-out). Blocks while Ray runs.
+# parallel launch (one srun step, pbs_tmrsh/pbsdsh, or ssh fan-out). Blocks while Ray runs.
 set -euo pipefail
 # shellcheck disable=SC1091
 . "$AR_CLUSTER_DIR/cluster.env"
+# shellcheck disable=SC1091
+. "$AR_CLUSTER_DIR/bin/ray_lib.sh"
+ar_worker_began
 # shellcheck disable=SC1091
 . "$AR_CLUSTER_DIR/environment.env"
 # the user's setup_commands: a worker started by pbsdsh or ssh has not run the job script
@@ -11,6 +14,4 @@ if [ -e "$AR_CLUSTER_DIR/setup_commands.sh" ]; then
     # shellcheck disable=SC1091
     . "$AR_CLUSTER_DIR/bin/site_setup.sh" "$AR_CLUSTER_DIR/setup_commands.sh" "$AR_CLUSTER_DIR/status"
 fi
-# shellcheck disable=SC1091
-. "$AR_CLUSTER_DIR/bin/ray_lib.sh"
 ar_run_node worker "$(hostname -s)"

@@ -221,7 +221,7 @@ async def wait_for_head(
         status = await target.read_text(f"{plan.cluster_dir}/status")
         if status and "RAY_FAILED=" in status:
             raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: {status.strip()}",
-                                reason=FailureReason.start_failed, retryable=True, head_failed=True)
+                                reason=FailureReason.start_failed, retryable=_mendable(status), head_failed=True)
         if state.hopeless:
             raise ClusterFailed(f"job {plan.job_id} can never start as asked: {state}", reason=FailureReason.never_startable)
         if state.phase is JobPhase.ended:
@@ -292,7 +292,17 @@ async def _fail_on_node_status(target: Transport, plan: ClusterPlan, joined: lis
     failed = [line for line in (status or "").splitlines() if line.startswith("RAY_FAILED=")]
     if failed:
         raise ClusterFailed(f"cluster {plan.cluster_id} failed to start: " + "; ".join(f[11:] for f in failed),
-                            reason=FailureReason.start_failed, retryable=True, joined=joined)
+                            reason=FailureReason.start_failed, retryable=_mendable(status), joined=joined)
+
+
+# How the cluster's launcher (ar_launcher_ended) says that it failed before a worker began:
+# pbsdsh, srun, pbs_tmrsh or ssh refusing; a fresh cluster would fail the same way.
+LAUNCHER_FAILED = "RAY_FAILED=launcher: "
+
+
+def _mendable(status: str) -> bool:
+    """Whether a fresh cluster may not fail as this one did (its status's RAY_FAILED lines)."""
+    return not any(line.startswith(LAUNCHER_FAILED) for line in status.splitlines())
 
 
 async def _log_tail(target: Transport, plan: ClusterPlan) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -79,7 +80,8 @@ def mem_mb(ray_gb: float, store_gb: float) -> int:
     return math.ceil((ray_gb + store_gb) * 1024) + 512
 
 
-def make_fake_bin(tmp_path: Path, fakes: dict[str, str], real: tuple[str, ...] = ("bash", "awk", "seq")) -> Path:
+def make_fake_bin(tmp_path: Path, fakes: dict[str, str],
+                  real: tuple[str, ...] = ("bash", "awk", "seq", "grep", "tail", "tr", "cp", "cat")) -> Path:
     """A PATH with only the named fakes and a few real tools: no real srun/ssh/pbsdsh can be reached."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -97,7 +99,9 @@ def make_fake_bin(tmp_path: Path, fakes: dict[str, str], real: tuple[str, ...] =
 def run_launch(script: str, tmp_path: Path, fake_bin: Path, env: dict[str, str], prelude: str = "") -> subprocess.CompletedProcess:
     """Run the script's own ar_launch_workers under the job's shell options, then wait for its children."""
     driver = tmp_path / "driver.sh"
-    driver.write_text("set -euo pipefail\n" + prelude + launch_function(script) + "ar_launch_workers\nwait\n")
+    # ray_lib.sh first, as the job script has it: the launchers report through its ar_launcher_ended
+    lib = f". {shlex.quote(str(SCRIPTS_DIR / 'ray_lib.sh'))}\n"
+    driver.write_text("set -euo pipefail\n" + lib + prelude + launch_function(script) + "ar_launch_workers\nwait\n")
     full_env = {"PATH": str(fake_bin), "HOME": str(tmp_path), **env}
     return subprocess.run([BASH, "--norc", "--noprofile", str(driver)], check=False, cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=20)
@@ -110,7 +114,8 @@ def cluster_dir_in(tmp_path: Path) -> Path:
     return cluster
 
 
-FAKE_HOSTNAME = 'echo "${FAKE_HOST:-node1}"'
+# `hostname -s`: the short name, as for a node whose scheduler names it fully qualified
+FAKE_HOSTNAME = 'h="${FAKE_HOST:-node1}"; [ "${1:-}" != -s ] || h="${h%%.*}"; echo "$h"'
 
 
 # Fake ssh: record the host and the remote command, then run that command the
@@ -138,6 +143,14 @@ for node in $(awk '!seen[$0]++' "$PBS_NODEFILE"); do
     FAKE_HOST="$node" "$@" &
 done
 wait
+'''
+
+
+# Fake pbs_tmrsh (OpenPBS, PBS Pro): one task on the named host, its argv run as is (no shell).
+FAKE_PBS_TMRSH = r'''
+printf '%s\t%s\n' "$1" "${*:2}" >>"$CALLS/pbs_tmrsh"
+host="$1"; shift
+FAKE_HOST="$host" exec "$@"
 '''
 
 

@@ -29,6 +29,7 @@ from tests.scheduler_helpers import (
     CLUSTER_ID,
     FAKE_HOSTNAME,
     FAKE_PBS_ATTACH,
+    FAKE_PBS_TMRSH,
     FAKE_PBSDSH,
     FAKE_SSH,
     FAKE_WORKER,
@@ -161,21 +162,34 @@ def test_every_allowed_pbs_directive_reaches_the_job_script(tmp_path):
     assert_bash_syntax(script, tmp_path)
 
 
-def test_pbs_launch_dedups_nodefile_in_order():
+def test_pbs_launch_names_its_own_qdel_from_pbs_conf(tmp_path):
+    """Inside an OpenPBS job its bin dir comes last on PATH: the cluster's own qdel is PBS_EXEC's."""
     body = launch_function(render(settings(scheduler="pbs")))
-    assert "awk '!seen[$0]++' \"$PBS_NODEFILE\"" in body
-    assert '"${nodes[@]:1}"' in body  # the head (first node) is skipped
-    assert "pbsdsh" in body and "ssh -o BatchMode=yes" in body
+    (tmp_path / "pbs" / "bin").mkdir(parents=True)
+    (tmp_path / "pbs" / "bin" / "qdel").write_text("#!/bin/sh\n")
+    (tmp_path / "pbs" / "bin" / "qdel").chmod(0o755)
+    conf = tmp_path / "pbs.conf"
+    conf.write_text(f"PBS_SERVER=login\nPBS_EXEC={tmp_path / 'pbs'}\n")
+    said = subprocess.run(["bash", "-c", body + "\nar_pbs_command qdel"], env={"PBS_CONF_FILE": str(conf), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, check=True).stdout
+    assert said.strip() == str(tmp_path / "pbs" / "bin" / "qdel")
+    # Torque (no pbs.conf): the qdel on PATH
+    said = subprocess.run(["bash", "-c", body + "\nar_pbs_command qdel"], env={"PBS_CONF_FILE": str(tmp_path / "none"),
+                          "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True).stdout
+    assert said.strip() == "qdel"
 
 
-def pbs_launch(tmp_path: Path, fakes: dict[str, str]) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    cluster = cluster_dir_in(tmp_path)
+def pbs_launch(tmp_path: Path, fakes: dict[str, str], worker: str = FAKE_WORKER
+               ) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    cluster = tmp_path / "clusters" / CLUSTER_ID
+    if not cluster.exists():
+        cluster = cluster_dir_in(tmp_path)
     calls = tmp_path / "calls"
     calls.mkdir()
-    worker = cluster / "bin" / "ray_worker.sh"
-    worker.write_text(FAKE_WORKER)
+    (cluster / "bin" / "ray_worker.sh").write_text(worker)
     nodefile = tmp_path / "nodefile"
-    nodefile.write_text("".join(f"{node}\n" for node in ("node1", "node2", "node3") for _ in range(4)))
+    # one line per mpiproc, fully qualified as some servers name their nodes
+    nodefile.write_text("".join(f"{node}.cluster.example.org\n" for node in ("node1", "node2", "node3") for _ in range(4)))
     fake_bin = make_fake_bin(tmp_path, {"hostname": FAKE_HOSTNAME, **fakes})
     script = render(settings(scheduler="pbs", pbs={"nodes": 3}, num_cpus_per_node=4), str(cluster))
     env = {"AR_CLUSTER_DIR": str(cluster), "PBS_NODEFILE": str(nodefile), "PBS_JOBID": "123.pbs-server",
@@ -205,7 +219,18 @@ def test_pbs_launch_ssh_uses_pbs_attach_when_present(tmp_path):
     assert sorted(read_lines(calls / "workers")) == [f"node2 {cluster}", f"node3 {cluster}"]
 
 
-def test_pbs_launch_prefers_pbsdsh(tmp_path):
+def test_pbs_launch_uses_pbs_tmrsh_on_openpbs(tmp_path):
+    """OpenPBS/PBS Pro: one pbs_tmrsh task per other host (its pbsdsh has no -u and runs once per chunk)."""
+    result, calls, cluster = pbs_launch(tmp_path, {"ssh": FAKE_SSH, "pbsdsh": FAKE_PBSDSH, "pbs_tmrsh": FAKE_PBS_TMRSH})
+    assert result.returncode == 0, result.stderr
+    tmrsh = read_lines(calls / "pbs_tmrsh")
+    assert sorted(line.split("\t")[0] for line in tmrsh) == ["node2", "node3"], tmrsh
+    assert read_lines(calls / "pbsdsh") == [] and read_lines(calls / "ssh") == []
+    assert sorted(read_lines(calls / "workers")) == [f"node2 {cluster}", f"node3 {cluster}"]
+    assert not (cluster / "status").exists()
+
+
+def test_pbs_launch_uses_pbsdsh_u_on_torque(tmp_path):
     result, calls, cluster = pbs_launch(tmp_path, {"ssh": FAKE_SSH, "pbsdsh": FAKE_PBSDSH})
     assert result.returncode == 0, result.stderr
     pbsdsh_calls = read_lines(calls / "pbsdsh")
@@ -214,6 +239,37 @@ def test_pbs_launch_prefers_pbsdsh(tmp_path):
     assert read_lines(calls / "ssh") == []
     # one task per distinct node; the head (node1, where `hostname -s` says we are) skips itself
     assert sorted(read_lines(calls / "workers")) == [f"node2 {cluster}", f"node3 {cluster}"]
+
+
+FAILING_LAUNCHER = '''
+case "$*" in *node3*) echo "{tool}: invalid option -- 'u'" >&2; exit 2 ;; esac
+'''
+
+
+@pytest.mark.parametrize("tool,fake", [("pbs_tmrsh", FAKE_PBS_TMRSH), ("pbsdsh", FAKE_PBSDSH), ("ssh", FAKE_SSH)])
+def test_a_launcher_that_fails_says_so_in_the_status_with_its_own_words(tool, fake, tmp_path):
+    """The launcher exits non-zero before the worker began: the status names it, the node and its words
+    (the flow then fails at once, not at the readiness timeout, and does not retry)."""
+    failing = FAILING_LAUNCHER.replace("*node3*", "*") if tool == "pbsdsh" else FAILING_LAUNCHER  # one launch for all
+    result, calls, cluster = pbs_launch(tmp_path, {tool: failing.format(tool=tool) + fake})
+    assert result.returncode == 0, result.stderr
+    status = (cluster / "status").read_text()
+    assert f"RAY_FAILED=launcher: {tool}" in status and "node3" in status, status
+    assert "invalid option -- 'u'" in status
+    if tool == "pbsdsh":  # one launch for every node: its failure is said for each
+        assert "node2" in status, status
+    else:
+        assert "node2" not in status, status
+
+
+def test_a_worker_that_fails_before_ray_is_not_called_a_launcher_failure(tmp_path):
+    cluster = cluster_dir_in(tmp_path)
+    result, calls, _ = pbs_launch(tmp_path, {"pbs_tmrsh": FAKE_PBS_TMRSH}, worker=(
+        'echo "activate-ray: worker began on $(hostname -s)" >&2\n'
+        '[ "$(hostname -s)" != node2 ] || { echo "setup failed here" >&2; exit 1; }\n' + FAKE_WORKER))
+    status = (tmp_path / "clusters" / cluster.name / "status").read_text()
+    assert "RAY_FAILED=worker on node2 exited 1 before Ray started: setup failed here" in status, status
+    assert "launcher" not in status
 
 
 @pytest.mark.parametrize("select,hosts,warned", [
@@ -280,7 +336,7 @@ def test_qstat_json_fixtures_are_the_documented_shape():
 
 def test_qstat_json_finished_shows_exit_status():
     state = parse_qstat_json(fixture("pbs/qstat_json_finished.json"), "123.pbs-server")
-    assert state.detail.endswith(", exit 271")
+    assert state.detail.endswith(": killed by signal 15, Exit_status 271")
     assert str(state).startswith("ended (job_state = F")
 
 
@@ -329,7 +385,7 @@ def test_qstat_json_missing_state_is_ended():
         ("pbs/qstat_f_torque_running.txt", JobPhase.running, "job_state = R"),
         ("pbs/qstat_f_torque_completed.txt", JobPhase.ended, "job_state = C"),
         ("pbs/qstat_f_openpbs_queued.txt", JobPhase.pending,
-         "job_state = Q, Not Running: Insufficient amount of resource: ncpus (R: 32 A: 12 T"),
+         "job_state = Q, Not Running: Insufficient amount of resource: ncpus (R: 32 A: 12 T: 12)"),
         ("pbs/qstat_unknown_job.txt", JobPhase.ended, "unknown job"),
         ("pbs/qstat_job_finished_no_history.txt", JobPhase.ended, "unknown job"),
         ("pbs/qstat_torque_invalid_option.txt", JobPhase.ended, "unknown job"),
@@ -418,20 +474,67 @@ def test_pbs_state_survives_invalid_openpbs_json():
     [("qsub: Unknown queue\n", 170), ("123.pbs-server; rm -rf ~\n", 0), ("", 0), ("Job submitted\n", 0)],
 )
 def test_pbs_submit_rejects_odd_answers(stdout, rc):
-    target = FakeTransport([("cd /home/alice/c && qsub ", CommandResult(rc, stdout, ""))])
+    target = FakeTransport([("cd /home/alice/c && if qstat --version", CommandResult(rc, stdout, ""))])
     with pytest.raises(SchedulerRejected):
         asyncio.run(pbs().submit(target, "/home/alice/c"))
 
 
 @pytest.mark.parametrize("stdout", ["123.pbs-server\n", "123\n", "123[].pbs-server\n"])
 def test_pbs_submit_returns_job_id(stdout):
-    target = FakeTransport([("cd /home/alice/c && qsub ", ok(stdout))])
+    target = FakeTransport([("cd /home/alice/c && if qstat --version", ok(stdout))])
     assert asyncio.run(pbs().submit(target, "/home/alice/c")) == stdout.strip()
-    assert target.commands == ["cd /home/alice/c && qsub bin/job.sh"]
+    # -f on OpenPBS (no background qsub left on the login host); Torque's wrappers refuse -f
+    assert target.commands == ["cd /home/alice/c && if qstat --version 2>/dev/null | grep -q '^pbs_version'; "
+                               "then qsub -f bin/job.sh; else qsub bin/job.sh; fi"]
 
 
 def test_pbs_submit_not_retried_where_qselect_cannot_tell(no_backoff):
-    target = ScriptedTransport([("cd /home/alice/c && qsub ", failed(1, "qsub: cannot connect to server pbs1\n")),
+    target = ScriptedTransport([("cd /home/alice/c && if qstat --version", failed(1, "qsub: cannot connect to server pbs1\n")),
                                 ("command -v qselect", failed(3))])
     with pytest.raises(SchedulerRejected, match="not submitting again"):
         asyncio.run(pbs().submit(target, "/home/alice/c"))
+
+
+@pytest.mark.parametrize("exit_status,substate,comment,words", [
+    (0, 92, "Job run at ... and finished", "exit code 0"),
+    (1, 92, "Job run at ... and finished", "exit code 1"),
+    (271, 91, "Job run at ... and terminated by aruser@login", "deleted (qdel), Exit_status 271"),
+    # the job's shell exited 128+15 itself before the MoM's kill: still a deletion, by substate
+    (143, 91, "Job run at ... and finished", "deleted (qdel), Exit_status 143"),
+    (265, 92, "Job run at ... and finished", "killed by signal 9, Exit_status 265"),
+    (-29, 93, "Job run at ... and exceeded resource walltime", "walltime exceeded: PBS killed the job"),
+    (-27, 93, "", "memory limit"),
+    (-99, 92, "", "PBS ended the job, Exit_status -99"),
+    (None, 91, "terminated by aruser@login", "deleted (qdel)"),
+])
+def test_how_a_pbs_job_ended_in_words(exit_status, substate, comment, words):
+    from tasks.schedulers.pbs import describe_pbs_end
+
+    assert words in describe_pbs_end(exit_status, substate, comment)
+
+
+def test_qstat_text_joins_openpbs_wrapped_lines():
+    """OpenPBS wraps long values (many nodes, long names) onto tab-led continuation lines."""
+    from tasks.schedulers.pbs import exec_host_names, qstat_text_fields
+
+    hosts = [f"compute-node-{i:04d}.hsn.cm.example.org" for i in range(1, 9)]
+    exec_host = "+".join(f"{h}/0*2" for h in hosts)
+    wrapped = [exec_host[i:i + 70] for i in range(0, len(exec_host), 70)]
+    text = ("Job Id: 12.login.example.org\n    job_state = R\n    exec_host = " + wrapped[0] + "\n"
+            + "".join(f"\t{part}\n" for part in wrapped[1:]) + "    substate = 42\n")
+    fields = qstat_text_fields(text)
+    assert fields["exec_host"] == exec_host and fields["substate"] == "42"
+    assert exec_host_names(fields["exec_host"]) == hosts
+
+
+def test_openpbs_can_never_run_is_hopeless():
+    state = parse_qstat_text("Job Id: 7.login\n    job_state = Q\n    comment = Can Never Run: Insufficient amount of"
+                             " queue resource: ncpus (R: 64 A: 6 T: 6)\n")
+    assert state.phase is JobPhase.pending and state.hopeless
+
+
+def test_a_launcher_failure_is_not_retried_but_a_node_failure_is():
+    from tasks.readiness import _mendable
+
+    assert not _mendable("RAY_FAILED=launcher: pbsdsh -u exited 1 before the worker on node2 began: invalid option\n")
+    assert _mendable("RAY_FAILED=network_interface: node3: no address in 10.0.0.0/8\n")

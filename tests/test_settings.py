@@ -1379,7 +1379,8 @@ def test_cli_dry_run_plan_contents(capsys):
     assert re.search(r"^export AR_CLUSTER_DIR=/scratch/ar/clusters/ar-[0-9a-f]{32}$", env_text, re.MULTILINE)
     assert "#PBS -q workq\n" in job
     assert "#PBS -l select=3:ncpus=8\n" in job  # no memory asked for: none was set
-    assert re.search(r"^cd /scratch/ar/clusters/ar-[0-9a-f]{32} && qsub bin/job\.sh$", out, re.MULTILINE)
+    assert re.search(r"^cd /scratch/ar/clusters/ar-[0-9a-f]{32} && if qstat --version .*then qsub -f bin/job\.sh; "
+                     r"else qsub bin/job\.sh; fi$", out, re.MULTILINE)
     assert "nodes: 3" in out
     assert "token" not in env_text.replace("RAY_AUTH_MODE=token", "").replace("RAY_AUTH_TOKEN_PATH", "").replace(
         "/token\n", "\n")  # the token's path, never the token

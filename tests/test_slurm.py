@@ -110,11 +110,30 @@ def test_slurm_walltime_verbatim(walltime):
 def test_slurm_one_srun_for_all_workers(nodes, tmp_path):
     script = render(settings(scheduler="slurm", slurm={"nodes": nodes}))
     body = launch_function(script)
-    assert len(re.findall(r"\bsrun\b", body)) == 1
+    assert len(re.findall(r"^\s*srun\s", body, re.MULTILINE)) == 1
     assert "srun" not in script  # the job script sources its launcher
-    assert not re.search(r"^\s*(for|while|until)\b", body, re.MULTILINE), "workers must start in one step, not a loop"
+    launch = body[:body.index("srun --nodes")]  # (a loop after it only reports a failed launch)
+    assert not re.search(r"^\s*(for|while|until)\b", launch, re.MULTILINE), "workers must start in one step, not a loop"
     assert '--ntasks-per-node=1' in body and '--exclude="$SLURMD_NODENAME"' in body
     assert_bash_syntax(script, tmp_path)
+
+
+def test_a_failed_srun_says_so_in_the_status_with_its_own_words(tmp_path):
+    """srun refuses before any worker began: the status names srun, each node and srun's words,
+    so the flow fails at once instead of at the readiness timeout, and does not retry."""
+    cluster = cluster_dir_in(tmp_path)
+    fake_bin = make_fake_bin(tmp_path, {
+        "srun": 'echo "srun: error: Unable to create step for job 42: Requested node configuration is not available" >&2; exit 1',
+        "scontrol": 'printf "node1\\nnode2\\nnode3\\n"'})
+    script = render(settings(scheduler="slurm", slurm={"nodes": 3}), str(cluster))
+    env = {"AR_CLUSTER_DIR": str(cluster), "AR_NUM_CPUS": "4", "SLURM_JOB_NUM_NODES": "3", "SLURMD_NODENAME": "node1",
+           "SLURM_JOB_NODELIST": "node[1-3]"}
+    result = run_launch(script, tmp_path, fake_bin, env)
+    assert result.returncode == 0, result.stderr
+    status = (cluster / "status").read_text().splitlines()
+    assert [line.split(" before the worker on ")[1].split()[0] for line in status] == ["node2", "node3"], status
+    assert all(line.startswith("RAY_FAILED=launcher: srun exited 1") and "Unable to create step" in line
+               for line in status), status
 
 
 def test_slurm_launch_runs_srun_once(tmp_path):

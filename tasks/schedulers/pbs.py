@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.schedulers.base import JobPhase, JobState, Scheduler, mem_mb
+from tasks.schedulers.base import JOB_SCRIPT, JobPhase, JobState, Scheduler, mem_mb
 from tasks.schedulers.options import (
     MAKES_AN_ARRAY,
     NO_VALUE,
@@ -304,15 +304,31 @@ class PbsScheduler(Scheduler):
     def walltime_seconds(self) -> int | None:
         return pbs_seconds(self.settings.pbs.walltime)
 
+    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT) -> str:
+        # OpenPBS/PBS Pro's qsub leaves a background qsub of the user's running on the login
+        # host (a submission cache) unless given -f; Torque's qsub wrappers refuse -f. OpenPBS
+        # is told by its qstat --version ("pbs_version = 23.06.06").
+        plain = shlex.join([self.submit_program, script])
+        foreground = shlex.join([self.submit_program, "-f", script])
+        return (f"cd {shlex.quote(cluster_dir)} && if qstat --version 2>/dev/null | grep -q '^pbs_version'; "
+                f"then {foreground}; else {plain}; fi")
+
     def find_job_command(self, job_name: str) -> str:
         # qselect is OpenPBS/Torque's; where it is missing (some wrappers), nobody can tell
         return f'command -v qselect >/dev/null || exit 3; qselect -u "$(id -un)" -N {shlex.quote(job_name)}'
 
     async def allocated_nodes(self, target: Transport, job_id: str) -> list[str]:
-        shown = await target.query(f"qstat -f {shlex.quote(job_id)} 2>/dev/null")
-        match = re.search(r"^\s*exec_host\s*=\s*(\S+)", shown.stdout, re.M)
-        hosts = [part.split("/")[0] for part in match.group(1).split("+")] if match else []
-        return list(dict.fromkeys(hosts))
+        exec_host = ""
+        shown = await target.query(f"qstat -f -F json -x {shlex.quote(job_id)} 2>/dev/null")
+        if shown.returncode == 0 and shown.stdout.lstrip().startswith("{"):
+            try:
+                exec_host = str((_json_job(shown.stdout, job_id) or {}).get("exec_host", ""))
+            except ValueError:
+                pass
+        if not exec_host:
+            shown = await target.query(f"qstat -f {shlex.quote(job_id)} 2>/dev/null")
+            exec_host = qstat_text_fields(shown.stdout).get("exec_host", "")
+        return exec_host_names(exec_host)
 
     async def state(self, target: Transport, job_id: str) -> JobState:
         quoted = shlex.quote(job_id)
@@ -337,28 +353,117 @@ PBS_PHASES = {
 }
 
 
-def parse_qstat_json(text: str, job_id: str) -> JobState:
+def _json_job(text: str, job_id: str) -> dict | None:
+    """One job of `qstat -f -F json`: by its full id, else by its number (a server may
+    answer with another name for itself than the one qsub printed)."""
     jobs = json.loads(text).get("Jobs", {})
-    job = jobs.get(job_id) or next((v for k, v in jobs.items() if k.split(".")[0] == job_id.split(".")[0]), None)
+    return jobs.get(job_id) or next((v for k, v in jobs.items() if k.split(".")[0] == job_id.split(".")[0]), None)
+
+
+def exec_host_names(exec_host: str) -> list[str]:
+    """Hosts of an exec_host value (node1/0*2+node2/0+...), each once, in order."""
+    hosts = [part.split("/")[0].strip() for part in exec_host.split("+") if part.strip()]
+    return list(dict.fromkeys(h for h in hosts if h))
+
+
+# OpenPBS job substates that say how a job ended (src/include/job.h).
+PBS_SUBSTATE_DELETED = "91"
+PBS_SUBSTATE_KILLED_FOR_LIMIT = "93"
+# Negative Exit_status: PBS ended the job itself (JOB_EXEC_* in src/include/job.h).
+PBS_EXEC_REASONS = {
+    -1: "the job could not start on its nodes (JOB_EXEC_FAIL1)",
+    -2: "the job could not start on its nodes (JOB_EXEC_FAIL2)",
+    -3: "the job was requeued and could not start (JOB_EXEC_RETRY)",
+    -4: "the job's nodes could not be set up (JOB_EXEC_INITABT)",
+    -7: "the job's nodes could not be set up (JOB_EXEC_INITRST)",
+    -8: "the job's resources could not be set up (JOB_EXEC_INITRMG)",
+    -9: "the job script could not be read (JOB_EXEC_BADRESRT)",
+    -10: "a file could not be staged in (JOB_EXEC_FAILUID)",
+    -11: "the job was requeued by its node (JOB_EXEC_RERUN)",
+    -12: "the job's checkpoint failed (JOB_EXEC_CHKP)",
+    -13: "the job's node was lost (JOB_EXEC_FAIL_PASSWORD)",
+    -15: "a node of the job failed (JOB_EXEC_HOOKERROR)",
+    -20: "a node of the job could not be reached (JOB_EXEC_JOINJOB)",
+    -23: "a MoM hook rejected the job (JOB_EXEC_HOOK_REJECT)",
+    -25: "the job exceeded its cpu time limit (JOB_EXEC_KILL_NCPUS_SUM)",
+    -26: "the job exceeded its cpu count (JOB_EXEC_KILL_NCPUS_BURST)",
+    -27: "the job exceeded its memory limit (JOB_EXEC_KILL_MEM)",
+    -28: "the job exceeded its virtual memory limit (JOB_EXEC_KILL_VMEM)",
+    -29: "walltime exceeded: PBS killed the job (JOB_EXEC_KILL_WALLTIME)",
+    -30: "the job exceeded its cput limit (JOB_EXEC_KILL_CPUT)",
+}
+
+
+def describe_pbs_end(exit_status: str | int | None, substate: str | int | None = None, comment: str = "") -> str:
+    """How a PBS job ended, in words, from its Exit_status, substate and comment: its own
+    exit code (>= 0), killed by a signal (256 + N), or a reason of PBS's own (negative).
+    A deletion (qdel) is told by substate 91 / "terminated by USER@HOST" (its Exit_status
+    is usually 271, sometimes 143 when the job's shell exited 128+15 itself)."""
+    substate = str(substate) if substate is not None else ""
+    deleted = substate == PBS_SUBSTATE_DELETED or "terminated by" in comment
+    try:
+        code = int(exit_status) if exit_status is not None else None
+    except (TypeError, ValueError):
+        code = None
+    if code is None:
+        return "deleted (qdel)" if deleted else "ended (no exit status)"
+    if code < 0:
+        reason = PBS_EXEC_REASONS.get(code, "PBS ended the job")
+        if substate == PBS_SUBSTATE_KILLED_FOR_LIMIT and code != -29:
+            reason += ", a resource limit was exceeded"
+        return f"{reason}, Exit_status {code}"
+    if deleted:
+        return f"deleted (qdel), Exit_status {code}"
+    if code >= 256:
+        return f"killed by signal {code - 256}, Exit_status {code}"
+    return f"exit code {code}"
+
+
+def parse_qstat_json(text: str, job_id: str) -> JobState:
+    job = _json_job(text, job_id)
     if job is None:
         return JobState(JobPhase.ended, "unknown job")
     letter = job.get("job_state", "?")
+    return _pbs_job_state(letter, job.get("comment", ""), job.get("Exit_status"), job.get("substate"))
+
+
+def _pbs_job_state(letter: str, comment: str, exit_status, substate) -> JobState:
     phase = PBS_PHASES.get(letter, JobPhase.ended)
     detail = f"job_state = {letter}"
-    if "comment" in job:
-        detail += f", {job['comment']}"
-    if "Exit_status" in job:
-        detail += f", exit {job['Exit_status']}"
-    return JobState(phase, detail)
+    if comment:
+        detail += f", {comment}"
+    if exit_status is not None and phase is JobPhase.ended:
+        detail += f": {describe_pbs_end(exit_status, substate, comment)}"
+    elif exit_status is not None:
+        detail += f", exit {exit_status}"
+    # "Can Never Run": the scheduler will never start it as asked (OpenPBS's sched comment)
+    hopeless = phase is JobPhase.pending and "can never run" in comment.lower()
+    return JobState(phase, detail, hopeless=hopeless)
+
+
+def qstat_text_fields(text: str) -> dict[str, str]:
+    """`qstat -f` text as name -> value. OpenPBS wraps long values (exec_host, exec_vnode,
+    comment once a job has many nodes): a continuation line starts with a tab and goes on
+    the value before it."""
+    fields: dict[str, str] = {}
+    last = None
+    for line in text.splitlines():
+        if line.startswith("\t") and last is not None:
+            fields[last] += line[1:].rstrip("\n")
+            continue
+        name, equals, value = line.strip().partition(" = ")
+        if equals and name:
+            fields[name] = value.strip() if not value.endswith(" ") else value.lstrip()
+            last = name
+        else:
+            last = None
+    return fields
 
 
 def parse_qstat_text(text: str) -> JobState:
-    match = re.search(r"^\s*job_state\s*=\s*(\w)", text, re.M)
-    if not match:
+    fields = qstat_text_fields(text)
+    letter = fields.get("job_state", "")[:1]
+    if not letter:
         # "Unknown Job Id" (Torque, OpenPBS without -x) once the job is gone.
         return JobState(JobPhase.ended, "unknown job")
-    letter = match.group(1)
-    detail = f"job_state = {letter}"
-    if comment := re.search(r"^\s*comment\s*=\s*(.+)$", text, re.M):
-        detail += f", {comment.group(1).strip()}"
-    return JobState(PBS_PHASES.get(letter, JobPhase.ended), detail)
+    return _pbs_job_state(letter, fields.get("comment", "").strip(), fields.get("Exit_status"), fields.get("substate"))
