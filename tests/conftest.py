@@ -77,6 +77,35 @@ def bed(prefect_api):
     assert testbed.leftovers(root) == []
 
 
+@pytest.fixture(scope="session")
+def openpbs(bed):
+    """A real OpenPBS on the bed (server on login, a MoM per node), beside its Slurm: a test
+    that takes it runs the product with ``openpbs.env()``. Nothing of ours may be left in
+    its queue at the end of the session."""
+    from tests.bed.openpbs import OpenPBS, openpbs_missing
+
+    skip_or_fail(openpbs_missing())
+    pbs = OpenPBS(bed)
+    try:
+        pbs.up()
+        bed.openpbs = pbs
+        yield pbs
+        deadline = time.monotonic() + 20
+        while (left := pbs.live_jobs()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left == [], "left in OpenPBS's queue at the end of the session:\n" + "\n".join(left)
+    finally:
+        bed.openpbs = None
+        pbs.down()
+
+
+@pytest.fixture
+def pbs_work(openpbs, work) -> Path:
+    """work, on a bed whose OpenPBS nodes are all free."""
+    openpbs.wait_nodes_free()
+    return work
+
+
 @pytest.fixture
 def work(bed, request) -> Path:
     """A fresh dir of the bed user's on the shared filesystem (its home), removed afterwards;

@@ -215,6 +215,8 @@ def cluster_leftovers(bed, cluster_id: str, work: Path | None = None) -> list[st
     """Everything of one cluster that still exists, on any host of the bed."""
     left = [f"process on {line}" for line in bed.cluster_processes(cluster_id)]
     left += [f"job {line}" for line in bed.live_jobs(name=cluster_id)]
+    if getattr(bed, "openpbs", None) is not None:
+        left += [f"OpenPBS job {line}" for line in bed.openpbs.live_jobs() if f" {cluster_id} " in line]
     left += [f"temp dir {path}" for path in bed.temp_dirs(node_tmp_name(cluster_id) + "*")]
     if work is not None and (work / "clusters" / cluster_id).exists():
         left.append(f"cluster dir {work / 'clusters' / cluster_id}")

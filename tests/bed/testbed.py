@@ -233,6 +233,7 @@ class TestBed:
         self._up = False
         self._lock_fd: int | None = None
         self.bringup_seconds: float | None = None
+        self.openpbs = None  # tests.bed.openpbs.OpenPBS, while the session's OpenPBS is up
 
     _active: TestBed | None = None
 

@@ -1,0 +1,184 @@
+"""PBS on a real OpenPBS (server, scheduler and comm on the login host, a MoM per node,
+job history on): the bed's unprivileged user runs the flow on the login node with
+OpenPBS's commands first on PATH; workers start as tasks of the job (pbs_tmrsh); job ids
+are OpenPBS's own (`12.login`). Slurm's Torque wrappers are the other PBS flavour
+(tests/test_batch_e2e.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+
+import pytest
+
+from tasks.settings import node_tmp_name
+from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_args, run_flow, wait_for
+
+pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
+
+OPENPBS_JOB_ID = re.compile(r"^\d+\.login$")
+SUBMITTED_RE = re.compile(r"submitted to pbs: job (\S+)")
+
+
+def spread_script(work) -> str:
+    script = work / "spread.py"
+    script.write_text(SPREAD)
+    return str(script)
+
+
+def never_runs(work) -> str:
+    script = work / "never.py"
+    script.write_text("print('NEVER_RUNS')\n")
+    return str(script)
+
+
+def pbs_run(bed, openpbs, work, api, *extra, readiness: int = 120, timeout: int = 300):
+    return run_flow(bed, batch_args(work / "w", *extra, scheduler="pbs", readiness=readiness), work=work, api=api,
+                    env=openpbs.env(), timeout=timeout)
+
+
+def submitted_job(output: str) -> str:
+    match = SUBMITTED_RE.search(output)
+    assert match, output[-3000:]
+    return match.group(1)
+
+
+def test_three_chunks_scatter_over_three_hosts_with_openpbs_job_ids(pbs_work, prefect_api, bed, openpbs):
+    """select=3:ncpus=1 with place=scatter: one Ray node per chunk on each host; the job id
+    is OpenPBS's own (N.login) everywhere; the job ends by our hand with exit code 0."""
+    work = pbs_work
+    run = pbs_run(bed, openpbs, work, prefect_api, "--pbs.select", "3:ncpus=1", "--user-script", spread_script(work))
+    assert run.returncode == 0, run.output[-5000:]
+    assert "HOSTS=node1,node2,node3" in run.output
+    info = run.info
+    job_id = info["job_id"]
+    assert OPENPBS_JOB_ID.match(job_id), info
+    assert submitted_job(run.output) == job_id
+    assert f"torn down (job {job_id}" in run.output, run.output[-2000:]
+    assert info["head_node"] == "node1" and len(info["nodes"]) == 3
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+    job = openpbs.wait_job_finished(job_id)
+    assert job.get("job_state") == "F" and job.get("Exit_status") == 0, job
+    assert job["exec_host"].count("+") == 2, job
+    # pbs_tmrsh, never pbsdsh -u (OpenPBS's pbsdsh has no -u)
+    assert "invalid option" not in run.output
+
+
+def test_a_sites_select_with_several_chunk_kinds_and_mpiprocs_and_a_site_resource(pbs_work, prefect_api, bed, openpbs):
+    """A site's own select (`1:ncpus=2:mpiprocs=2+2:ncpus=1`: PBS_NODEFILE names the head twice)
+    and a site resource in extra_directives (ALCF's -l filesystems=): one Ray node per host,
+    the resource reaches the job."""
+    work = pbs_work
+    assert openpbs.qmgr("create resource filesystems type=string").returncode in (0, 1)  # 1: exists already
+    run = pbs_run(bed, openpbs, work, prefect_api, "--pbs.select", "1:ncpus=2:mpiprocs=2+2:ncpus=1",
+                  "--pbs.extra-directives", "#PBS -l filesystems=home:eagle", "--user-script", spread_script(work))
+    assert run.returncode == 0, run.output[-5000:]
+    assert "HOSTS=node1,node2,node3" in run.output
+    assert len(run.info["nodes"]) == 3
+    job = openpbs.wait_job_finished(run.info["job_id"])
+    assert job["Resource_List"]["filesystems"] == "home:eagle", job.get("Resource_List")
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
+def test_an_unknown_site_resource_gets_qsubs_own_error_and_nothing_is_left(pbs_work, prefect_api, bed, openpbs):
+    work = pbs_work
+    run = pbs_run(bed, openpbs, work, prefect_api, "--pbs.extra-directives", "#PBS -l nosuchresource=1",
+                  "--user-script", never_runs(work))
+    assert run.returncode == 1, run.output[-3000:]
+    assert "qsub refused the job" in run.output and "Unknown resource" in run.output, run.output[-3000:]
+    assert "NEVER_RUNS" not in run.output
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
+def test_a_job_that_can_never_run_is_said_in_pbs_words_at_once(pbs_work, prefect_api, bed, openpbs):
+    """More CPUs per chunk than any node has: OpenPBS's scheduler comments 'Can Never Run';
+    the flow says so at once (no readiness timeout), the job is deleted, nothing left."""
+    work = pbs_work
+    started = time.monotonic()
+    run = pbs_run(bed, openpbs, work, prefect_api, "--pbs.select", "1:ncpus=64", "--user-script", never_runs(work))
+    assert run.returncode == 1, run.output[-3000:]
+    assert "can never start as asked" in run.output and "Insufficient amount of resource: ncpus" in run.output, \
+        run.output[-3000:]
+    assert "not ready after" not in run.output
+    assert time.monotonic() - started < 90
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
+def test_a_held_job_waits_in_pbs_words_and_the_queue_timeout_ends_it(pbs_work, prefect_api, bed, openpbs):
+    work = pbs_work
+    run = pbs_run(bed, openpbs, work, prefect_api, "--pbs.extra-directives", "#PBS -h", "--retries", "0",
+                  "--user-script", never_runs(work), readiness=8)
+    assert run.returncode == 1, run.output[-3000:]
+    assert "job_state = H" in run.output and "not ready after 8s" in run.output, run.output[-3000:]
+    job = openpbs.wait_job_finished(submitted_job(run.output))
+    assert job.get("job_state") == "F", job
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
+def test_a_head_that_cannot_start_fails_and_pbs_records_its_exit_code(pbs_work, prefect_api, bed, openpbs):
+    """The head's temp dir cannot be made: the job script exits 1, which OpenPBS keeps as
+    Exit_status 1, and the run's failure says how the job ended in words."""
+    work = pbs_work
+    run = pbs_run(bed, openpbs, work, prefect_api, "--node-tmp", "/root", "--retries", "0",
+                  "--user-script", never_runs(work), readiness=60)
+    assert run.returncode == 1, run.output[-3000:]
+    job = openpbs.wait_job_finished(submitted_job(run.output))
+    assert job.get("job_state") == "F" and job.get("Exit_status") == 1, job
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
+def supervisors(bed, cluster_id: str) -> list[int]:
+    """The cluster's own shells on every host (the job script, each node's supervising loop):
+    processes of the cluster that are not Ray's."""
+    from tests.bed.testbed import is_ray_process
+
+    pids = []
+    for line in bed.cluster_processes(cluster_id):
+        host, pid, cmd = line.split(" ", 2)
+        if not is_ray_process(int(pid)) and "bash" in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def ray_processes_of(bed, cluster_id: str) -> list[str]:
+    from tests.bed.testbed import is_ray_process
+
+    return [line for line in bed.cluster_processes(cluster_id) if is_ray_process(int(line.split()[1]))]
+
+
+def test_ray_ends_with_the_job_when_every_supervisor_was_sigkilled(pbs_work, prefect_api, bed, openpbs):
+    """The flow is SIGKILLed, then every shell of the cluster (job script, each node's
+    supervisor: no trap runs), then the job is deleted: OpenPBS's MoMs end the job's
+    sessions, and Ray was in them (a process group of its own, not a session: `setsid`
+    would escape), so no Ray process is left on any host."""
+    work = pbs_work
+    flow = BackgroundFlow(bed, batch_args(work / "w", "--pbs.select", "3:ncpus=1", "--keep-alive",
+                                          "--heartbeat-timeout", "600", scheduler="pbs"),
+                          work, prefect_api, env=openpbs.env())
+    try:
+        info = flow.wait_ready()
+        cluster_id, job_id = info["cluster_id"], info["job_id"]
+        assert len(ray_processes_of(bed, cluster_id)) > 3
+        flow.kill()
+        for pid in supervisors(bed, cluster_id):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deleted = openpbs.run(["qdel", job_id], user=bed.user)
+        assert deleted.returncode in (0, 1), deleted.stderr  # 1: the job had already ended with its script
+        wait_for(lambda: not ray_processes_of(bed, cluster_id), 40, "every Ray process of the cluster gone")
+        job = openpbs.wait_job_finished(job_id)
+        assert job.get("job_state") == "F", job
+    finally:
+        flow.kill()
+    # what the killed supervisors would have removed (their temp dirs, the cluster dir, the
+    # run's state file): the test removes its own fault's remains
+    for path in bed.temp_dirs(node_tmp_name(cluster_id) + "*"):
+        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(work / "w" / "clusters" / cluster_id, ignore_errors=True)
+    (bed.user.home / ".activate-ray" / "runs" / f"{cluster_id}.json").unlink(missing_ok=True)
+    assert_nothing_left(bed, cluster_id, work / "w")
