@@ -130,17 +130,11 @@ def test_a_head_that_cannot_start_fails_and_pbs_records_its_exit_code(pbs_work, 
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 
-def supervisors(bed, cluster_id: str) -> list[int]:
-    """The cluster's own shells on every host (the job script, each node's supervising loop):
-    processes of the cluster that are not Ray's."""
-    from tests.bed.testbed import is_ray_process
-
-    pids = []
-    for line in bed.cluster_processes(cluster_id):
-        host, pid, cmd = line.split(" ", 2)
-        if not is_ray_process(int(pid)) and "bash" in cmd:
-            pids.append(int(pid))
-    return pids
+def supervisors(bed) -> list[int]:
+    """The user's shells on the compute nodes: the job script and each node's supervising loop
+    (their environment names no cluster: it was exported after they started)."""
+    return [pid for host, pid, _, cmd in bed.processes(user=bed.user)
+            if host in bed.node_names and cmd.split(" ", 1)[0].lstrip("-").endswith("bash")]
 
 
 def ray_processes_of(bed, cluster_id: str) -> list[str]:
@@ -163,7 +157,9 @@ def test_ray_ends_with_the_job_when_every_supervisor_was_sigkilled(pbs_work, pre
         cluster_id, job_id = info["cluster_id"], info["job_id"]
         assert len(ray_processes_of(bed, cluster_id)) > 3
         flow.kill()
-        for pid in supervisors(bed, cluster_id):
+        shells = supervisors(bed)
+        assert len(shells) >= 3, bed.processes(user=bed.user)
+        for pid in shells:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
