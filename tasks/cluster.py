@@ -376,7 +376,7 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
             logger.warning("job %s still %s %ds after the stop request: cancelling it", plan.job_id, state,
                            GRACEFUL_STOP_SECONDS)
         if state.phase is not JobPhase.ended:
-            await scheduler.cancel(target, plan.job_id)
+            await scheduler.cancel(target, plan.job_id, plan.cluster_dir)
             state = await _wait_ended(target, scheduler, plan.job_id, 120)
             if state.phase is not JobPhase.ended:
                 logger.warning("job %s still %s after cancel", plan.job_id, state)
