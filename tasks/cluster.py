@@ -161,7 +161,8 @@ def _requirements_hash(settings: RayClusterSettings) -> str:
 async def make_private_work_dir(target: Transport, work_dir: str) -> None:
     """The work dir holds venvs and every cluster's token: the user's alone, before
     anything is put in it."""
-    await target.run(f"mkdir -p {shlex.quote(work_dir)} && chmod 700 {shlex.quote(work_dir)}")
+    # made private (with every parent it makes), not made then narrowed; one made before is narrowed
+    await target.run(f"(umask 077 && mkdir -p {shlex.quote(work_dir)}) && chmod 700 {shlex.quote(work_dir)}")
 
 
 @task(name="publish-ray-environment", cache_policy=NO_CACHE)

@@ -10,9 +10,11 @@ remote login shell (csh, fish...) never parses them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
+import tempfile
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -101,11 +103,19 @@ class Transport(ABC):
 
 
 def _write_private(target: Path, data: bytes, mode: int) -> None:
-    """Write with the final mode from the first byte (fchmod before writing: an existing file keeps its old one)."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(fd, mode)
-        handle.write(data)
+    """Write into a new file beside target, 0600 from its creation (mkstemp, whatever the
+    umask) and given `mode` before the first byte, then renamed over target: an existing
+    file with a wider mode, or one that a reader opened before, never sees the new data."""
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(fd, mode)
+            handle.write(data)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 class LocalTransport(Transport):
