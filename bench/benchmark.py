@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from tasks.atomic_file import write_text_atomic
 from tasks.schedulers import mem_mb
 from tasks.settings import RayClusterSettings, node_tmp_name
 from tests.bed.testbed import is_ray_process
@@ -495,8 +496,7 @@ def local_floor(index: int, flags: str) -> dict:
     tmp = Path("/tmp") / f"{tag}-head"
     token_file = BENCH / f"{tag}.token"
     token = secrets.token_hex(32)
-    token_file.write_text(token)
-    token_file.chmod(0o600)
+    write_text_atomic(token_file, token, 0o600)  # private from its creation, never chmod'ed after
     gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
@@ -697,8 +697,7 @@ def bare_main_job(index: int) -> dict:
     tag = f"{MARK}-job{index}-{secrets.token_hex(2)}"
     tmp = Path("/tmp") / f"{tag}-head"
     token_file = BENCH / f"{tag}.token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
+    write_text_atomic(token_file, secrets.token_hex(32), 0o600)
     gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
@@ -989,8 +988,7 @@ class SlurmBench:
         job_dir = BENCH / "slurm" / tag
         job_dir.mkdir(parents=True)
         token_file = job_dir / "token"
-        token_file.write_text(secrets.token_hex(32))
-        token_file.chmod(0o600)
+        write_text_atomic(token_file, secrets.token_hex(32), 0o600)
         tmp = f"/tmp/{tag}"
         env = "\n".join([
             f"export PATH={shlex.quote(str(VENV_BIN))}:$PATH",

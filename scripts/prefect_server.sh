@@ -4,45 +4,74 @@
 # (never a fixed one: on a shared login node 4200 may be someone else's), with a
 # random basic-auth secret, since every user of the machine reaches loopback.
 # `start` writes PREFECT_API_URL and the secret into the current Prefect profile
-# (0600), so later runs use it; `stop` stops it and removes both again.
+# (0600), so later runs use it; `stop` stops it and removes both again. The secret
+# is on no command line (`ps` shows every one to every user): the server and every
+# helper here take it from their environment or from a file only the user reads.
 # usage: prefect_server.sh start|stop|status
 #   env: PREFECT_BIN (the prefect CLI; its python is used too), AR_SERVER_DIR
 set -euo pipefail
+# every file and dir made here (the secret, the profile holding it, the server's own) is
+# private from its first byte, never made private after
+umask 077
 action="${1:-start}"
 prefect="${PREFECT_BIN:-$(command -v prefect)}"
 python="$(dirname "$prefect")/python"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 state="${AR_SERVER_DIR:-$HOME/.activate-ray/prefect-server}"
 mkdir -p "$state"
-chmod 700 "$state"
+chmod 700 "$state"  # a dir made before this script was
 
-# set NAME=VALUE... / unset NAME...: the current profile, values read from the environment
+# set NAME=VALUE... / unset NAME...: the current profile, values read from the environment.
+# Written as Prefect's save_profiles writes it, but into a new 0600 file renamed over the
+# old one: Prefect writes an existing profiles file in place, keeping whatever mode it had.
 profile() {
-    "$python" - "$@" <<'PY'
+    "$python" - "$repo" "$@" <<'PY'
 import os, sys
 from pathlib import Path
-from prefect.settings import get_current_settings, load_current_profile, load_profiles, save_profiles
-action, names = sys.argv[1], sys.argv[2:]
+import toml
+from prefect.settings import get_current_settings, load_current_profile, load_profiles
+from prefect.settings.profiles import DEFAULT_PROFILES_PATH
+sys.path.insert(0, sys.argv[1])
+from tasks.atomic_file import write_text_atomic
+action, names = sys.argv[2], sys.argv[3:]
 profiles, name = load_profiles(), load_current_profile().name
 if name not in profiles.names:
     profiles.add_profile(load_current_profile())
 # None drops a setting from the profile (as `prefect config unset` does)
 profiles.update_profile(name, {n: (os.environ[n] if action == "set" else None) for n in names})
-save_profiles(profiles)
 path = Path(get_current_settings().profiles_path).expanduser()
-if path.exists():
-    path.chmod(0o600)  # it holds the server's secret
+path.parent.mkdir(parents=True, exist_ok=True)
+write_text_atomic(path, toml.dumps(profiles.without_profile_source(DEFAULT_PROFILES_PATH).to_dict()), 0o600)
 PY
 }
 
+# Whether the recorded pid is this user's server, started here: an integer > 1 (a pid file
+# reading 1 must never make `stop` run `kill -- -1`), a process of this user's whose
+# command line is a Prefect server on the recorded port. Anything else is never signalled.
 running() {
-    [ -s "$state/pid" ] && kill -0 "$(cat "$state/pid")" 2>/dev/null
+    local pid port
+    [ -s "$state/pid" ] && [ -s "$state/url" ] || return 1
+    pid="$(cat "$state/pid")"
+    case "$pid" in '' | 0* | *[!0-9]*) return 1 ;; esac
+    [ "${#pid}" -le 9 ] && [ "$pid" -gt 1 ] || return 1
+    port="$(sed -n 's|^http://127\.0\.0\.1:\([0-9]*\)/api$|\1|p' "$state/url")"
+    [ -n "$port" ] || return 1
+    # effective and real uid this user's, and the leader of its own group (what `stop` signals)
+    [ "$(ps -o uid=,ruid=,pgid= -p "$pid" 2>/dev/null | xargs)" = "$(id -u) $(id -u) $pid" ] || return 1
+    case "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" in
+        *" server start "*"--port $port "* | *" server start "*"--port $port") return 0 ;;
+    esac
+    return 1
 }
 
+# the secret read from its file by the probe itself: never an argument
 healthy() {
-    "$python" - "$1" "$2" <<'PY'
+    "$python" - "$1" "$state/auth" <<'PY'
 import base64, sys, urllib.request
+from pathlib import Path
+secret = Path(sys.argv[2]).read_text().strip()
 request = urllib.request.Request(f"{sys.argv[1]}/health",
-                                 headers={"Authorization": "Basic " + base64.b64encode(sys.argv[2].encode()).decode()})
+                                 headers={"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()})
 try:
     with urllib.request.urlopen(request, timeout=5) as response:
         sys.exit(0 if response.status == 200 else 1)
@@ -60,20 +89,22 @@ case "$action" in
             echo "PREFECT_SERVER=already running $(cat "$state/url")"
         else
             port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-            (umask 077 && "$python" -c 'import secrets; print("activate-ray:" + secrets.token_hex(24))' >"$state/auth")
+            "$python" -c 'import secrets; print("activate-ray:" + secrets.token_hex(24))' >"$state/auth"
             url="http://127.0.0.1:$port/api"
             printf '%s\n' "$url" >"$state/url"
             # the secret reaches the server through its environment (only this user can read it), never argv
             PREFECT_SERVER_API_AUTH_STRING="$(cat "$state/auth")" PREFECT_SERVER_ANALYTICS_ENABLED=false \
                 setsid nohup "$prefect" server start --host 127.0.0.1 --port "$port" \
                 >"$state/server.log" 2>&1 </dev/null &
-            echo "$!" >"$state/pid"
+            server_pid=$!
+            echo "$server_pid" >"$state/pid"
             for _ in $(seq 1 360); do
-                healthy "$url" "$(cat "$state/auth")" && break
-                running || { tail -n 20 "$state/server.log" >&2; echo "the Prefect server did not start" >&2; exit 1; }
+                healthy "$url" && break
+                # our own child (until its exec the command line is still this script's)
+                kill -0 "$server_pid" 2>/dev/null || { tail -n 20 "$state/server.log" >&2; echo "the Prefect server did not start" >&2; exit 1; }
                 sleep 0.5
             done
-            healthy "$url" "$(cat "$state/auth")" || { echo "the Prefect server did not answer in 180 s" >&2; exit 1; }
+            healthy "$url" || { echo "the Prefect server did not answer in 180 s" >&2; exit 1; }
             echo "PREFECT_SERVER=started $url (log: $state/server.log)"
         fi
         PREFECT_API_URL="$(cat "$state/url")" PREFECT_API_AUTH_STRING="$(cat "$state/auth")" \

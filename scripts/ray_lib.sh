@@ -274,9 +274,44 @@ ar_stop_node() {
     printf '%s %s\n' "$(ar_host)" "$reason" >"$AR_CLUSTER_DIR/nodes/$name.stopped" 2>/dev/null || true
 }
 
-# Stop one process group: TERM, a short grace, then KILL.
+# Whether PGID is a process group of this cluster's, which this user may signal: an
+# integer > 1 (`kill -- -1` would reach every process of the user, 0 this shell's own
+# group), every process in it this user's, and one of them this cluster's: its
+# environment holds AR_CLUSTER_ID=<this id> (every script exports the cluster's env
+# file), or its command line names the cluster dir or one of its node temp dirs (what a
+# container's cleaned environment leaves). A state file is only data: a recorded group
+# that is gone, reused by a stranger or by another program of the user's fails here.
+# usage: ar_group_is_ours PGID
+ar_group_is_ours() {
+    local pgid="$1" uid pid members mine
+    case "$pgid" in '' | 0* | *[!0-9]*) return 1 ;; esac  # also no sign, no leading zero (octal)
+    [ "${#pgid}" -le 9 ] && [ "$pgid" -gt 1 ] || return 1
+    [ -n "${AR_CLUSTER_ID:-}" ] && [ -n "${AR_CLUSTER_DIR:-}" ] || return 1
+    uid="$(id -u)"
+    members="$(pgrep -g "$pgid" 2>/dev/null)" || return 1
+    # real and effective uid both this user's (a setuid program in the group is not)
+    mine="$(pgrep -g "$pgid" -u "$uid" -U "$uid" 2>/dev/null)" || return 1
+    [ "$members" = "$mine" ] || return 1
+    for pid in $members; do
+        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
+            return 0
+        fi
+        case "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" in
+            *"$AR_CLUSTER_DIR/"* | *"${AR_NODE_TMP:-/nonexistent}/${AR_NODE_TMP_NAME:-/}."*) return 0 ;;
+        esac
+    done
+    return 1
+}
+
+# Stop one process group of this cluster's: TERM, a short grace, then KILL. A group
+# that is not the cluster's (ar_group_is_ours) is never signalled, and said so.
 ar_stop_group() {
     local pgid="$1" _
+    if ! ar_group_is_ours "$pgid"; then
+        # nothing of ours there: gone already (the usual case), or a record not to trust
+        pgrep -g "$pgid" >/dev/null 2>&1 && ar_log "process group '$pgid' is not this cluster's: not signalled"
+        return 0
+    fi
     kill -TERM -- "-$pgid" 2>/dev/null || return 0
     # Ray's GCS and raylet do not end on TERM at all (measured: still there after 15 s),
     # so a long grace only delays every stop: the others get 0.3 s, then KILL
@@ -284,7 +319,8 @@ ar_stop_group() {
         kill -0 -- "-$pgid" 2>/dev/null || return 0
         sleep 0.1
     done
-    kill -KILL -- "-$pgid" 2>/dev/null || true
+    # checked again: in the grace the group may have ended and its number been reused
+    ! ar_group_is_ours "$pgid" || kill -KILL -- "-$pgid" 2>/dev/null || true
 }
 
 # Stop every process of this cluster on THIS host: the process groups recorded
@@ -301,6 +337,7 @@ ar_stop_cluster_here() {
         pgid=""
         read -r host pgid <"$file" || [ -n "$pgid" ] || continue
         [ "$host" = "$here" ] || continue
+        # a record that is no number is left alone (and reported as not stopped)
         case "$pgid" in '' | *[!0-9]*) continue ;; esac
         {
             ar_stop_group "$pgid"

@@ -161,7 +161,8 @@ def _requirements_hash(settings: RayClusterSettings) -> str:
 async def make_private_work_dir(target: Transport, work_dir: str) -> None:
     """The work dir holds venvs and every cluster's token: the user's alone, before
     anything is put in it."""
-    await target.run(f"mkdir -p {shlex.quote(work_dir)} && chmod 700 {shlex.quote(work_dir)}")
+    # made private (with every parent it makes), not made then narrowed; one made before is narrowed
+    await target.run(f"(umask 077 && mkdir -p {shlex.quote(work_dir)}) && chmod 700 {shlex.quote(work_dir)}")
 
 
 @task(name="publish-ray-environment", cache_policy=NO_CACHE)
@@ -376,7 +377,7 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
             logger.warning("job %s still %s %ds after the stop request: cancelling it", plan.job_id, state,
                            GRACEFUL_STOP_SECONDS)
         if state.phase is not JobPhase.ended:
-            await scheduler.cancel(target, plan.job_id)
+            await scheduler.cancel(target, plan.job_id, plan.cluster_dir)
             state = await _wait_ended(target, scheduler, plan.job_id, 120)
             if state.phase is not JobPhase.ended:
                 logger.warning("job %s still %s after cancel", plan.job_id, state)

@@ -4,9 +4,11 @@ checks them, transient faults retried, permanent ones raised at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shlex
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -322,19 +324,29 @@ class SshTransport(Transport):
         return result
 
     async def write_text(self, path: str, text: str, mode: int = 0o600) -> None:
-        path = await self._absolute(path)
-        await self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))}")
-        async with (await self._connection()).start_sftp_client() as sftp:
-            async with sftp.open(path, "w", asyncssh.SFTPAttrs(permissions=mode)) as handle:
-                await handle.write(text)
-            await sftp.chmod(path, mode)
+        await self._write_private(path, text.encode(), mode)
 
     async def put_file(self, local: Path, path: str, mode: int = 0o600) -> None:
+        await self._write_private(path, local.read_bytes(), mode)
+
+    async def _write_private(self, path: str, data: bytes, mode: int) -> None:
+        """Into a new file beside path (exclusive create, `mode` from its creation and set
+        again before the first byte, whatever the server's umask), renamed over path: an
+        existing file with a wider mode never holds the new data, nor is made private after."""
         path = await self._absolute(path)
-        await self.run(f"mkdir -p {shlex.quote(os.path.dirname(path))}")
+        directory, name = os.path.split(path)
+        await self.run(f"(umask 077 && mkdir -p {shlex.quote(directory)})")
+        temp = f"{directory}/.{name}.{secrets.token_hex(6)}.tmp"
         async with (await self._connection()).start_sftp_client() as sftp:
-            await sftp.put(str(local), path)
-            await sftp.chmod(path, mode)
+            try:
+                async with sftp.open(temp, "xb", asyncssh.SFTPAttrs(permissions=mode & 0o600)) as handle:
+                    await handle.chmod(mode)
+                    await handle.write(data)
+                await sftp.posix_rename(temp, path)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await sftp.remove(temp)
+                raise
 
     async def _absolute(self, path: str) -> str:
         if path.startswith("~/"):

@@ -10,9 +10,11 @@ remote login shell (csh, fish...) never parses them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
+import tempfile
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -100,12 +102,33 @@ class Transport(ABC):
         await self.close()
 
 
+# Secrets this process may hold in its environment (flows/ray_tasks.py puts the cluster's
+# token there while its driver talks to the cluster) that no command run from here inherits:
+# a batch submission keeps its environment with the job (sbatch's default --export=ALL,
+# qsub -V), where the scheduler shows it to its admins and tools. The jobs read the token
+# from the cluster's private token file (RAY_AUTH_TOKEN_PATH in cluster.env) instead.
+SECRET_ENVIRONMENT = ("RAY_AUTH_TOKEN",)
+
+
+def command_environment() -> dict[str, str]:
+    """This process's environment less its secrets: what every command run here gets."""
+    return {name: value for name, value in os.environ.items() if name not in SECRET_ENVIRONMENT}
+
+
 def _write_private(target: Path, data: bytes, mode: int) -> None:
-    """Write with the final mode from the first byte (fchmod before writing: an existing file keeps its old one)."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(fd, mode)
-        handle.write(data)
+    """Write into a new file beside target, 0600 from its creation (mkstemp, whatever the
+    umask) and given `mode` before the first byte, then renamed over target: an existing
+    file with a wider mode, or one that a reader opened before, never sees the new data."""
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(fd, mode)
+            handle.write(data)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 class LocalTransport(Transport):
@@ -120,7 +143,7 @@ class LocalTransport(Transport):
     async def run(self, command: str, *, check: bool = True, timeout: float | None = 120) -> CommandResult:
         process = await asyncio.create_subprocess_exec(
             "bash", "-c", command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+            stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=command_environment(),
         )
         try:
             out, err = await asyncio.wait_for(process.communicate(), timeout)
@@ -138,7 +161,10 @@ class LocalTransport(Transport):
         session of its own, the whole group stopped on a timeout or a cancel)."""
         from prefect_shell import ShellOperation
 
-        async with ShellOperation(commands=[command], log_prefix=None) as operation:
+        # prefect-shell gives its shell this process's whole environment: the secrets are
+        # unset in that shell, before anything it starts could inherit them
+        unset = f"unset {' '.join(SECRET_ENVIRONMENT)}\n"
+        async with ShellOperation(commands=[unset + command], log_prefix=None) as operation:
             process = await operation.atrigger(stdin=asyncio.subprocess.DEVNULL)
             try:
                 await asyncio.wait_for(process.await_for_completion(), timeout)

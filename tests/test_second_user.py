@@ -60,11 +60,17 @@ WRITE_PROBE = textwrap.dedent(
     """
 )
 
-# As the stranger: where the token shows up among what that user can read.
+# As the stranger: where the token shows up among what that user can read: every process's
+# command line and environment, and every file the product could have written, never a
+# whole shared tree (one with other users' virtual environments took more than 90 s):
+# argv[1] is {"trees": dirs walked whole (the test's own work dir, the owner's product
+# dirs in its home), "owned_in": shared dirs (/tmp, /var/tmp, /dev/shm) of which only the
+# entries the owner made are walked, at any depth, "owner": the owner's uid}.
 TOKEN_SEARCH = textwrap.dedent(
     """
     import json, os, sys
     token = sys.stdin.readline().strip().encode()  # not in argv: this probe's own cmdline would hold it
+    scope = json.loads(sys.argv[1])
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         for part in ("cmdline", "environ"):
@@ -74,7 +80,27 @@ TOKEN_SEARCH = textwrap.dedent(
                         found.append(f"/proc/{pid}/{part}")
             except OSError:
                 pass
-    for root in sys.argv[1:]:
+    roots = list(scope["trees"])
+    for shared in scope["owned_in"]:
+        try:
+            entries = list(os.scandir(shared))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid == scope["owner"]:
+                    roots.append(entry.path)
+            except OSError:
+                pass
+    for root in roots:
+        if os.path.isfile(root) and not os.path.islink(root):
+            try:
+                with open(root, "rb") as handle:
+                    if token in handle.read(1 << 20):
+                        found.append(root)
+            except OSError:
+                pass
+            continue
         for directory, dirs, files in os.walk(root):
             for name in files:
                 path = os.path.join(directory, name)
@@ -150,10 +176,14 @@ def assert_stranger_gets_nothing(bed, info: dict, work, prefect_api: str, head_h
     # 1. the Prefect server (the test's own, configured one): no block holds the token
     blocks = as_stranger(bed, "login", PREFECT_SECRETS, prefect_api)
     assert token not in blocks
-    # 2. files, command lines and environments the stranger can read, on every host
+    # 2. files, command lines and environments the stranger can read, on every host: each file
+    # the product could have written (the run's work dir, the owner's product dirs in its home,
+    # what the owner made in each host's shared temp dirs), never a whole tree of other users'
+    # (work is the product's work dir, inside the test's own dir: that whole dir, the flow's kept output included)
+    scope = {"trees": [str(work.parent), *(str(bed.user.home / name) for name in (".activate-ray", ".ray", ".prefect"))],
+             "owned_in": ["/tmp", "/var/tmp", "/dev/shm"], "owner": bed.user.uid}
     for host in bed.hosts:
-        found = json.loads(as_stranger(bed, host, TOKEN_SEARCH, "/tmp", "/var/tmp", "/dev/shm", "/home",
-                                       stdin=token + "\n"))
+        found = json.loads(as_stranger(bed, host, TOKEN_SEARCH, json.dumps(scope), stdin=token + "\n"))
         assert found == [], f"the stranger finds the token on {host}: {found}"
     # 3. no dir of the cluster's takes a file from the stranger (Ray's own 0777 dirs included)
     dirs = cluster_dirs(bed, info, work)

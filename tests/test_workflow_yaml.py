@@ -343,7 +343,9 @@ def fake_cluster(work_dir: Path, node_tmp: Path, cluster_id: str) -> tuple[Path,
         f"export AR_CLUSTER_ID={cluster_id}\nexport AR_CLUSTER_DIR={cluster_dir}\nexport AR_NODE_TMP={node_tmp}\n"
         f"export AR_NODE_TMP_NAME={cluster_id[:11]}\n"
     )
-    node = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    # the cluster's id in its environment, as every node has it (cluster.env is exported): the
+    # teardown signals no recorded group that is not the cluster's (ar_group_is_ours)
+    node = subprocess.Popen(["sleep", "300"], start_new_session=True, env={**os.environ, "AR_CLUSTER_ID": cluster_id})
     (cluster_dir / "nodes" / "head.pgid").write_text(f"{socket.gethostname().split('.')[0]} {node.pid}")
     return cluster_dir, node
 

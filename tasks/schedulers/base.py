@@ -154,7 +154,9 @@ class Scheduler(ABC):
     async def state(self, target: Transport, job_id: str) -> JobState: ...
 
     @abstractmethod
-    async def cancel(self, target: Transport, job_id: str) -> None: ...
+    async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
+        """End the job. cluster_dir: the cluster's dir on the target, for a scheduler whose job
+        id is a process group of the host (it signals only a group of that cluster's)."""
 
     @property
     def walltime_seconds(self) -> int | None:

@@ -17,7 +17,8 @@ class DirectScheduler(Scheduler):
 
     name = "none"
     launch_script = "launch_workers_direct.sh"
-    job_id_re = re.compile(r"^[1-9][0-9]{0,9}$")  # the supervisor's process group on the host
+    # the supervisor's process group on the host: never 1 (`kill -- -1` reaches every process of the user)
+    job_id_re = re.compile(r"^(?!1$)[1-9][0-9]{0,8}$")
 
 
     def submit_command(self, cluster_dir: str) -> str:
@@ -36,6 +37,13 @@ class DirectScheduler(Scheduler):
         alive = await target.query(f"ps -o stat= -p {int(job_id)} | grep -qv '^Z'")
         return JobState(JobPhase.running if alive.returncode == 0 else JobPhase.ended)
 
-    async def cancel(self, target: Transport, job_id: str) -> None:
-        # The supervisor's trap stops every node; shutdown_ray.sh then sweeps.
-        await target.query(f"kill -TERM -- -{int(job_id)} 2>/dev/null || true")
+    async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
+        # The supervisor's trap stops every node; shutdown_ray.sh then sweeps. The id was read
+        # back from files (the cluster's, the run's state file): TERM goes to the group only
+        # once the cluster's own check (ar_group_is_ours) found it this user's and this
+        # cluster's; without the cluster's dir nothing is signalled (the sweep still runs).
+        if not cluster_dir or not self.job_id_re.fullmatch(job_id):
+            return
+        lib, env = shlex.quote(f"{cluster_dir}/bin/ray_lib.sh"), shlex.quote(f"{cluster_dir}/cluster.env")
+        await target.query(f"[ -e {lib} ] && [ -e {env} ] && ( . {env} && . {lib} && ar_group_is_ours {job_id} "
+                           f"&& kill -TERM -- -{job_id} ) >/dev/null 2>&1 || true")

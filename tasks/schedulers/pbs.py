@@ -341,7 +341,7 @@ class PbsScheduler(Scheduler):
         result = await target.query(f"qstat -f {quoted} 2>&1")
         return parse_qstat_text(result.stdout)
 
-    async def cancel(self, target: Transport, job_id: str) -> None:
+    async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"qdel {shlex.quote(job_id)}")
 
 

@@ -247,7 +247,7 @@ class SlurmScheduler(Scheduler):
             return _slurm_state(state.split()[0], reason)
         return JobState(JobPhase.ended, "not in queue")
 
-    async def cancel(self, target: Transport, job_id: str) -> None:
+    async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"scancel {shlex.quote(job_id)}")
 
 
