@@ -121,7 +121,6 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import (
     CLUSTER_ID_RE,
-    SCRIPTS_DIR,
     ClusterPlan,
     beat,
     load_cluster_states,
@@ -160,6 +159,7 @@ from tasks.settings import (
     SchedulerKind,
     SlurmOptions,
 )
+from tasks.shipped import SCRIPTS_DIR
 from tasks.transport import LocalTransport, Transport
 from tasks.user_job import keep_alive, run_user_job, warm_up_job_client
 

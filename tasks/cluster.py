@@ -24,9 +24,9 @@ from tasks.logs import get_run_logger
 from tasks.scaling import end_worker_jobs, worker_job_ids_left
 from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, Scheduler, scheduler_for
 from tasks.settings import TARGET_PATH_RE, EnvironmentOptions, RayClusterSettings, node_tmp_name
+from tasks.shipped import SCRIPTS_DIR
 from tasks.transport import LocalTransport, Transport
 
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
 # Where the controller keeps what a teardown hook needs if the flow process dies.
 RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 
