@@ -58,7 +58,10 @@ def test_the_wheel_holds_the_golden_file_list(wheel):
     files = "\n".join(wheel_files(wheel)) + "\n"
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN_WHEEL_FILES.write_text(files)
-    assert files == GOLDEN_WHEEL_FILES.read_text(), "the wheel's files changed: UPDATE_GOLDEN=1 and review the diff"
+    golden = GOLDEN_WHEEL_FILES.read_text()
+    added, gone = sorted(set(files.split()) - set(golden.split())), sorted(set(golden.split()) - set(files.split()))
+    assert files == golden, (f"the wheel's files changed (added {added}, gone {gone}): "
+                             "UPDATE_GOLDEN=1 rewrites tests/golden/wheel_files.txt, then review its diff")
 
 
 def test_the_wheel_ships_every_script_and_example_and_no_tests(wheel):
