@@ -33,12 +33,13 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel built as `uv build --wheel` builds it, from a copy of the checkout (a build in
-    place leaves build/ behind, whose stale files would ship in the next wheel)."""
+    """The wheel as `uv build` (and make wheel-demo) builds it, through its sdist, from a copy of
+    the checkout: a build in place reads what earlier builds left (build/, *.egg-info), and
+    their stale files would ship."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     shutil.copytree(REPO, source, symlinks=True, ignore=NOT_SOURCES)
-    built = subprocess.run([str(UV), "build", "--wheel", "--out-dir", str(root / "dist"), str(source)],
+    built = subprocess.run([str(UV), "build", "--out-dir", str(root / "dist"), str(source)],
                            capture_output=True, text=True, check=False, timeout=300, env=_env())
     assert built.returncode == 0, built.stderr[-3000:]
     [found] = (root / "dist").glob("*.whl")
