@@ -158,3 +158,13 @@ def test_only_a_shipped_example_by_its_name_is_found(name, tmp_path, monkeypatch
     assert shipped_example(name) is None
     with pytest.raises(ValueError, match="not a readable regular file"):
         RayClusterSettings(user_script=name)
+
+
+def test_inputs_doc_writes_no_readme_where_there_is_none(tmp_path, monkeypatch, capsys):
+    """Installed, flows/inputs_doc.py's README would be site-packages/README.md: --write refuses."""
+    import flows.inputs_doc as inputs_doc
+
+    monkeypatch.setattr(inputs_doc, "README", tmp_path / "README.md")
+    assert inputs_doc.main(["--write"]) == 2
+    assert "checkout's README.md" in capsys.readouterr().err
+    assert not (tmp_path / "README.md").exists()
