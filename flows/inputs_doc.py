@@ -19,6 +19,7 @@ from prefect.utilities.callables import parameter_schema
 from flows.ray_cluster import ray_cluster
 from tasks.settings import GROUPS
 
+# the checkout's (make docs); an installed package has none
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- inputs: made by python -m flows.inputs_doc -->", "<!-- /inputs -->"
 
@@ -78,6 +79,9 @@ def main(argv: list[str]) -> int:
     if "--write" not in argv:
         sys.stdout.write(table)
         return 0
+    if not README.is_file():  # an installed package has no README to keep in step
+        print(f"--write edits the checkout's README.md; there is none at {README}", file=sys.stderr)
+        return 2
     text = README.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     README.write_text(text[:start] + "\n" + table + text[end:])

@@ -121,7 +121,6 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from tasks.atomic_file import write_text_atomic
 from tasks.cluster import (
     CLUSTER_ID_RE,
-    SCRIPTS_DIR,
     ClusterPlan,
     beat,
     load_cluster_states,
@@ -136,6 +135,7 @@ from tasks.cluster import (
     teardown_cluster,
 )
 from tasks.failures import FailureReason, InvalidInput, reason_of
+from tasks.local_transport import LocalTransport
 from tasks.logs import get_run_logger
 from tasks.readiness import (
     ClusterFailed,
@@ -160,7 +160,8 @@ from tasks.settings import (
     SchedulerKind,
     SlurmOptions,
 )
-from tasks.transport import LocalTransport, Transport
+from tasks.shipped import SCRIPTS_DIR
+from tasks.transport import Transport
 from tasks.user_job import keep_alive, run_user_job, warm_up_job_client
 
 if TYPE_CHECKING:

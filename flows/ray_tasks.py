@@ -34,11 +34,11 @@ from prefect.settings import get_current_settings
 from flows.ray_cluster import bring_up, open_target, remember, start_adapting, teardown_saved_clusters
 from tasks.cluster import ClusterPlan, target_work_dir, teardown_cluster
 from tasks.failures import InvalidInput
+from tasks.local_transport import LocalTransport
 from tasks.logs import get_run_logger
 from tasks.readiness import ConnectionInfo
 from tasks.schedulers import scheduler_for
 from tasks.settings import RayClusterSettings, SchedulerKind
-from tasks.transport import LocalTransport
 
 CLIENT_ATTEMPTS = 3
 # What ray.init("ray://...") raises when the head's per-connection Ray Client server did not

@@ -20,13 +20,14 @@ from pydantic import SecretStr
 
 from tasks.atomic_file import write_text_atomic
 from tasks.events import emit_cluster_event
+from tasks.local_transport import LocalTransport
 from tasks.logs import get_run_logger
-from tasks.scaling import end_worker_jobs, worker_job_ids_left
 from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, Scheduler, scheduler_for
 from tasks.settings import TARGET_PATH_RE, EnvironmentOptions, RayClusterSettings, node_tmp_name
-from tasks.transport import LocalTransport, Transport
+from tasks.shipped import SCRIPTS_DIR
+from tasks.transport import Transport
+from tasks.worker_jobs import end_worker_jobs, worker_job_ids_left
 
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
 # Where the controller keeps what a teardown hook needs if the flow process dies.
 RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,11 +22,12 @@ from tasks.atomic_file import write_text_atomic
 from tasks.cluster import ClusterPlan, token_block_name
 from tasks.events import emit_cluster_event
 from tasks.failures import FailureReason
+from tasks.head_api import HeadInfo, alive_nodes, auth_headers, node_name, parse_head_env
 from tasks.logs import get_run_logger
-from tasks.scaling import is_worker_job_node
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.settings import NodeFailure, RayClusterSettings, SchedulerKind
 from tasks.transport import Transport
+from tasks.worker_jobs import is_worker_job_node
 
 
 class ClusterFailed(RuntimeError):
@@ -45,15 +45,6 @@ class ClusterFailed(RuntimeError):
         self.joined = joined or []
         self.head_failed = head_failed
         self.failed_nodes: list[str] = []  # filled in by whoever can ask the scheduler
-
-
-@dataclass
-class HeadInfo:
-    node: str
-    ip: str
-    gcs_port: int
-    dashboard_port: int
-    client_port: int
 
 
 @dataclass
@@ -105,27 +96,6 @@ class ConnectionInfo:
                 + (f" or Prefect Secret block '{self.token_block}'" if self.token_block else "")]
                if self.token_file else ["  Ray token      : OFF (token_auth disabled)"])
         )
-
-
-def parse_head_env(text: str) -> HeadInfo:
-    values = dict(re.findall(r"^(RAY_\w+)=(.*)$", text, re.M))
-    return HeadInfo(
-        values["RAY_HEAD_NODE"], values["RAY_HEAD_IP"], int(values["RAY_GCS_PORT"]),
-        int(values["RAY_DASHBOARD_PORT"]), int(values["RAY_CLIENT_PORT"]),
-    )
-
-
-def auth_headers(plan: ClusterPlan) -> dict[str, str]:
-    if not plan.settings.token_auth:
-        return {}
-    return {"Authorization": f"Bearer {plan.token.get_secret_value()}"}
-
-
-async def alive_nodes(client: httpx.AsyncClient) -> list[dict]:
-    response = await client.get("/api/v0/nodes", params={"limit": 10000})
-    response.raise_for_status()
-    rows = response.json()["data"]["result"]["result"]
-    return [row for row in rows if row.get("state") == "ALIVE"]
 
 
 # The local ports of the tunnel command: Ray's own defaults, so Ray's docs apply as written.
@@ -309,11 +279,6 @@ async def _log_tail(target: Transport, plan: ClusterPlan) -> str:
     logs = shlex.quote(f"{plan.cluster_dir}/logs")
     tail = await target.run(f"tail -n 20 {logs}/*.out {logs}/supervisor.log 2>/dev/null", check=False)
     return tail.stdout[-1500:]
-
-
-def node_name(node: dict) -> str:
-    """A Ray node as the scheduler names it (ar_run_node starts each with --node-name)."""
-    return str(node.get("node_name") or node.get("node_ip"))
 
 
 async def confirm_nodes_alive(plan: ClusterPlan, local_port: int, ready_nodes: list[dict]) -> None:

@@ -1,11 +1,9 @@
-"""Grow and shrink a running cluster with worker jobs (scale options, tasks/schedulers/scale_options.py).
+"""Grow and shrink a running cluster with worker jobs (scale options, tasks/schedulers/scale_options.py):
+at start, on `scale --add/--remove` from another shell, and adaptively while the cluster holds.
 
-Every worker job of a cluster is recorded in its cluster dir (worker_jobs/<job id>), by
-whoever submitted it (the flow at start or adapting, `scale --add` from another shell),
-so the teardown, the crash hooks and `scale --remove` find them all. A worker job's Ray
-node is named wjob-<job id>@<host> (scripts/worker_main.sh): the node watcher keeps it
-apart from the allocation's nodes. Removing one asks its node to stop itself first
-(nodes/wjob-<job id>.remove), then cancels the job if it is still there.
+The worker jobs themselves (recorded in the cluster dir, named wjob-<job id>@<host> as Ray
+nodes, ended gracefully) are tasks/worker_jobs.py's; the head's dashboard API is
+tasks/head_api.py's.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import shlex
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,114 +20,24 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.failures import FailureReason
+from tasks.head_api import alive_nodes, auth_headers, node_name, parse_head_env
 from tasks.logs import get_run_logger
-from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, JobState, Scheduler
+from tasks.schedulers import SCHEDULERS, JobPhase, Scheduler
+from tasks.settings import RayClusterSettings
 from tasks.transport import Transport
+from tasks.worker_jobs import (
+    end_worker_jobs,
+    is_worker_job_node,
+    job_of_worker_node,
+    job_states,
+    live_worker_jobs,
+    remove_worker_jobs,
+    submit_worker_jobs,
+    worker_node_name,
+)
 
 if TYPE_CHECKING:
     from tasks.cluster import ClusterPlan
-
-WORKER_JOBS_DIR = "worker_jobs"
-WORKER_NODE_PREFIX = "wjob-"
-# How long a removed worker's node gets to stop itself before its job is cancelled.
-REMOVE_GRACE_SECONDS = 20
-
-
-def worker_node_name(job_id: str) -> str:
-    """The name of a worker job's entry in the cluster's nodes/ dir (ar_run_node's NAME)."""
-    return f"{WORKER_NODE_PREFIX}{job_id.split('.')[0]}"
-
-
-def is_worker_job_node(ray_node_name: str) -> bool:
-    return ray_node_name.startswith(WORKER_NODE_PREFIX)
-
-
-def job_of_worker_node(ray_node_name: str) -> str:
-    """wjob-123@node2 -> 123 (the job id as the node knows it: without a PBS server suffix)."""
-    return ray_node_name[len(WORKER_NODE_PREFIX):].split("@", 1)[0]
-
-
-async def job_states(target: Transport, scheduler: Scheduler, job_ids: list[str]) -> dict[str, JobState]:
-    """Each job's state, asked at once, in the order given."""
-    states = await asyncio.gather(*(scheduler.state(target, job_id) for job_id in job_ids))
-    return dict(zip(job_ids, states, strict=True))
-
-
-async def recorded_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str) -> list[str]:
-    """The cluster's worker jobs, oldest first; only ids of the scheduler's own form."""
-    listing = await target.run(f"ls -1tr {shlex.quote(cluster_dir + '/' + WORKER_JOBS_DIR)} 2>/dev/null", check=False)
-    return [name for name in listing.stdout.split() if scheduler.job_id_re.fullmatch(name)]
-
-
-async def submit_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str, count: int,
-                             head_job: str = "") -> list[str]:
-    """Submit `count` worker jobs, one after the other (a retried submission looks its job up
-    by name: the ones before must be known by then); each recorded as it is taken."""
-    jobs_dir = f"{cluster_dir}/{WORKER_JOBS_DIR}"
-    await target.run(f"mkdir -p {shlex.quote(jobs_dir)}")
-    known = {head_job, *await recorded_worker_jobs(target, scheduler, cluster_dir)} - {""}
-    submitted = []
-    for _ in range(count):
-        job_id = await scheduler.submit(target, cluster_dir, WORKER_JOB_SCRIPT, known=frozenset(known))
-        await target.run(f"touch {shlex.quote(jobs_dir + '/' + job_id)}")
-        known.add(job_id)
-        submitted.append(job_id)
-    if submitted:
-        get_run_logger().info("worker job(s) submitted to %s: %s", scheduler.name, ", ".join(submitted))
-    return submitted
-
-
-async def live_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str) -> dict[str, JobState]:
-    """The recorded worker jobs still queued or running, oldest first, with their states; one
-    that ended by itself (its walltime) is no longer the cluster's and is forgotten."""
-    recorded = await recorded_worker_jobs(target, scheduler, cluster_dir)
-    states = await job_states(target, scheduler, recorded)
-    for job_id in [j for j, state in states.items() if state.phase is JobPhase.ended]:
-        await _forget(target, cluster_dir, job_id)
-        states.pop(job_id)
-    return states
-
-
-async def _forget(target: Transport, cluster_dir: str, job_id: str) -> None:
-    paths = [f"{cluster_dir}/{WORKER_JOBS_DIR}/{job_id}", f"{cluster_dir}/nodes/{worker_node_name(job_id)}.remove"]
-    await target.run("rm -f -- " + shlex.join(paths), check=False)
-
-
-async def end_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str, job_ids: list[str],
-                          grace: float = REMOVE_GRACE_SECONDS) -> None:
-    """End these worker jobs: a queued one is cancelled at once; a running one's node is asked
-    to stop itself (it copies its logs, removes its temp dir), then its job is cancelled if
-    it is still there after `grace`."""
-    states = await job_states(target, scheduler, job_ids)
-    running = [j for j, s in states.items() if s.phase is JobPhase.running]
-    for job_id in [j for j, s in states.items() if s.phase is JobPhase.pending]:
-        await scheduler.cancel(target, job_id)
-    if running:
-        marks = [f"{cluster_dir}/nodes/{worker_node_name(j)}.remove" for j in running]
-        await target.run(f"[ ! -d {shlex.quote(cluster_dir + '/nodes')} ] || touch -- {shlex.join(marks)}", check=False)
-        deadline = time.monotonic() + grace
-        while running and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            running = [j for j, s in (await job_states(target, scheduler, running)).items()
-                       if s.phase is not JobPhase.ended]
-        for job_id in running:
-            get_run_logger().warning("worker job %s still there %.0fs after its node was asked to stop: cancelling it",
-                                     job_id, grace)
-            await scheduler.cancel(target, job_id)
-    for job_id in job_ids:
-        await _forget(target, cluster_dir, job_id)
-
-
-async def remove_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str, count: int) -> list[str]:
-    """Remove `count` worker jobs: queued ones first (they give nothing yet), then the newest."""
-    live = list((await live_worker_jobs(target, scheduler, cluster_dir)).items())
-    chosen = ([j for j, s in reversed(live) if s.phase is JobPhase.pending]
-              + [j for j, s in reversed(live) if s.phase is JobPhase.running])[:count]
-    if chosen:
-        get_run_logger().info("removing worker job(s) %s", ", ".join(chosen))
-        await end_worker_jobs(target, scheduler, cluster_dir, chosen)
-    return chosen
-
 
 # --- adaptive: worker jobs follow Ray's pending demand ----------------------------------------
 
@@ -251,12 +158,6 @@ class Adapter:
         return f"submitted {', '.join(ids)}"
 
 
-async def worker_job_ids_left(target: Transport, scheduler: Scheduler, cluster_dir: str, known: list[str]) -> list[str]:
-    """For teardown: every worker job the cluster dir records, and the ones the flow saved."""
-    recorded = await recorded_worker_jobs(target, scheduler, cluster_dir)
-    return list(dict.fromkeys([*known, *recorded]))
-
-
 @task(name="submit-worker-jobs", cache_policy=NO_CACHE)
 async def add_worker_jobs(target: Transport, scheduler: Scheduler, plan: ClusterPlan, count: int) -> list[str]:
     """Worker jobs for this cluster, recorded in its plan too (the flow's saved state)."""
@@ -270,8 +171,6 @@ async def adapt_worker_jobs(target: Transport, scheduler: Scheduler, plan: Clust
     """The adaptive loop, while the cluster holds (until cancelled): one Adapter step every
     `every` seconds. A failed step (a busy controller, the dashboard restarting) is logged and
     the next one tries again: scaling never fails the cluster."""
-    from tasks.readiness import alive_nodes, auth_headers  # readiness imports this module
-
     settings = plan.settings
     low, high = settings.scale.adapt_bounds
     adapter = None
@@ -310,10 +209,6 @@ async def scale_running_cluster(target: Transport, cluster_dir: str, delta: int,
     """Add (delta > 0) or remove (delta < 0) worker jobs of a running cluster known only by
     its dir (the flow that started it runs elsewhere), then wait up to `timeout` until
     their nodes are alive on the head's dashboard, or gone from it."""
-    from tasks.readiness import alive_nodes, node_name, parse_head_env  # readiness imports this module
-    from tasks.schedulers import SCHEDULERS
-    from tasks.settings import RayClusterSettings
-
     env = await target.read_text(f"{cluster_dir}/cluster.env")
     if env is None:
         raise ScaleRefused(f"no cluster at {cluster_dir} on {target.label} (ended, or another host or work dir)")

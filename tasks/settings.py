@@ -24,6 +24,7 @@ from tasks.schedulers.options import positioned
 from tasks.schedulers.pbs import PBS_WALLTIME_RE, PbsOptions, pbs_select_chunks
 from tasks.schedulers.scale_options import ScaleOptions
 from tasks.schedulers.slurm import SLURM_WALLTIME_RE, SlurmOptions
+from tasks.shipped import shipped_example
 
 DEFAULT_RAY_VERSION = "2.60.0"
 
@@ -682,7 +683,8 @@ class RayClusterSettings(BaseModel):
                 raise ValueError(f"user_script: the script's text is not valid Python: {error.msg} "
                                  f"(line {error.lineno})") from None
             return value
-        return check_local_file(value, info.field_name)
+        # examples/hello_ray.py from outside the checkout (an installed wheel): the shipped one
+        return check_local_file(shipped_example(value) or value, info.field_name)
 
     @property
     def script_is_text(self) -> bool:

@@ -16,8 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from tasks.cluster import ClusterPlan
 from tasks.events import emit_cluster_event
 from tasks.failures import FailureReason
+from tasks.head_api import auth_headers
 from tasks.logs import get_run_logger
-from tasks.readiness import auth_headers, confirm_nodes_alive
+from tasks.readiness import confirm_nodes_alive
 from tasks.transport import Transport
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -12,13 +12,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tasks.cluster import SCRIPTS_DIR
 from tasks.schedulers import (
     PbsScheduler,
     SlurmScheduler,
     scheduler_for,
 )
 from tasks.settings import RayClusterSettings
+from tasks.shipped import SCRIPTS_DIR
 from tasks.transport import CommandResult
 
 CLUSTER_ID = "ar-0123abcd"

@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tasks.local_transport import LocalTransport
 from tasks.scaling import Adapter, worker_jobs_for
 from tasks.schedulers import JobPhase, JobState, Scheduler
 from tasks.settings import RayClusterSettings
-from tasks.transport import LocalTransport
 
 
 class QueueOfDicts(Scheduler):

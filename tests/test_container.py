@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.cluster import CONTAINER_ENVIRONMENT, SCRIPTS_DIR, ClusterPlan
+from tasks.cluster import CONTAINER_ENVIRONMENT, ClusterPlan
+from tasks.shipped import SCRIPTS_DIR
+from tests.helpers import REPO
 from tests.scheduler_helpers import BASH, settings
 
 WORK_DIR = "/scratch/alice/ar"
@@ -219,7 +221,7 @@ def test_dry_run_shows_the_container(tmp_path):
     result = subprocess.run(
         [os.sys.executable, "-m", "flows.ray_cluster", "--container-image", "docker://rayproject/ray:2.60.0",
          "--container-runtime", "podman", "--dry-run"],
-        capture_output=True, text=True, check=False, cwd=SCRIPTS_DIR.parent, env=env, timeout=120)
+        capture_output=True, text=True, check=False, cwd=REPO, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "every Ray node in container image docker://rayproject/ray:2.60.0 (podman found on the node)" in result.stdout
     assert "export AR_CONTAINER_RUNTIMES=podman" in result.stdout

@@ -13,7 +13,8 @@ import pytest
 from prefect.logging import get_logger
 from prefect.logging.configuration import setup_logging
 
-from tasks.transport import CommandError, LocalTransport
+from tasks.local_transport import LocalTransport
+from tasks.transport import CommandError
 from tests.conftest import REPO
 from tests.procs import alive, all_pids, cmdline
 

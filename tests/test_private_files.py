@@ -16,8 +16,8 @@ import asyncssh
 import pytest
 
 from tasks.atomic_file import write_text_atomic
+from tasks.local_transport import LocalTransport
 from tasks.ssh_transport import SshTransport
-from tasks.transport import LocalTransport
 
 
 @pytest.fixture

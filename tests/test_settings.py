@@ -1349,7 +1349,7 @@ def test_cli_dry_run_starts_nothing(monkeypatch, capsys, sandbox):
     import asyncio
 
     import flows.ray_cluster as cli_module
-    from tasks import ssh_transport, transport
+    from tasks import local_transport, ssh_transport
 
     def forbidden(*a, **k):
         raise AssertionError("--dry-run started something")
@@ -1358,7 +1358,7 @@ def test_cli_dry_run_starts_nothing(monkeypatch, capsys, sandbox):
     monkeypatch.setattr(cli_module, "open_target", forbidden)
     monkeypatch.setattr(cli_module, "ray_cluster", forbidden)
     monkeypatch.setattr(asyncio, "run", forbidden)
-    monkeypatch.setattr(transport.asyncio, "create_subprocess_exec", forbidden)
+    monkeypatch.setattr(local_transport.asyncio, "create_subprocess_exec", forbidden)
     monkeypatch.setattr(ssh_transport, "connect_ssh", forbidden)
     monkeypatch.setattr(subprocess, "Popen", forbidden)
     for scheduler in ("none", "slurm", "pbs"):

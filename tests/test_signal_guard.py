@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from tasks.cluster import SCRIPTS_DIR
+from tasks.local_transport import LocalTransport
 from tasks.schedulers.direct import DirectScheduler
 from tasks.settings import RayClusterSettings
-from tasks.transport import LocalTransport
 from tests.scheduler_helpers import BASH
 
 CLUSTER_ID = "ar-0badc0de"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks.cluster import WORKER_JOB_SCRIPT
-from tasks.transport import LocalTransport
+from tasks.local_transport import LocalTransport
 from tests.scheduler_helpers import BASH, pbs, slurm
 
 TOKEN = "0123456789abcdef" * 4

@@ -581,8 +581,8 @@ def test_publish_connection_info_writes_the_info_file_atomically(tmp_path, monke
     import tasks.atomic_file
     import tasks.readiness as readiness
     from tasks.cluster import ClusterPlan
+    from tasks.local_transport import LocalTransport
     from tasks.schedulers import PbsScheduler
-    from tasks.transport import LocalTransport
 
     async def no_artifact(*args, **kwargs):
         return None
