@@ -11,8 +11,9 @@ from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_arg
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
-# PBS through Debian's slurm-wlm-torque wrappers: qsub/qstat/qdel, workers started
-# over ssh from the head (no pbsdsh), PBS_NODEFILE from the bed's TaskProlog.
+# "pbs" here: the Torque flavour, Debian's slurm-wlm-torque wrappers (qsub/qstat/qdel,
+# workers started over ssh from the head: no pbsdsh, PBS_NODEFILE from the bed's TaskProlog).
+# "openpbs": the bed's real OpenPBS (tests/test_openpbs.py has the rest of its tests).
 THREE_NODES = {
     "slurm": ["--slurm.nodes", "3"],
     "pbs": ["--pbs.select", "3:ncpus=1"],
@@ -81,12 +82,14 @@ print(",".join(map(str, made)))
 """
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
-def test_teardown_never_signals_a_compute_nodes_pid_on_the_login_node(work, prefect_api, bed, scheduler):
+@pytest.mark.parametrize("scheduler", ["slurm", "openpbs"])
+def test_teardown_never_signals_a_compute_nodes_pid_on_the_login_node(work, prefect_api, bed, scheduler, request):
     """Hundreds of the user's own process groups on the login node, numbered like the
-    compute nodes' Ray groups, all survive the teardown."""
+    compute nodes' Ray groups, all survive the teardown (of a keep-alive cluster)."""
+    env = request.getfixturevalue("openpbs").env() if scheduler == "openpbs" else None
+    scheduler = "pbs" if scheduler == "openpbs" else scheduler
     flow = BackgroundFlow(bed, batch_args(work / "w", *THREE_NODES[scheduler], "--keep-alive",
-                                          scheduler=scheduler), work, prefect_api)
+                                          scheduler=scheduler), work, prefect_api, env=env)
     decoys: list[str] = []
     try:
         info = flow.wait_ready()

@@ -6,6 +6,7 @@ are OpenPBS's own (`12.login`). Slurm's Torque wrappers are the other PBS flavou
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from tasks.settings import node_tmp_name
-from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_args, run_flow, wait_for
+from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_args, flow_env, run_flow, wait_for
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
@@ -177,4 +178,42 @@ def test_ray_ends_with_the_job_when_every_supervisor_was_sigkilled(pbs_work, pre
         shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(work / "w" / "clusters" / cluster_id, ignore_errors=True)
     (bed.user.home / ".activate-ray" / "runs" / f"{cluster_id}.json").unlink(missing_ok=True)
+    assert_nothing_left(bed, cluster_id, work / "w")
+
+
+def pbs_scale(bed, openpbs, prefect_api, cluster_id, work_dir, *change, timeout="120") -> dict:
+    """`python -m flows.ray_cluster scale ...` as the bed's user on the login node, on OpenPBS."""
+    result = bed.run_login([bed.user_python, "-m", "flows.ray_cluster", "scale", cluster_id, *change,
+                            "--work-dir", str(work_dir), "--timeout", timeout],
+                           user=bed.user, env=flow_env(prefect_api, openpbs.env(), bed.repo), cwd=bed.repo, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_worker_jobs_added_and_removed_on_a_keep_alive_cluster(pbs_work, prefect_api, bed, openpbs):
+    """A 1-chunk keep-alive cluster grows by two OpenPBS worker jobs (ids N.login), shrinks by
+    the newest, which ends by itself (Exit_status 0); SIGINT tears down the rest: no job in
+    qstat, no process, no temp dir."""
+    work = pbs_work
+    flow = BackgroundFlow(bed, batch_args(work / "w", "--pbs.select", "1:ncpus=1", "--keep-alive",
+                                          "--scale.worker-cpus", "1", scheduler="pbs"),
+                          work, prefect_api, env=openpbs.env())
+    try:
+        info = flow.wait_ready()
+        cluster_id = info["cluster_id"]
+        added = pbs_scale(bed, openpbs, prefect_api, cluster_id, work / "w", "--add", "2")
+        assert len(added["added"]) == 2 and added["nodes_alive"] == 3, added
+        assert all(OPENPBS_JOB_ID.match(job) for job in added["added"]), added
+        live = [line.split()[0] for line in openpbs.live_jobs() if f" {cluster_id} " in line]
+        assert sorted(live) == sorted([info["job_id"], *added["added"]]), live
+        removed = pbs_scale(bed, openpbs, prefect_api, cluster_id, work / "w", "--remove", "1")
+        assert removed["removed"] == [added["added"][1]] and removed["nodes_alive"] == 2, removed
+        job = openpbs.wait_job_finished(removed["removed"][0])
+        assert job.get("job_state") == "F" and job.get("Exit_status") == 0, job  # it stopped itself
+        flow.send_signal(signal.SIGINT)
+        assert flow.wait(120) == 128 + signal.SIGINT, flow.output[-3000:]
+        assert f"worker jobs {added['added'][0]})" in flow.output, flow.output[-3000:]
+    finally:
+        flow.kill()
+    assert "Ray node(s) lost" not in flow.output
     assert_nothing_left(bed, cluster_id, work / "w")
