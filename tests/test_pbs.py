@@ -22,7 +22,7 @@ from tasks.schedulers import (
     parse_qstat_json,
     parse_qstat_text,
 )
-from tasks.schedulers.pbs import PBS_ALLOWED, PBS_W_ALLOWED
+from tasks.schedulers.pbs import PBS_ALLOWED, PBS_W_ALLOWED, qstat_text_fields
 from tasks.transport import CommandResult
 from tests.scheduler_helpers import (
     CLUSTER_DIR,
@@ -538,3 +538,12 @@ def test_a_launcher_failure_is_not_retried_but_a_node_failure_is():
 
     assert not _mendable("RAY_FAILED=launcher: pbsdsh -u exited 1 before the worker on node2 began: invalid option\n")
     assert _mendable("RAY_FAILED=network_interface: node3: no address in 10.0.0.0/8\n")
+
+
+def test_qstat_text_of_slurms_torque_wrappers_indents_with_tabs():
+    """Slurm's qstat wrapper prints "\\tname = value" lines: attributes, not continuations."""
+    text = ("Job Id:\t2\n\tJob_Name = ar-e240510a\n\tJob_Owner = aruser@login\n\tjob_state = R\n"
+            "\tqueue = debug\n\texec_host = node1/0+node2/0+node3/0\n")
+    fields = qstat_text_fields(text)
+    assert fields["job_state"] == "R" and fields["Job_Name"] == "ar-e240510a", fields
+    assert parse_qstat_text(text).phase is JobPhase.running

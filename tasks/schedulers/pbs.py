@@ -441,6 +441,9 @@ def _pbs_job_state(letter: str, comment: str, exit_status, substate) -> JobState
     return JobState(phase, detail, hopeless=hopeless)
 
 
+_QSTAT_ATTRIBUTE_RE = re.compile(r"^\s+[A-Za-z_][A-Za-z0-9_.]* = ")
+
+
 def qstat_text_fields(text: str) -> dict[str, str]:
     """`qstat -f` text as name -> value. OpenPBS wraps long values (exec_host, exec_vnode,
     comment once a job has many nodes): a continuation line starts with a tab and goes on
@@ -448,7 +451,8 @@ def qstat_text_fields(text: str) -> dict[str, str]:
     fields: dict[str, str] = {}
     last = None
     for line in text.splitlines():
-        if line.startswith("\t") and last is not None:
+        # (Slurm's Torque wrappers indent every attribute with a tab: that is not a continuation)
+        if line.startswith("\t") and last is not None and not _QSTAT_ATTRIBUTE_RE.match(line):
             fields[last] += line[1:].rstrip("\n")
             continue
         name, equals, value = line.strip().partition(" = ")
