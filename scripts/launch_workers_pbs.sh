@@ -66,7 +66,11 @@ ar_launch_workers() {
         } &
         return 0
     fi
-    command -v pbs_attach >/dev/null && attach="pbs_attach -j $PBS_JOBID"
+    # pbs_attach by its full path (an ssh session's PATH may lack PBS's bin dir), told where
+    # this job's PBS is (a pbs.conf that is not /etc/pbs.conf reaches the job, not the session)
+    if command -v pbs_attach >/dev/null; then
+        attach="${PBS_CONF_FILE:+PBS_CONF_FILE=$(printf %q "$PBS_CONF_FILE") }$(printf %q "$(command -v pbs_attach)") -j $(printf %q "$PBS_JOBID")"
+    fi
     for node in "${nodes[@]}"; do
         {
             local status=0

@@ -144,17 +144,39 @@ def ray_processes_of(bed, cluster_id: str) -> list[str]:
     return [line for line in bed.cluster_processes(cluster_id) if is_ray_process(int(line.split()[1]))]
 
 
-def test_ray_ends_with_the_job_when_every_supervisor_was_sigkilled(pbs_work, prefect_api, bed, openpbs):
+# In the job only: PBS's bin dir off PATH but for pbs_attach, so the launcher falls back to
+# ssh from the head with pbs_attach (as on a site without pbs_tmrsh or pbsdsh)
+SSH_ONLY = """if [ -n "${PBS_JOBID:-}" ]; then
+    mkdir -p "$HOME/pbs-attach-only"
+    ln -sf /opt/pbs/bin/pbs_attach "$HOME/pbs-attach-only/pbs_attach"
+    PATH="$HOME/pbs-attach-only:$(printf %s "$PATH" | tr ':' '\\n' | grep -v '^/opt/pbs/bin$' | paste -sd:)"
+    export PATH
+fi
+"""
+
+
+@pytest.mark.parametrize("launcher", ["pbs_tmrsh", "ssh+pbs_attach"])
+def test_ray_ends_with_the_job_when_every_supervisor_was_sigkilled(pbs_work, prefect_api, bed, openpbs, launcher):
     """The flow is SIGKILLed, then every shell of the cluster (job script, each node's
     supervisor: no trap runs), then the job is deleted: OpenPBS's MoMs end the job's
-    sessions, and Ray was in them (a process group of its own, not a session: `setsid`
-    would escape), so no Ray process is left on any host."""
+    sessions (and the sessions pbs_attach attached), and Ray was in them (a process group
+    of its own, not a session: `setsid` would escape), so no Ray process is left on any host."""
     work = pbs_work
+    extra = ["--setup-commands", SSH_ONLY] if launcher == "ssh+pbs_attach" else []
     flow = BackgroundFlow(bed, batch_args(work / "w", "--pbs.select", "3:ncpus=1", "--keep-alive",
-                                          "--heartbeat-timeout", "600", scheduler="pbs"),
+                                          "--heartbeat-timeout", "600", *extra, scheduler="pbs"),
                           work, prefect_api, env=openpbs.env())
     try:
         info = flow.wait_ready()
+        logs = work / "w" / "clusters" / info["cluster_id"] / "logs"
+        launched = sorted(path.name for path in logs.glob("workers-*.log"))
+        assert launched == ["workers-node2.log", "workers-node3.log"], launched
+        assert all("activate-ray: worker began on" in (logs / name).read_text() for name in launched)
+        # which launcher ran: ssh leaves the user's sshd session process on each worker node
+        # (node1, the head, has the flow's own tunnel's)
+        over_ssh = {host for host, _, _, cmd in bed.processes(user=bed.user)
+                    if cmd.startswith("sshd: ") and host in ("node2", "node3")}
+        assert over_ssh == ({"node2", "node3"} if launcher == "ssh+pbs_attach" else set()), over_ssh
         cluster_id, job_id = info["cluster_id"], info["job_id"]
         assert len(ray_processes_of(bed, cluster_id)) > 3
         flow.kill()
