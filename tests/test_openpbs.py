@@ -239,3 +239,31 @@ def test_worker_jobs_added_and_removed_on_a_keep_alive_cluster(pbs_work, prefect
         flow.kill()
     assert "Ray node(s) lost" not in flow.output
     assert_nothing_left(bed, cluster_id, work / "w")
+
+
+def test_the_walltime_ends_the_job_and_every_ray_process(pbs_work, prefect_api, bed, openpbs):
+    """The flow is SIGKILLed (no teardown, no dead-man switch for 10 minutes); the job's
+    walltime (40 s) ends it: OpenPBS kills it (Exit_status -29, in words: walltime exceeded)
+    and no Ray process is left on any host."""
+    from tasks.schedulers.pbs import describe_pbs_end
+
+    work = pbs_work
+    sleeper = work / "sleep.py"
+    sleeper.write_text("import time\ntime.sleep(600)\n")
+    flow = BackgroundFlow(bed, ["--scheduler", "pbs", "--work-dir", str(work / "w"), "--pbs.walltime", "00:00:40",
+                                "--readiness-timeout", "120", "--pbs.select", "3:ncpus=1", "--user-script", str(sleeper),
+                                "--heartbeat-timeout", "600", "--ray-memory-gb", "0.5", "--object-store-memory-gb",
+                                "0.25"], work, prefect_api, env=openpbs.env())
+    try:
+        info = flow.wait_ready()
+        cluster_id, job_id = info["cluster_id"], info["job_id"]
+        flow.kill()
+        job = openpbs.wait_job_finished(job_id, timeout=120)
+        assert job.get("job_state") == "F" and job.get("Exit_status") == -29, job
+        assert "walltime exceeded" in describe_pbs_end(job["Exit_status"], job.get("substate"), job.get("comment", ""))
+        wait_for(lambda: not ray_processes_of(bed, cluster_id), 20, "every Ray process of the cluster gone")
+    finally:
+        flow.kill()
+    shutil.rmtree(work / "w" / "clusters" / cluster_id, ignore_errors=True)  # the dead flow's to remove
+    (bed.user.home / ".activate-ray" / "runs" / f"{cluster_id}.json").unlink(missing_ok=True)
+    assert_nothing_left(bed, cluster_id, work / "w")
