@@ -1,10 +1,10 @@
-"""The README's table of inputs, made from the run form's own schema:
+"""The table of inputs in docs/inputs.md, made from the run form's own schema:
 
     python -m flows.inputs_doc          # print the table
-    python -m flows.inputs_doc --write  # replace it in README.md (make docs)
+    python -m flows.inputs_doc --write  # replace it in docs/inputs.md (make docs)
 
 One row per field of the `ray_cluster` flow's form, in form order, with the CLI
-flag that sets the same field; tests/test_inputs_doc.py checks that README.md
+flag that sets the same field; tests/test_inputs_doc.py checks that docs/inputs.md
 holds exactly this table and that `--help` lists exactly these flags.
 """
 
@@ -19,8 +19,9 @@ from prefect.utilities.callables import parameter_schema
 from flows.ray_cluster import ray_cluster
 from tasks.settings import GROUPS
 
-# the checkout's (make docs); an installed package has none
+# the checkout's (make docs): its README.md says this is a checkout; an installed package has neither
 README = Path(__file__).resolve().parent.parent / "README.md"
+INPUTS_DOC = Path(__file__).resolve().parent.parent / "docs" / "inputs.md"
 BEGIN, END = "<!-- inputs: made by python -m flows.inputs_doc -->", "<!-- /inputs -->"
 
 
@@ -68,8 +69,8 @@ def inputs_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_section(text: str) -> str:
-    """The table as README.md holds it now."""
+def doc_section(text: str) -> str:
+    """The table as docs/inputs.md holds it now."""
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     return text[start:end].strip("\n") + "\n"
 
@@ -79,12 +80,13 @@ def main(argv: list[str]) -> int:
     if "--write" not in argv:
         sys.stdout.write(table)
         return 0
-    if not README.is_file():  # an installed package has no README to keep in step
-        print(f"--write edits the checkout's README.md; there is none at {README}", file=sys.stderr)
+    if not (README.is_file() and INPUTS_DOC.is_file()):  # an installed package has no docs to keep in step
+        print(f"--write edits the checkout's docs/inputs.md; there is no checkout's README.md and docs/ at {README.parent}",
+              file=sys.stderr)
         return 2
-    text = README.read_text()
+    text = INPUTS_DOC.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    README.write_text(text[:start] + "\n" + table + text[end:])
+    INPUTS_DOC.write_text(text[:start] + "\n" + table + text[end:])
     return 0
 
 
