@@ -23,7 +23,7 @@ import json
 import shlex
 import sys
 
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 import tasks.cluster
 from flows.commands import NOT_A_CLUSTER_ID, where_the_cluster_is
@@ -37,7 +37,7 @@ from tasks.cluster import (
     teardown_cluster,
 )
 from tasks.schedulers import SCHEDULERS, scheduler_for
-from tasks.settings import EnvironmentOptions, RayClusterSettings
+from tasks.settings import TARGET_PATH_RE, EnvironmentOptions, RayClusterSettings
 from tasks.transport import Transport
 
 REFUSED, FAILED = 2, 1
@@ -134,17 +134,19 @@ async def plan_from_cluster_dir(target: Transport, where: RayClusterSettings, cl
     if env.get("AR_CLUSTER_ID") != cluster_id or env.get("AR_CLUSTER_DIR") != cluster_dir:
         raise CleanupRefused(f"{cluster_dir}/cluster.env names another cluster "
                              f"({env.get('AR_CLUSTER_ID', '')[:60]!r} in {env.get('AR_CLUSTER_DIR', '')[:200]!r})")
-    kind = env.get("AR_SCHEDULER", "none")  # written by every flow that can have a job of a scheduler
+    kind = env.get("AR_SCHEDULER", "")
     if kind not in SCHEDULERS:
         raise CleanupRefused(f"{cluster_dir}/cluster.env: scheduler {kind[:40]!r} is none of {', '.join(SCHEDULERS)}")
     job_id = (await target.read_text(f"{cluster_dir}/job_id") or "").strip()
     if job_id and not SCHEDULERS[kind].job_id_re.fullmatch(job_id):
         raise CleanupRefused(f"{cluster_dir}/job_id: {job_id[:60]!r} is not a {kind} job id")
-    try:  # the node temp dir as the cluster has it: the teardown looks for its Ray processes by it
-        settings = RayClusterSettings(host=where.host, work_dir=where.work_dir, scheduler=kind,
-                                      node_tmp=env.get("AR_NODE_TMP", where.node_tmp))
-    except ValidationError as exc:
-        raise CleanupRefused(f"{cluster_dir}/cluster.env: {exc.errors()[0]['msg']}") from exc
+    # The node temp dir as the cluster has it: the teardown looks for Ray processes left by
+    # its prefix. A plain path; its length limit is a new cluster's (Ray's socket paths), not this.
+    node_tmp = env.get("AR_NODE_TMP", "")
+    if not TARGET_PATH_RE.fullmatch(node_tmp):
+        raise CleanupRefused(f"{cluster_dir}/cluster.env: node temp dir {node_tmp[:200]!r} is not a plain path")
+    settings = RayClusterSettings(host=where.host, work_dir=where.work_dir, scheduler=kind)
+    settings = settings.model_copy(update={"advanced": settings.advanced.model_copy(update={"node_tmp": node_tmp})})
     return ClusterPlan(cluster_id, cluster_dir, settings, SecretStr(""), job_id=job_id)
 
 
