@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
 from tasks.atomic_file import write_text_atomic
-from tasks.events import emit_cluster_event
+from tasks.events import emit_cluster_event, someone_to_tell
 from tasks.local_transport import LocalTransport
 from tasks.logs import get_run_logger
 from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, Scheduler, scheduler_for
@@ -349,6 +349,8 @@ async def _say_where_the_logs_are(plan: ClusterPlan, logs_dir: str, target: Tran
         if plan.settings.work_dir != EnvironmentOptions.model_fields["work_dir"].default else "")
     get_run_logger().info("logs of cluster %s (%s): %s; show them with: %s", plan.cluster_id,
                           ", ".join(parts) or "none", logs_dir, command)
+    if not someone_to_tell():  # a cleanup from the command line: the log line says it
+        return
     try:
         await create_markdown_artifact(
             key=f"ray-logs-{plan.cluster_id}", description="Where the cluster's logs are, after teardown",

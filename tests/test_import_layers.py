@@ -1,6 +1,9 @@
 """No import circle among our modules (flows, tasks, blocks): a lower layer never imports an
 upper one, not even inside a function (an import put there to dodge a circle still ties the
-layers). Only imports under `if TYPE_CHECKING:` are left out: they never run."""
+layers). Only imports under `if TYPE_CHECKING:` are left out, which never run, and those under
+`if __name__ == "__main__":`, which run only in the program `python -m flows.ray_cluster`: a
+module named __main__, not the module others import (flows.ray_cluster hands its command line
+to flows.cli, which imports flows.ray_cluster, once, by its name)."""
 
 from __future__ import annotations
 
@@ -28,14 +31,24 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def _is_main_program(test: ast.expr) -> bool:
+    """`__name__ == "__main__"`, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, *test.comparators]
+    return (any(isinstance(side, ast.Name) and side.id == "__name__" for side in sides)
+            and any(isinstance(side, ast.Constant) and side.value == "__main__" for side in sides))
+
+
 def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     """Every module name an import of this tree names (absolute; `from a import b` names a.b
-    too, which is kept only when it is a module), anywhere but under `if TYPE_CHECKING:`."""
+    too, which is kept only when it is a module), anywhere but under `if TYPE_CHECKING:` and
+    `if __name__ == "__main__":`."""
     names: set[str] = set()
     package = module if is_package else module.rpartition(".")[0]
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and (_is_type_checking(node.test) or _is_main_program(node.test)):
             for child in node.orelse:
                 visit(child)
             return
@@ -137,17 +150,20 @@ def test_our_modules_import_no_circle():
 
 
 def test_the_walk_sees_what_runs():
-    """Imports inside functions count, TYPE_CHECKING ones do not, and a.b.c runs a.b."""
+    """Imports inside functions count, TYPE_CHECKING and __main__ ones do not, and a.b.c runs a.b."""
     tree = ast.parse(
         "from typing import TYPE_CHECKING\n"
         "from tasks.schedulers.pbs import PbsOptions\n"
         "if TYPE_CHECKING:\n    from tasks.cluster import ClusterPlan\n"
         "def f():\n    from tasks.readiness import alive_nodes\n"
-        "from . import logs\n")
+        "from . import logs\n"
+        "if __name__ == '__main__':\n    from flows.cli import main\nelse:\n    from tasks import events\n")
     names = imported_names(tree, "tasks.scaling", is_package=False)
-    assert {"tasks.schedulers.pbs", "tasks.readiness", "tasks.logs"} <= names
-    assert "tasks.cluster" not in names
+    assert {"tasks.schedulers.pbs", "tasks.readiness", "tasks.logs", "tasks.events"} <= names
+    assert "tasks.cluster" not in names and "flows.cli" not in names
     graph = import_graph()
     assert "tasks.schedulers" in graph["tasks.settings"]  # settings imports tasks.schedulers.pbs
     assert "tasks.schedulers" not in graph["tasks.schedulers.pbs"]  # a sibling's import: the package is loading
+    # the command line is above the flows; the flows' module hands it the program only
+    assert "flows.ray_cluster" in graph["flows.cli"] and "flows.cli" not in graph["flows.ray_cluster"]
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]

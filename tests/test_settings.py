@@ -23,7 +23,7 @@ import pytest
 from pydantic import ValidationError
 
 import tasks.settings as settings_module
-from flows.ray_cluster import RayClusterCli, main
+from flows.cli import RayClusterCli, main
 from tasks.cluster import ClusterPlan, RayEnvironment
 from tasks.schedulers import DirectScheduler, PbsScheduler, SlurmScheduler
 from tasks.schedulers.options import NO_VALUE, OPTIONAL, VALUE
@@ -1348,15 +1348,19 @@ def test_cli_unknown_flag_exit_2(capsys):
 def test_cli_dry_run_starts_nothing(monkeypatch, capsys, sandbox):
     import asyncio
 
-    import flows.ray_cluster as cli_module
+    import flows.cli as cli_module
+    import flows.ray_cluster as flows_module
+    import flows.target as target_module
     from tasks import local_transport, ssh_transport
 
     def forbidden(*a, **k):
         raise AssertionError("--dry-run started something")
 
-    monkeypatch.setattr(cli_module, "_run", forbidden)
-    monkeypatch.setattr(cli_module, "open_target", forbidden)
+    monkeypatch.setattr(cli_module, "ThreadPoolExecutor", forbidden)
+    for module in (flows_module, target_module):
+        monkeypatch.setattr(module, "open_target", forbidden)
     monkeypatch.setattr(cli_module, "ray_cluster", forbidden)
+    monkeypatch.setattr(flows_module, "run_cluster", forbidden)
     monkeypatch.setattr(asyncio, "run", forbidden)
     monkeypatch.setattr(local_transport.asyncio, "create_subprocess_exec", forbidden)
     monkeypatch.setattr(ssh_transport, "connect_ssh", forbidden)

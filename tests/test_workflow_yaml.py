@@ -7,8 +7,10 @@
   booleans, dropdown options;
 - the job's own script runs here with the inputs' defaults and `--dry-run`
   appended: the flow accepts every flag and prints the plan (nothing starts);
-- the cleanup step finds this run's cluster (connection info, else the log) and
-  runs the cluster's real shutdown script, idempotently.
+- the cleanup step finds this run's cluster (its state file, never the log or the
+  connection info) and runs `python -m flows.ray_cluster cleanup` on it: the cluster's
+  real shutdown script, idempotently, refusing a cluster that is not this user's
+  (flows/commands/cleanup.py; tests/test_cleanup_command.py tests it on its own).
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ def test_a_bad_input_is_refused_with_the_field_named(tmp_path):
 # --------------------------------------------------------------------------- cleanup
 
 
-def fake_cluster(work_dir: Path, node_tmp: Path, cluster_id: str) -> tuple[Path, subprocess.Popen]:
+def fake_cluster(work_dir: Path, node_tmp: Path, cluster_id: str, scheduler: str = "none") -> tuple[Path, subprocess.Popen]:
     """A cluster dir as start_cluster leaves it, with one live 'node' process group."""
     cluster_dir = work_dir / "clusters" / cluster_id
     (cluster_dir / "bin").mkdir(parents=True)
@@ -340,8 +342,8 @@ def fake_cluster(work_dir: Path, node_tmp: Path, cluster_id: str) -> tuple[Path,
     for name in ("shutdown_ray.sh", "ray_lib.sh"):
         shutil.copy(REPO / "scripts" / name, cluster_dir / "bin" / name)
     (cluster_dir / "cluster.env").write_text(
-        f"export AR_CLUSTER_ID={cluster_id}\nexport AR_CLUSTER_DIR={cluster_dir}\nexport AR_NODE_TMP={node_tmp}\n"
-        f"export AR_NODE_TMP_NAME={cluster_id[:11]}\n"
+        f"export AR_CLUSTER_ID={cluster_id}\nexport AR_CLUSTER_DIR={cluster_dir}\nexport AR_SCHEDULER={scheduler}\n"
+        f"export AR_NODE_TMP={node_tmp}\nexport AR_NODE_TMP_NAME={cluster_id[:11]}\n"
     )
     # the cluster's id in its environment, as every node has it (cluster.env is exported): the
     # teardown signals no recorded group that is not the cluster's (ar_group_is_ours)
@@ -352,7 +354,8 @@ def fake_cluster(work_dir: Path, node_tmp: Path, cluster_id: str) -> tuple[Path,
 
 def cleanup_env(tmp: Path, work_dir: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("RAY_CLUSTER_", "WF_"))}
-    return {**env, "PW_PARENT_JOB_DIR": str(tmp / "job"), "WF_HOST": "", "WF_WORK_DIR": work_dir, "HOME": str(tmp)}
+    return {**env, "PW_PARENT_JOB_DIR": str(tmp / "job"), "WF_HOST": "", "WF_WORK_DIR": work_dir, "HOME": str(tmp),
+            "WF_PYTHON": sys.executable, "WF_REPO": str(REPO)}
 
 
 def new_cluster_id() -> str:
@@ -366,22 +369,26 @@ def write_state(job_dir: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("job_id", ["4242", ""], ids=["submitted", "before-submission"])
+# a direct cluster's job id is its supervisor's pid: one beyond any pid_max, never a live process here
+@pytest.mark.parametrize("job_id", ["999999999", ""], ids=["submitted", "before-submission"])
 def test_cleanup_tears_down_the_cluster_named_in_the_state_file(tmp_path, job_id):
     (tmp_path / "job").mkdir()
     cluster_id = new_cluster_id()
     cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id)
+    if job_id:  # as start_cluster records it: a pid that is not the node's, so the sweep stops the node
+        (cluster_dir / "job_id").write_text(job_id + "\n")
     write_state(tmp_path / "job", f"cluster_id={cluster_id}\nscheduler=none\njob_id={job_id}\n")
     env = cleanup_env(tmp_path, "~/work")  # ~ is the target's home
     try:
         result = run_script(CLEANUP, env, tmp_path / "job")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert f"tearing down cluster {cluster_id} (scheduler none, job {job_id or 'none'})" in result.stdout
-        assert "RAY_STOPPED=yes" in result.stdout
+        # the job id is the cluster's own (its dir's job_id file), never the one the run's state file says
+        assert f"tearing down cluster {cluster_id} (scheduler none, job {job_id or 'none'}; from its cluster dir)" in result.stdout
+        assert f"cluster {cluster_id} torn down" in result.stdout
         assert node.wait(timeout=10) is not None, "the cluster's node process survived"
         assert not cluster_dir.exists()
         again = run_script(CLEANUP, env, tmp_path / "job")  # idempotent: a second cleanup finds nothing
-        assert again.returncode == 0 and "RAY_STOPPED=already" in again.stdout, again.stdout + again.stderr
+        assert again.returncode == 0 and f"nothing left of cluster {cluster_id}" in again.stdout, again.stdout + again.stderr
     finally:
         if node.poll() is None:
             node.kill()
@@ -407,29 +414,37 @@ def test_cleanup_never_takes_a_cluster_from_the_log_or_the_connection_info(tmp_p
         node.kill()
 
 
+# The run's state file names the cluster; what the cluster is (scheduler, job ids) is the
+# cluster's own, checked by the cleanup command (the runs/ state file, else the cluster dir).
 CRAFTED_STATES = {
-    "job id as an option": "cluster_id={id}\nscheduler=slurm\njob_id=--user=someone\n",
-    "job id with a leading dash": "cluster_id={id}\nscheduler=pbs\njob_id=-1\n",
-    "job id with shell": "cluster_id={id}\nscheduler=slurm\njob_id=12;rm -rf ~\n",
-    "pbs id for slurm": "cluster_id={id}\nscheduler=slurm\njob_id=12.server\n",
-    "short cluster id": "cluster_id=ar-1234abcd\nscheduler=none\njob_id=\n",
-    "cluster id with a path": "cluster_id=../../{id}\nscheduler=none\njob_id=\n",
-    "unknown scheduler": "cluster_id={id}\nscheduler=lsf\njob_id=12\n",
+    "short cluster id": ("run", "cluster_id=ar-1234abcd\nscheduler=none\njob_id=\n"),
+    "cluster id with a path": ("run", "cluster_id=../../{id}\nscheduler=none\njob_id=\n"),
+    "cluster id as an option": ("run", "cluster_id=--host=elsewhere\nscheduler=none\njob_id=\n"),
+    "job id as an option": ("job_id", "--user=someone"),
+    "job id with a leading dash": ("job_id", "-1"),
+    "job id with shell": ("job_id", "12;rm -rf ~"),
+    "pbs id for slurm": ("job_id", "12.server"),
+    "unknown scheduler": ("scheduler", "lsf"),
+    "another cluster's env": ("scheduler", "none\nexport AR_CLUSTER_ID=ar-" + "0" * 32),
 }
 
 
-@pytest.mark.parametrize("text", CRAFTED_STATES.values(), ids=CRAFTED_STATES.keys())
-def test_cleanup_refuses_a_crafted_state_file(tmp_path, text):
+@pytest.mark.parametrize(("where", "text"), CRAFTED_STATES.values(), ids=CRAFTED_STATES.keys())
+def test_cleanup_refuses_a_crafted_state(tmp_path, where, text):
     (tmp_path / "job").mkdir()
     cluster_id = new_cluster_id()
-    cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id)
-    write_state(tmp_path / "job", text.format(id=cluster_id))
+    scheduler = text if where == "scheduler" else "slurm"
+    cluster_dir, node = fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id, scheduler)
+    run_state = text.format(id=cluster_id) if where == "run" else f"cluster_id={cluster_id}\nscheduler=slurm\njob_id=\n"
+    write_state(tmp_path / "job", run_state)
+    if where == "job_id":
+        (cluster_dir / "job_id").write_text(text + "\n")
     try:
         result = run_script(CLEANUP, cleanup_env(tmp_path, str(tmp_path / "work")), tmp_path / "job")
-        assert result.returncode == 1, result.stdout + result.stderr
-        assert "not tearing down" in result.stderr
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "not tearing down" in result.stderr or "invalid input cluster_id" in result.stderr, result.stderr
         assert "tearing down cluster" not in result.stdout
-        assert cluster_dir.exists() and node.poll() is None, "a refused state file must not act"
+        assert cluster_dir.exists() and node.poll() is None, "a refused state must not act"
     finally:
         node.kill()
 
