@@ -3,7 +3,7 @@
 Each test ends by asserting that its own cluster left no scheduler job, process or
 temp dir on any host of the site bed. Faults tried here (with test_batch_e2e's
 rejected/unstartable/stuck jobs and test_local_e2e's failing user job) are counted
-in the README."""
+in docs/testing.md."""
 
 from __future__ import annotations
 

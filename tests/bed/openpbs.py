@@ -19,7 +19,7 @@ import time
 
 PBS_EXEC = pathlib.Path("/opt/pbs")
 KIT_FINDER = pathlib.Path(__file__).resolve().parent / "openpbs_kit.sh"
-# The source the bed's OpenPBS is built from (the kit's SOURCE.txt): what the README's claims were tested on
+# The source the bed's OpenPBS is built from (the kit's SOURCE.txt): what docs/pbs-slurm.md's claims were tested on
 OPENPBS_VERSION = "OpenPBS 23.06.06 (commit cd7ab5e)"
 
 
