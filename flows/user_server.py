@@ -104,12 +104,13 @@ def _port_of(url: str) -> int | None:
 
 
 def healthy(url: str, auth: str) -> bool:
-    """The server answers /health with our secret, and the port is ours (checked first: the
+    """The server answers with our secret, and the port is ours (checked first: the
     secret goes to no one else's listener)."""
     port = _port_of(url)
     if port is None or not auth or not own_port_listener(port):
         return False
-    request = urllib.request.Request(f"{url}/health", headers={"Authorization": basic(auth)})
+    # not /health, which Prefect answers without credentials ("true"): a server that takes our secret
+    request = urllib.request.Request(f"{url}/admin/version", headers={"Authorization": basic(auth)})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status == 200

@@ -88,6 +88,8 @@ def test_the_default_server_shows_a_neighbour_nothing_and_holds_the_secret_maske
         listening = bed.run_login(["ss", "-ltnH"], user=bed.other).stdout
         assert f"127.0.0.1:{port} " in listening
         seen = json.loads(as_stranger(bed, "login", API_PROBE, api, flow.run_id))
+        # Prefect answers /health to anyone ("true": no data); everything else asks the secret
+        assert seen.pop("GET /health") == [200, "true"]
         assert {ask: status for ask, (status, _) in seen.items()} == dict.fromkeys(seen, 401), seen
         # with the credential: the run is there, its secret masked everywhere
         run = prefect_get(f"{api}/flow_runs/{flow.run_id}", auth)
