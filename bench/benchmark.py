@@ -85,7 +85,8 @@ TARGETS = {
     "scaling": 1.3,
     "cold_ratio": 0.25,  # cold venv build: uv / pip
     "queued": 1.1,  # cold first run on a queued job / (max(build, queue) + start)
-    "main_job": 1.1,  # flow with a user script / bare `ray start --head` + `ray job submit` + stop
+    "main_job": 1.1,
+    "main_job_default": 1.15,  # the same, no PREFECT_API_URL, a user's second run (issue 32)  # flow with a user script / bare `ray start --head` + `ray job submit` + stop
 }
 HOLD_S = 60  # how long the queued-job row keeps the nodes busy
 QUEUED_NODES = 2
@@ -735,9 +736,11 @@ def bare_main_job(index: int) -> dict:
     return result
 
 
-def flow_main_job(mode: str, env: dict) -> dict:
+def flow_main_job(mode: str, env: dict, default_server: Path | None = None) -> dict:
     """`python -m flows.ray_cluster --user-script examples/hello_ray.py` (local), from the
-    process's start to its exit, the cluster gone."""
+    process's start to its exit, the cluster gone. `default_server`: the state dir of the
+    user's default server (flows/user_server.py), which the run may start and later runs reuse:
+    its session outlives the run on purpose."""
     run_dir = BENCH / f"run-{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -771,8 +774,10 @@ def flow_main_job(mode: str, env: dict) -> dict:
     finally:
         memory.stop()
         clock.join()
+        spared = default_server_session(default_server)
         for pid, start in memory.descendants.items():
-            kill_if_same(pid, start)
+            if spared is None or session_of(pid) != spared:
+                kill_if_same(pid, start)
         if result.get("cluster_id"):
             kill_marker(f"/{node_tmp_name(result['cluster_id'])}")
     return result
@@ -788,12 +793,39 @@ def bench_main_job(reps: int, server: PrefectServer, results: dict) -> None:
     results["job_flow"] = flows
 
 
-def bench_main_job_ephemeral(reps: int, home: Path, results: dict) -> None:
-    runs = []
-    for rep in range(reps):
-        runs.append(flow_main_job("job-ephemeral", prefect_env(home)))
-        log(f"main job, temporary server {rep + 1}/{reps}: {runs[-1].get('total_s')}s")
-    results["job_ephemeral"] = runs
+def default_server_session(state: Path | None) -> int | None:
+    """The session the default server's supervisor leads (its pid), if it runs."""
+    try:
+        pid = int((state / "pid").read_text()) if state else 0
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 1 and session_of(pid) == pid else None
+
+
+def session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def bench_main_job_default(reps: int, home: Path, results: dict) -> None:
+    """The default path (no PREFECT_API_URL): the first run starts the user's own server
+    (flows/user_server.py), the next ones reuse it, as a user's second run within its idle
+    timeout does: those are the figure against the bare Ray script."""
+    state = BENCH / "default-server"
+    env = {**prefect_env(home), "AR_DEFAULT_SERVER_DIR": str(state)}
+    try:
+        first = flow_main_job("job-default-first", env, state)
+        log(f"main job, default server started by the run: {first.get('total_s')}s")
+        runs = []
+        for rep in range(reps):
+            runs.append(flow_main_job("job-default", env, state))
+            log(f"main job, default server reused {rep + 1}/{reps}: {runs[-1].get('total_s')}s")
+    finally:
+        subprocess.run([PY, "-m", "flows.user_server", "stop"], cwd=REPO, env=env, check=False, timeout=60)
+    results["job_ephemeral"] = [first]  # the key of the runs that pay a server's start
+    results["job_default"] = runs
 
 
 # ------------------------------------------------------------ Slurm section
@@ -1138,7 +1170,7 @@ def leftovers(results: dict) -> list[str]:
     """Anything this benchmark started that still exists."""
     found = []
     ids = {r.get("cluster_id") for key in ("local_flow", "local_ephemeral", "slurm", "slurm_queued", "job_flow",
-                                            "job_ephemeral") for r in results.get(key, [])}
+                                            "job_ephemeral", "job_default") for r in results.get(key, [])}
     for marker in [f"/tmp/{MARK}-", *(f"/{i}-" for i in ids if i)]:
         found += [f"process {pid}: {_cmdline(pid)[:120]}" for pid in marker_pids(marker)]
     found += [f"Ray process {pid}: {_cmdline(pid)[:120]}"
@@ -1299,7 +1331,9 @@ def summarize(results: dict) -> dict:
     s["job_flow_begin"] = median([r.get("begin_s") for r in ok(results.get("job_flow", []))])
     s["job_eph"] = median([r["total_s"] for r in ok(results.get("job_ephemeral", []))])
     s["job_eph_begin"] = median([r.get("begin_s") for r in ok(results.get("job_ephemeral", []))])
+    s["job_default"] = median([r["total_s"] for r in ok(results.get("job_default", []))])
     if s["job_bare"]:
+        s["job_default_ratio"] = s["job_default"] / s["job_bare"] if s["job_default"] else None
         s["job_ratio"] = s["job_flow"] / s["job_bare"] if s["job_flow"] else None
         s["job_eph_ratio"] = s["job_eph"] / s["job_bare"] if s["job_eph"] else None
     scale = ok(results.get("slurm_scale", []))
@@ -1323,7 +1357,7 @@ def summarize(results: dict) -> dict:
     s["failures"] = [
         f"{key}: {r.get('mode') or r.get('method') or key} {r.get('nodes', '')} - {r.get('error')}"
         for key in ("local_floor", "local_floor_plain", "local_flow", "local_ephemeral", "slurm", "slurm_queued",
-                "slurm_scale", "cold", "job_bare", "job_flow", "job_ephemeral")
+                "slurm_scale", "cold", "job_bare", "job_flow", "job_ephemeral", "job_default")
         for r in results.get(key, []) if not r.get("ok")
     ]
     return s
@@ -1416,7 +1450,9 @@ def changes_section(s: dict) -> list[str]:
         "job_flow": ("main job: flow, process start to exit (server running)", "s"),
         "job_bare": ("main job: bare Ray script", "s"),
         "job_ratio": ("main job with a server: flow / bare Ray script", "x"),
-        "job_eph": ("main job without a server (temporary server), process start to exit", "s"),
+        "job_eph": ("main job without a server, first run (starts the default server), process start to exit", "s"),
+        "job_default": ("main job without a server, later run (default server reused), process start to exit", "s"),
+        "job_default_ratio": ("main job on the default path, server reused: flow / bare Ray script", "x"),
     }
     lines = [
         "## What changed since the last run",
@@ -1488,7 +1524,10 @@ def report(results: dict) -> str:
             fmt(s["job_flow"]), "", "")
         row("**main job with a Prefect server: flow / bare Ray script**", fmt(s.get("job_ratio"), "x"),
             f"<= {T['main_job']}x", verdict(s.get("job_ratio"), T["main_job"]))
-        row("main job without a server (no PREFECT_API_URL: Prefect's temporary server in the flow process)",
+        row("**main job on the default path (no PREFECT_API_URL), second run: the user's server reused: flow / bare Ray script**",
+            fmt(s.get("job_default_ratio"), "x"), f"<= {T['main_job_default']}x",
+            verdict(s.get("job_default_ratio"), T["main_job_default"]))
+        row("main job without a server, first run (no PREFECT_API_URL: the run starts the user's default server)",
             fmt(s["job_eph"]) + f" (\"Beginning flow run\" after {fmt(s['job_eph_begin'])}; with a server "
             f"{fmt(s['job_flow_begin'])})", "", "")
         row("main job without a server: flow / bare Ray script (shown, no target: see below)",
@@ -1790,7 +1829,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()  # the temporary-server runs share its database
         if "local" in sections:
             bench_local_ephemeral(args.reps, home, results)
-            bench_main_job_ephemeral(args.reps, home, results)
+            bench_main_job_default(args.reps, home, results)
     finally:
         server.stop()
         results["total_s"] = time.time() - started

@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from flows import user_server
 from flows.commands import cleanup, logs, scale
 from flows.plan import render_plan
 from flows.ray_cluster import ray_cluster, refuse_token_block_without_a_server
@@ -31,12 +32,6 @@ from tasks.settings import GROUPS, RayClusterSettings
 # `python -m flows.ray_cluster NAME ...`: each subcommand parses its own arguments.
 SUBCOMMANDS = {"logs": logs.main, "scale": scale.main, "cleanup": cleanup.main}
 
-TEMPORARY_SERVER_NOTE = (
-    "No Prefect server configured (PREFECT_API_URL): this run starts Prefect's temporary server, "
-    "about 15 s of every run, and its record goes when the run ends. `make server` starts a lasting one "
-    "(loopback, yours, with a secret) and sets PREFECT_API_URL in your Prefect profile: later runs skip "
-    "that wait and show in its UI."
-)
 
 
 def _cli_field(info) -> tuple:
@@ -94,14 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     if dry_run:
         print(render_plan(settings))
         return 0
-    if not get_current_settings().api.url:
-        print(TEMPORARY_SERVER_NOTE, file=sys.stderr)
     # SIGINT and SIGTERM are STOP's, in the main thread, which only waits for the flow:
     # the flow runs in a thread of its own, where Prefect installs no SIGTERM handler
     # of its own (signal handlers are the main thread's) and asyncio none for SIGINT.
     # The flow's loop attaches to STOP when the flow first asks it (flows/stop_signals.py).
     installed = STOP.install()
     try:
+        if not get_current_settings().api.url:
+            # not Prefect's temporary server (no credentials, on a loopback every user reaches,
+            # and in this process group): the user's own (flows/user_server.py)
+            try:
+                user_server.use(*user_server.ensure(lambda text: print(text, file=sys.stderr)))
+            except (OSError, RuntimeError) as exc:
+                print(f"ray-cluster failed (prefect-server): {exc}", file=sys.stderr)
+                return 1
         if STOP.signum is not None:
             print(f"interrupted ({STOP.name}) before the flow started: nothing to tear down", file=sys.stderr)
             return 128 + STOP.signum

@@ -97,12 +97,14 @@ async def teardown_saved_clusters(flow, flow_run, state) -> None:
 
 
 def refuse_token_block_without_a_server(settings: RayClusterSettings) -> None:
-    """Prefect's temporary server has no authentication and listens on loopback, where
-    every user of the machine reaches it: a token saved there is everyone's."""
+    """Only to a server the user chose and configured: without one a run has Prefect's
+    temporary server (a deployment's process with no API: no authentication, on a loopback
+    every user reaches) or, from the command line, the user's default server, which the
+    command line looks at only after this check (flows/user_server.py)."""
     if settings.publish_token_block and not get_current_settings().api.url:
         raise InvalidInput(
-            "publish_token_block needs a configured Prefect server (PREFECT_API_URL): Prefect's temporary "
-            "server has no authentication, and every user of this machine could read the token from it"
+            "publish_token_block needs a configured Prefect server (PREFECT_API_URL, e.g. `make server`): "
+            "without one the token would go to a server you did not choose, possibly one with no authentication"
         )
 
 

@@ -17,7 +17,7 @@ import stat
 import subprocess
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from tasks.schedulers.options import positioned
@@ -522,6 +522,13 @@ def is_script_text(user_script: str) -> bool:
     """The form's editor gives the script's text, a file name never has a line break: text it is."""
     return "\n" in user_script
 ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", re.ASCII)
+# runtime_env.env_vars: a value "secret-block:NAME" is the Prefect Secret block NAME, read at
+# submission (a deployment run gets its secrets that way: see SECRET_MASK).
+SECRET_BLOCK_PREFIX = "secret-block:"
+SECRET_BLOCK_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$", re.ASCII)  # Prefect's block names
+# What Prefect stores and shows for a SecretStr parameter. A run that gets it as a value (a
+# deployment run given a literal secret, a hook rebuilding a saved state) never had the secret.
+SECRET_MASK = "**********"
 
 
 @positioned
@@ -536,8 +543,12 @@ class RuntimeEnvOptions(BaseModel):
     )
     pip: list[str] = Field(default_factory=list, title="pip packages",
                            description="Extra packages for the job's workers, e.g. ['pandas==2.2.3']")
-    env_vars: dict[str, str] = Field(default_factory=dict, title="Environment variables",
-                                     description="Set for the job's driver and workers")
+    # Secrets, each: Prefect stores and shows a SecretStr parameter masked (the run's parameters,
+    # its form, the saved teardown state), and the value reaches the job only at submission.
+    env_vars: dict[str, SecretStr] = Field(
+        default_factory=dict, title="Environment variables",
+        description="Set for the job's driver and workers; held as secrets (shown masked). A value "
+                    "'secret-block:NAME' is the Prefect Secret block NAME, read when the job is submitted")
     # Resources of the job's driver (its entrypoint), as `ray job submit --entrypoint-num-cpus` takes
     # them: the driver then waits for a node that has them instead of running on the head.
     entrypoint_num_cpus: float | None = Field(
@@ -559,17 +570,39 @@ class RuntimeEnvOptions(BaseModel):
 
     @field_validator("env_vars")
     @classmethod
-    def _env_vars(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
+    def _env_vars(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
             if not ENV_VAR_RE.fullmatch(name):
                 raise ValueError(f"runtime_env.env_vars: {name[:60]!r} is not an environment variable name")
             if name.startswith("RAY_AUTH"):
                 raise ValueError(f"runtime_env.env_vars: {name} is the cluster's own (token auth)")
+            text = secret.get_secret_value()
+            if text.startswith(SECRET_BLOCK_PREFIX) and not SECRET_BLOCK_RE.fullmatch(text[len(SECRET_BLOCK_PREFIX):]):
+                # the value is a block's name, not a secret: safe to show
+                raise ValueError(f"runtime_env.env_vars: {name}: {text[:80]!r} is not a Secret block name "
+                                 "(lowercase letters, digits and dashes)")
         return value
 
-    def as_ray(self) -> dict:
-        """The runtime_env JobSubmissionClient.submit_job takes: only what is set."""
-        return {key: value for key, value in self.model_dump(include={"working_dir", "pip", "env_vars"}).items() if value}
+    def secret_blocks(self) -> dict[str, str]:
+        """env_vars given as Prefect Secret blocks: {variable: block name}."""
+        return {name: secret.get_secret_value()[len(SECRET_BLOCK_PREFIX):] for name, secret in self.env_vars.items()
+                if secret.get_secret_value().startswith(SECRET_BLOCK_PREFIX)}
+
+    def as_ray(self, secrets: dict[str, str] | None = None) -> dict:
+        """The runtime_env JobSubmissionClient.submit_job takes: only what is set, env_vars in
+        clear (only for the submission), each Secret block's from `secrets` (its value, read by
+        the caller). A value that arrived masked never had the secret: refused, with the way out."""
+        values = {key: value for key, value in self.model_dump(include={"working_dir", "pip"}).items() if value}
+        env = {}
+        for name, secret in self.env_vars.items():
+            text = secret.get_secret_value()
+            if text == SECRET_MASK:
+                raise ValueError(f"runtime_env.env_vars: {name} reached this run masked ({SECRET_MASK}): give it as "
+                                 f"'{SECRET_BLOCK_PREFIX}NAME' of a Prefect Secret block instead")
+            env[name] = (secrets or {}).get(name, text) if text.startswith(SECRET_BLOCK_PREFIX) else text
+        if env:
+            values["env_vars"] = env
+        return values
 
     def entrypoint_resources(self) -> dict:
         """submit_job's entrypoint_num_cpus / _num_gpus / _memory (bytes): only what is set."""
@@ -749,7 +782,7 @@ class RayClusterSettings(BaseModel):
     def flat(self) -> dict:
         """Every value by its flat name (groups of other schedulers left out): the command line's view."""
         values = {"host": self.host, "scheduler": self.scheduler.value, "user_script": self.user_script,
-                  "script_args": self.script_args, "runtime_env": self.runtime_env.model_dump()}
+                  "script_args": self.script_args, "runtime_env": self.runtime_env.model_dump(mode="json")}
         for group in GROUPS:
             values.update(getattr(self, group).model_dump(mode="json"))
         return values

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.cluster import ClusterPlan
 from tasks.events import emit_cluster_event
-from tasks.failures import FailureReason
+from tasks.failures import FailureReason, InvalidInput
 from tasks.head_api import auth_headers
 from tasks.logs import get_run_logger
 from tasks.readiness import confirm_nodes_alive
@@ -133,7 +133,7 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
     entrypoint = shlex.join([plan.environment.python, remote, *settings.script_args])
     job_id = await asyncio.to_thread(
         submit_when_agent_ready, client, f"{plan.cluster_id}-{script.stem}"[:60], entrypoint=entrypoint,
-        runtime_env=settings.runtime_env.as_ray() or None, **settings.runtime_env.entrypoint_resources(),
+        runtime_env=await submitted_runtime_env(settings.runtime_env), **settings.runtime_env.entrypoint_resources(),
     )
     reserved = settings.runtime_env.entrypoint_resources()
     logger.info("submitted Ray job %s: %s%s", job_id, script.name, f" (its driver reserves {reserved})" if reserved else "")
@@ -150,6 +150,23 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
         raise UserJobFailed(f"Ray job {job_id} ({script.name}) {status}: {message}")
     logger.info("Ray job %s SUCCEEDED", job_id)
     return job_id
+
+
+async def submitted_runtime_env(runtime_env) -> dict | None:
+    """runtime_env as the job gets it, secrets in clear for this call only: each env_vars value
+    given as 'secret-block:NAME' read from that Prefect Secret block now, never before."""
+    from prefect.blocks.system import Secret
+
+    secrets = {}
+    for variable, block in runtime_env.secret_blocks().items():
+        try:
+            secrets[variable] = str((await Secret.aload(block)).get())
+        except ValueError as exc:  # no such block: its name is not a secret
+            raise InvalidInput(f"runtime_env.env_vars: {variable}: no Prefect Secret block {block!r} ({exc})") from None
+    try:
+        return runtime_env.as_ray(secrets) or None
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 async def _active_jobs(client: httpx.AsyncClient) -> int:

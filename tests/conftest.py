@@ -115,6 +115,9 @@ def work(bed, request) -> Path:
     yield path
     import shutil
 
+    from tests.helpers import stop_default_server
+
+    stop_default_server(bed, path)  # a default server the test's runs started (default_server_env)
     shutil.rmtree(path, ignore_errors=True)
 
 

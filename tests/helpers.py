@@ -5,6 +5,7 @@ Imported by test modules (never one test module from another)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -112,7 +113,8 @@ class PrefectServer:
 
 def flow_env(api: str, env: dict | None = None, repo: Path = REPO) -> dict:
     # the flow runs from the checkout, as `python -m flows.ray_cluster` in it would
-    # api "": no PREFECT_API_URL, so the flow runs on Prefect's temporary server
+    # api "": no PREFECT_API_URL, so the flow runs on the user's own default server
+    # (flows/user_server.py; give AR_DEFAULT_SERVER_DIR, see default_server_env)
     return {**({"PREFECT_API_URL": api} if api else {}), "PYTHONPATH": str(repo),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
 
@@ -173,14 +175,28 @@ class BackgroundFlow:
             time.sleep(0.2)
         return json.loads(self.info_file.read_text())
 
-    def run_state(self, api: str) -> dict:
+    @property
+    def run_id(self) -> str:
+        return next(line.split("/flow-run/")[1].split()[0] for line in self.output.splitlines() if "/flow-run/" in line)
+
+    def run_state(self, api: str, auth: str = "") -> dict:
         """The Prefect state of this flow's run (the run's id is in its log)."""
-        run_id = next(line.split("/flow-run/")[1].split()[0] for line in self.output.splitlines() if "/flow-run/" in line)
-        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as response:
-            return json.loads(response.read())["state"]
+        return prefect_get(f"{api}/flow_runs/{self.run_id}", auth)["state"]
 
     def send_signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
+
+    def signal_group(self, sig: int) -> None:
+        """As a terminal's Ctrl-C and `timeout` do: to the whole process group of the command
+        (here the group the bed's nsenter leads, the flow in it)."""
+        os.killpg(self.process.pid, sig)
+
+    def exited(self) -> bool:
+        """The flow's own process is gone (nsenter, its parent, may be gone first)."""
+        try:
+            return Path(f"/proc/{self.pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        except OSError:
+            return True
 
     def wait(self, timeout: float = 120) -> int:
         return self.process.wait(timeout)
@@ -201,6 +217,35 @@ class BackgroundFlow:
             except ProcessLookupError:
                 pass
             self.process.wait(30)
+
+
+def prefect_get(url: str, auth: str = "", data: dict | None = None):
+    """A Prefect API call (GET, or POST with data), with the server's basic-auth secret if given."""
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    body = None if data is None else json.dumps(data).encode()
+    request = urllib.request.Request(url, data=body, headers=headers, method="GET" if data is None else "POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def default_server_env(bed, work: Path) -> dict:
+    """For runs with no server configured: the user's own default server, its state in the
+    test's dir (so that the test can stop it: nothing of the user's may outlive the session)."""
+    return {"AR_DEFAULT_SERVER_DIR": str(work / "default-server"), "AR_SERVER_IDLE_SECONDS": "600"}
+
+
+def default_server(work: Path) -> tuple[str, str]:
+    """(api url, secret) of the default server the test's runs use (read as root)."""
+    state = work / "default-server"
+    return (state / "url").read_text().strip(), (state / "auth").read_text().strip()
+
+
+def stop_default_server(bed, work: Path) -> None:
+    if (work / "default-server" / "pid").exists():
+        bed.run_login([bed.user_python, "-m", "flows.user_server", "stop"], user=bed.user, cwd=bed.repo,
+                      env={**default_server_env(bed, work), "PYTHONPATH": str(bed.repo)}, timeout=60)
 
 
 def wait_for(condition, timeout: float, what: str) -> float:

@@ -1,17 +1,18 @@
-"""`make server` (scripts/prefect_server.sh) and the temporary-server fallback, as the
-bed's unprivileged user on the login node: a lasting server of the user's on loopback
-with a secret, set in the user's Prefect profile; without one, the CLI says once what
-the temporary server costs, and does not fail when it is slow to start on a busy machine."""
+"""`make server` (scripts/prefect_server.sh) and the default server, as the bed's
+unprivileged user on the login node: a lasting server of the user's on loopback with a
+secret, set in the user's Prefect profile; without one, the CLI starts the user's own
+default server (flows/user_server.py), says so once, and does not fail when it is slow
+to start on a busy machine (tests/test_default_server.py: what a neighbour gets from it)."""
 
 import time
 
 import pytest
 
-from tests.helpers import REPO, SMALL, BackgroundFlow, assert_nothing_left, run_flow
+from tests.helpers import REPO, SMALL, BackgroundFlow, assert_nothing_left, default_server_env, run_flow
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(500)]
 HELLO = REPO / "examples/hello_ray.py"
-NOTE = "No Prefect server configured (PREFECT_API_URL)"
+NOTE = "Prefect: started your own server"
 
 
 def own_prefect(bed, work) -> dict:
@@ -19,7 +20,7 @@ def own_prefect(bed, work) -> dict:
     home = work / "prefect-home"
     bed.run_login(["mkdir", "-m", "700", str(home)], user=bed.user, check=True)  # the user's, as at a site
     return {"PREFECT_HOME": str(home), "PREFECT_BIN": str(bed.user_venv / "bin" / "prefect"),
-            "AR_SERVER_DIR": str(work / "server-state")}
+            "AR_SERVER_DIR": str(work / "server-state"), **default_server_env(bed, work)}
 
 
 def server(bed, env, action):
@@ -80,7 +81,7 @@ def test_make_server_starts_a_private_server_that_later_runs_use(work, bed):
 
 
 def test_without_a_server_the_cli_says_so_once_and_copes_with_a_busy_machine(work, bed):
-    """Both CPUs kept busy by other work while Prefect's temporary server starts, until the
+    """Both CPUs kept busy by other work while the user's default server starts, until the
     flow run begins on it (the rest of the run is not what is under test here)."""
     env = own_prefect(bed, work)
     burners = [bed.spawn("login", ["/usr/bin/python3", "-c", "while True: pass"], f"burn{i}.out") for i in range(2)]
