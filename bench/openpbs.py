@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.benchmark import (
+from bench.common import (
     BENCH,
     MEMORY_GB,
     OBJECT_STORE_GB,
