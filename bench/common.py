@@ -422,6 +422,26 @@ def run_flow(mode: str, nodes: int, args: list[str], *, run_dir: Path, env: dict
 
 
 
+def run_flow_on_bed(bed, server_url: str, home: Path, mode: str, nodes: int, args: list[str], live_jobs,
+                    scheduler_env: dict | None = None, ready_timeout: float = 240) -> FlowRun:
+    """The flow as the bed's user on the login host, from the bed's copy of the checkout,
+    with the site's SSH defaults (the user's key), as tests/helpers.run_flow runs it: its
+    info file in home (the bed user's), its teardown done once live_jobs() lists no job."""
+    from tests.helpers import flow_env
+
+    env = flow_env(server_url, scheduler_env, bed.repo)
+    return run_flow(
+        mode, nodes, args, run_dir=BENCH / f"run-{mode}", env=env, python=bed.user_python,
+        wrap=lambda argv: bed.login_argv(argv, user=bed.user, env=env, cwd=bed.repo),
+        info_dir=home, entered=bed.entered_pid, head_dirs=lambda cluster_id: bed_node_dirs(bed, cluster_id),
+        job_gone=lambda _: not live_jobs(), ready_timeout=ready_timeout)
+
+
+def bed_node_dirs(bed, cluster_id: str) -> list[Path]:
+    """Ray's temp dirs of a cluster's nodes on the bed's nodes, as seen from here."""
+    return [d / "r" for n in bed.node_names for d in bed.node_tmp(n).glob(f"{node_tmp_name(cluster_id)}*")]
+
+
 # ------------------------------------------------------------ local floor
 
 
@@ -448,6 +468,22 @@ def alive_count(port: int, token: str, host: str = "127.0.0.1") -> int:
     except (OSError, ValueError, KeyError, TypeError):
         return -1
     return sum(1 for row in rows if row.get("state") == "ALIVE")
+
+
+def record_failure(result: dict, exc: Exception, what: str) -> None:
+    """A run that failed: its error in its results (the benchmark goes on) and in the log."""
+    result["error"] = f"{type(exc).__name__}: {exc}"
+    log(f"{what} failed: {result['error']}")
+
+
+def job_marks(marks: Path, t0: float) -> dict[str, float]:
+    """The '<epoch> <name>' lines a baseline job and its poller append to marks (start,
+    ready, alive): seconds after t0 of the first line of each name."""
+    stamps: dict[str, float] = {}
+    for line in marks.read_text().splitlines():
+        at, name = line.split()
+        stamps.setdefault(name, float(at) - t0)
+    return stamps
 
 
 def poll_alive_main(argv: list[str]) -> int:

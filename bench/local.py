@@ -37,6 +37,7 @@ from bench.common import (
     log,
     marker_pids,
     ray_processes,
+    record_failure,
     run_flow,
     wait_quiet,
     wait_until,
@@ -166,8 +167,7 @@ def bare_main_job(index: int) -> dict:
         wait_until(lambda: not marker_pids(str(tmp)), 30, "bare head stopped", 0.05)
         result.update(ok=True, total_s=time.time() - t0)
     except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"bare main job failed: {result['error']}")
+        record_failure(result, exc, "bare main job")
     finally:
         kill_marker(str(tmp))
         result["orphans_killed"] = kill_pids(ray_processes() - ray_before)

@@ -31,20 +31,22 @@ from bench.common import (
     FlowRun,
     flow_like_ports,
     gcs_registrations,
+    job_marks,
     kill_marker,
     kill_pids,
     log,
     marker_pids,
     median,
     ray_processes,
-    run_flow,
+    record_failure,
+    run_flow_on_bed,
     wait_quiet,
     wait_until,
 )
 from bench.runner import Run, Section
 from tasks.atomic_file import write_text_atomic
 from tasks.schedulers import mem_mb
-from tasks.settings import RayClusterSettings, node_tmp_name
+from tasks.settings import RayClusterSettings
 from tests.helpers import PrefectServer
 
 # what the flow asks sbatch for, so the baselines get the same allocation
@@ -71,19 +73,8 @@ class SlurmBench:
         self.work = self.home / "w"
 
     def run_bed_flow(self, mode: str, nodes: int, args: list[str], ready_timeout: float = 240) -> FlowRun:
-        """The flow as the bed's user on the login host, from the bed's copy of the checkout,
-        with the site's SSH defaults (the user's key), as tests/helpers.run_flow runs it."""
-        from tests.helpers import flow_env
-
-        env = flow_env(self.server.url, None, self.bed.repo)
-        return run_flow(
-            mode, nodes, args, run_dir=BENCH / f"run-{mode}", env=env, python=self.bed.user_python,
-            wrap=lambda argv: self.bed.login_argv(argv, user=self.bed.user, env=env, cwd=self.bed.repo),
-            info_dir=self.home, entered=self.bed.entered_pid, head_dirs=self.head_dirs,
-            job_gone=lambda _: not self.live_jobs(), ready_timeout=ready_timeout)
-
-    def head_dirs(self, cluster_id: str) -> list[Path]:
-        return [d / "r" for n in self.bed.node_names for d in self.bed.node_tmp(n).glob(f"{node_tmp_name(cluster_id)}*")]
+        return run_flow_on_bed(self.bed, self.server.url, self.home, mode, nodes, args, self.live_jobs,
+                               ready_timeout=ready_timeout)
 
     def node_tmps(self, prefix: str) -> list[Path]:
         return [p for n in self.bed.node_names for p in self.bed.node_tmp(n).glob(f"{prefix}-*")]
@@ -165,8 +156,7 @@ class SlurmBench:
                 result["environment_s"] = run.marks.get("environment (setup_ray.sh)")
             result["ok"] = run.ok and "queue_s" in result
         except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"queued run failed: {result['error']}")
+            record_failure(result, exc, "queued run")
         finally:
             stop.set()
             self.bed.run_login(["scancel", blocker], timeout=30)
@@ -231,11 +221,23 @@ class SlurmBench:
                 shutil.rmtree(adapt_work, ignore_errors=True)
             result["ok"] = True
         except Exception as exc:  # recorded: the rest of the report still gets written
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"scaling runs failed: {result['error']}")
+            record_failure(result, exc, "scaling runs")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return result
+
+    def scancel(self, job_id: str, tmp: str, result: dict) -> None:
+        """A baseline's job cancelled. scancel alone leaves the head's Ray running for 30-60 s
+        here (`ray start --block` dies first, its children escape the step): give it 5 s, then
+        SIGKILL what is left of this baseline (its temp dir is in every command line)."""
+        stop = time.time()
+        self.bed.run_login(["scancel", job_id], timeout=30)
+        try:
+            wait_until(lambda: not self.live_jobs() and not marker_pids(tmp), 5, "baseline teardown", 0.1)
+            result["teardown_s"] = time.time() - stop
+        except TimeoutError:
+            result["killed_after_scancel"] = kill_marker(tmp)
+            wait_until(lambda: not self.live_jobs(), 60, "baseline job gone", 0.2)
 
     def baseline(self, kind: str, nodes: int) -> dict:
         self.settle()
@@ -282,34 +284,19 @@ class SlurmBench:
                     wait_until(lambda: " alive" in marks.read_text(), 60, "template's nodes alive", 0.05)
                 except TimeoutError:
                     pass
-            stamps = {}
-            for line in marks.read_text().splitlines():
-                at, name = line.split()
-                stamps.setdefault(name, float(at))
-            result["ready_s"] = stamps[wanted] - t0
-            result["job_start_s"] = stamps["start"] - t0
+            stamps = job_marks(marks, t0)
+            result.update(ready_s=stamps[wanted], job_start_s=stamps["start"])
             if "alive" in stamps:
-                result["all_alive_s"] = stamps["alive"] - t0
+                result["all_alive_s"] = stamps["alive"]
             registered = sorted(t for node in self.node_tmps(tag) for t in gcs_registrations(str(node)))
             if len(registered) >= nodes:
                 result["ray_ready_s"] = registered[nodes - 1] - t0
             result["ok"] = True
         except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"{kind} baseline failed: {result['error']}")
+            record_failure(result, exc, f"{kind} baseline")
         finally:
             if job_id:
-                # scancel alone leaves the head's Ray running for 30-60 s here (`ray start
-                # --block` dies first, its children escape the step): give it 5 s, then
-                # SIGKILL what is left of this baseline (its temp dir is in every command line).
-                stop = time.time()
-                self.bed.run_login(["scancel", job_id], timeout=30)
-                try:
-                    wait_until(lambda: not self.live_jobs() and not marker_pids(tmp), 5, "baseline teardown", 0.1)
-                    result["teardown_s"] = time.time() - stop
-                except TimeoutError:
-                    result["killed_after_scancel"] = kill_marker(tmp)
-                    wait_until(lambda: not self.live_jobs(), 60, "baseline job gone", 0.2)
+                self.scancel(job_id, tmp, result)
             kill_marker(tmp)
             # the renamed agents (`ray::DashboardAgent`) that escape scancel and the marker
             result["orphans_killed"] = kill_pids(ray_processes() - ray_before)
