@@ -24,25 +24,27 @@ import sys
 import time
 from pathlib import Path
 
-from bench.benchmark import (
+from bench.common import (
     BENCH,
     MEMORY_GB,
     OBJECT_STORE_GB,
     RAY_RESOURCES,
     REPO,
     flow_like_ports,
+    job_marks,
     kill_marker,
     kill_pids,
     log,
     median,
     ray_processes,
-    run_flow,
+    record_failure,
+    run_flow_on_bed,
     wait_quiet,
     wait_until,
 )
 from tasks.atomic_file import write_text_atomic
 from tasks.schedulers import mem_mb
-from tasks.settings import RayClusterSettings, node_tmp_name
+from tasks.settings import RayClusterSettings
 
 NODES = 3
 TARGET = 1.10  # flow / floor
@@ -89,21 +91,24 @@ class OpenPBSBench:
         self.openpbs.wait_nodes_free()
 
     def flow(self) -> dict:
-        from tests.helpers import flow_env
-
         self.settle()
-        env = flow_env(self.server.url, self.openpbs.env(), self.bed.repo)
         args = ["--scheduler", "pbs", "--pbs.select", f"{NODES}:ncpus=1", "--pbs.walltime", "00:10:00",
                 "--work-dir", str(self.work), "--readiness-timeout", "180"]
-        run = run_flow("openpbs", NODES, args, run_dir=BENCH / "run-openpbs", env=env, python=self.bed.user_python,
-                       wrap=lambda argv: self.bed.login_argv(argv, user=self.bed.user, env=env, cwd=self.bed.repo),
-                       info_dir=self.home, entered=self.bed.entered_pid,
-                       head_dirs=lambda cid: [d / "r" for n in self.bed.node_names
-                                              for d in self.bed.node_tmp(n).glob(f"{node_tmp_name(cid)}*")],
-                       job_gone=lambda _: not self.openpbs.live_jobs())
+        run = run_flow_on_bed(self.bed, self.server.url, self.home, "openpbs", NODES, args, self.openpbs.live_jobs,
+                              scheduler_env=self.openpbs.env())
         return {"method": "flow", "ok": run.ok, "error": run.error, "ready_s": run.ready_s,
                 "ready_from_begin_s": run.ready_from_begin_s, "teardown_s": run.teardown_s,
                 "ray_ready_s": run.ray_ready_s, "cluster_id": run.cluster_id}
+
+    def qdel(self, job_id: str, result: dict) -> None:
+        """The floor's job deleted; its teardown_s when it is gone within 60 s."""
+        stop = time.time()
+        self.openpbs.run(["qdel", job_id], user=self.bed.user, timeout=30)
+        try:
+            wait_until(lambda: not self.openpbs.live_jobs(), 60, "floor job gone", 0.2)
+            result["teardown_s"] = time.time() - stop
+        except TimeoutError:
+            pass
 
     def floor(self) -> dict:
         self.settle()
@@ -137,25 +142,13 @@ class OpenPBSBench:
                 raise RuntimeError(f"qsub: {done.stderr}")
             job_id = done.stdout.strip()
             wait_until(lambda: marks.exists() and " alive" in marks.read_text(), 180, "floor nodes alive", 0.05)
-            stamps = {}
-            for line in marks.read_text().splitlines():
-                at, name = line.split()
-                stamps.setdefault(name, float(at))
-            result["ready_s"] = stamps["alive"] - t0
-            result["job_start_s"] = stamps["start"] - t0
-            result["ok"] = True
+            stamps = job_marks(marks, t0)
+            result.update(ready_s=stamps["alive"], job_start_s=stamps["start"], ok=True)
         except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"floor failed: {result['error']}")
+            record_failure(result, exc, "floor")
         finally:
             if job_id:
-                stop = time.time()
-                self.openpbs.run(["qdel", job_id], user=self.bed.user, timeout=30)
-                try:
-                    wait_until(lambda: not self.openpbs.live_jobs(), 60, "floor job gone", 0.2)
-                    result["teardown_s"] = time.time() - stop
-                except TimeoutError:
-                    pass
+                self.qdel(job_id, result)
             result["killed_after_qdel"] = kill_marker(tmp)
             result["orphans_killed"] = kill_pids(ray_processes() - ray_before)
             for node in self.bed.node_names:

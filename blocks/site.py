@@ -26,7 +26,7 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, model_validator
 from pydantic.fields import FieldInfo
 
-from tasks.schedulers.options import name_field
+from tasks.schedulers.options import name_field, pattern_field
 from tasks.settings import (
     HOST_RE,
     AdvancedOptions,
@@ -53,13 +53,8 @@ class HpcSite(Block):
         "partition or queue, the Python env with Ray, the shared work dir"
     )
 
-    host: str = Field(
-        ...,
-        title="Login node",
-        description="user@host:port, an ~/.ssh/config alias, or the name of a saved "
-        "Activate Ray SSH Connection block",
-        json_schema_extra={"pattern": HOST_RE.pattern},
-    )
+    host: str = pattern_field(..., "Login node", "user@host:port, an ~/.ssh/config alias, or the name of a saved "
+                              "Activate Ray SSH Connection block", HOST_RE.pattern)
     scheduler: SchedulerKind = Field(
         SchedulerKind.slurm,
         title="Scheduler",

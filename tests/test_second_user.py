@@ -71,15 +71,17 @@ TOKEN_SEARCH = textwrap.dedent(
     import json, os, sys
     token = sys.stdin.readline().strip().encode()  # not in argv: this probe's own cmdline would hold it
     scope = json.loads(sys.argv[1])
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        for part in ("cmdline", "environ"):
-            try:
-                with open(f"/proc/{pid}/{part}", "rb") as handle:
-                    if token in handle.read():
-                        found.append(f"/proc/{pid}/{part}")
-            except OSError:
-                pass
+
+
+    def holds(path, limit=-1):  # the token in the file's first `limit` bytes (-1: all of it)
+        try:
+            with open(path, "rb") as handle:
+                return token in handle.read(limit)
+        except OSError:
+            return False
+
+    found = [f"/proc/{pid}/{part}" for pid in filter(str.isdigit, os.listdir("/proc"))
+             for part in ("cmdline", "environ") if holds(f"/proc/{pid}/{part}")]
     roots = list(scope["trees"])
     for shared in scope["owned_in"]:
         try:
@@ -94,22 +96,10 @@ TOKEN_SEARCH = textwrap.dedent(
                 pass
     for root in roots:
         if os.path.isfile(root) and not os.path.islink(root):
-            try:
-                with open(root, "rb") as handle:
-                    if token in handle.read(1 << 20):
-                        found.append(root)
-            except OSError:
-                pass
+            found += [root] if holds(root, 1 << 20) else []
             continue
         for directory, dirs, files in os.walk(root):
-            for name in files:
-                path = os.path.join(directory, name)
-                try:
-                    with open(path, "rb") as handle:
-                        if token in handle.read(1 << 20):
-                            found.append(path)
-                except OSError:
-                    pass
+            found += [path for path in (os.path.join(directory, name) for name in files) if holds(path, 1 << 20)]
     print(json.dumps(found))
     """
 )

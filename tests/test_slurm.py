@@ -221,57 +221,46 @@ def test_every_allowed_slurm_directive_reaches_the_job_script(tmp_path):
     assert_bash_syntax(script, tmp_path)
 
 
-@pytest.mark.parametrize(
-    "line,phase,detail",
-    [
-        ("PENDING|Resources", JobPhase.pending, "PENDING, Resources"),
-        ("PENDING|Priority", JobPhase.pending, "PENDING, Priority"),
-        ("RUNNING|None", JobPhase.running, "RUNNING"),
-        ("COMPLETING|None", JobPhase.running, "COMPLETING"),
-        ("CONFIGURING|None", JobPhase.pending, "CONFIGURING"),
-        ("SUSPENDED|None", JobPhase.pending, "SUSPENDED"),
-        ("COMPLETED|None", JobPhase.ended, "COMPLETED"),
-        ("CANCELLED|None", JobPhase.ended, "CANCELLED"),
-        ("FAILED|NonZeroExitCode", JobPhase.ended, "FAILED, NonZeroExitCode"),
-        ("TIMEOUT|TimeLimit", JobPhase.ended, "TIMEOUT, TimeLimit"),
-        ("OUT_OF_MEMORY|None", JobPhase.ended, "OUT_OF_MEMORY"),
-        ("RUNNING", JobPhase.running, "RUNNING"),
-    ],
-)
-def test_squeue_line(line, phase, detail):
-    state = parse_squeue(line)
-    assert (state.phase, state.detail) == (phase, detail)
+# What Slurm prints of a job, read by each parser: (what it prints, phase, detail).
+SQUEUE_LINES = [  # squeue -o '%T|%r'
+    ("PENDING|Resources", JobPhase.pending, "PENDING, Resources"),
+    ("PENDING|Priority", JobPhase.pending, "PENDING, Priority"),
+    ("RUNNING|None", JobPhase.running, "RUNNING"),
+    ("COMPLETING|None", JobPhase.running, "COMPLETING"),
+    ("CONFIGURING|None", JobPhase.pending, "CONFIGURING"),
+    ("SUSPENDED|None", JobPhase.pending, "SUSPENDED"),
+    ("COMPLETED|None", JobPhase.ended, "COMPLETED"),
+    ("CANCELLED|None", JobPhase.ended, "CANCELLED"),
+    ("FAILED|NonZeroExitCode", JobPhase.ended, "FAILED, NonZeroExitCode"),
+    ("TIMEOUT|TimeLimit", JobPhase.ended, "TIMEOUT, TimeLimit"),
+    ("OUT_OF_MEMORY|None", JobPhase.ended, "OUT_OF_MEMORY"),
+    ("RUNNING", JobPhase.running, "RUNNING"),
+]
+SCONTROL_TEXTS = [  # scontrol show job, the fields that count
+    ("JobState=PENDING Reason=Priority", JobPhase.pending, "PENDING, Priority"),
+    ("JobState=RUNNING Reason=None", JobPhase.running, "RUNNING"),
+    ("JobState=COMPLETED", JobPhase.ended, "COMPLETED"),
+    ("JobState=CANCELLED", JobPhase.ended, "CANCELLED"),
+    ("JobState=COMPLETING Reason=None", JobPhase.running, "COMPLETING"),  # as squeue: not gone yet
+    ("JobState=PENDING Reason=(null)", JobPhase.pending, "PENDING"),
+    ("", JobPhase.ended, "UNKNOWN"),
+]
+SCONTROL_FILES = [  # scontrol show job, whole, in tests/fixtures
+    ("slurm/scontrol_pending.txt", JobPhase.pending, "PENDING, Priority"),
+    ("slurm/scontrol_running.txt", JobPhase.running, "RUNNING"),
+    ("slurm/scontrol_completed.txt", JobPhase.ended, "COMPLETED"),
+    ("slurm/scontrol_cancelled.txt", JobPhase.ended, "CANCELLED"),
+    ("slurm/scontrol_invalid_job.txt", JobPhase.ended, "UNKNOWN"),
+]
+PARSERS = {"squeue": (parse_squeue, SQUEUE_LINES), "scontrol": (parse_scontrol, SCONTROL_TEXTS),
+           "scontrol-file": (lambda name: parse_scontrol(fixture(name)), SCONTROL_FILES)}
 
 
-@pytest.mark.parametrize(
-    "text,phase,detail",
-    [
-        ("JobState=PENDING Reason=Priority", JobPhase.pending, "PENDING, Priority"),
-        ("JobState=RUNNING Reason=None", JobPhase.running, "RUNNING"),
-        ("JobState=COMPLETED", JobPhase.ended, "COMPLETED"),
-        ("JobState=CANCELLED", JobPhase.ended, "CANCELLED"),
-        ("JobState=COMPLETING Reason=None", JobPhase.running, "COMPLETING"),  # as squeue: not gone yet
-        ("JobState=PENDING Reason=(null)", JobPhase.pending, "PENDING"),
-        ("", JobPhase.ended, "UNKNOWN"),
-    ],
-)
-def test_scontrol_text(text, phase, detail):
-    state = parse_scontrol(text)
-    assert (state.phase, state.detail) == (phase, detail)
-
-
-@pytest.mark.parametrize(
-    "name,phase,detail",
-    [
-        ("slurm/scontrol_pending.txt", JobPhase.pending, "PENDING, Priority"),
-        ("slurm/scontrol_running.txt", JobPhase.running, "RUNNING"),
-        ("slurm/scontrol_completed.txt", JobPhase.ended, "COMPLETED"),
-        ("slurm/scontrol_cancelled.txt", JobPhase.ended, "CANCELLED"),
-        ("slurm/scontrol_invalid_job.txt", JobPhase.ended, "UNKNOWN"),
-    ],
-)
-def test_scontrol_full_output(name, phase, detail):
-    state = parse_scontrol(fixture(name))
+@pytest.mark.parametrize("reader,given,phase,detail",
+                         [(reader, *case) for reader, (_, cases) in PARSERS.items() for case in cases],
+                         ids=lambda value: value if isinstance(value, str) else None)
+def test_job_state_read(reader, given, phase, detail):
+    state = PARSERS[reader][0](given)
     assert (state.phase, state.detail) == (phase, detail)
 
 

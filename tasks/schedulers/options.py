@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 # Characters Slurm and PBS accept in account, partition, qos and queue names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", re.ASCII)
@@ -49,9 +49,15 @@ def positioned(model: type[BaseModel]) -> type[BaseModel]:
 
 
 
+def pattern_field(default: Any, title: str, description: str, pattern: str) -> Any:
+    """A text field of a form that checks it against pattern as it is typed (a validator of
+    the model checks it again, with the reason)."""
+    return Field(default, title=title, description=description, json_schema_extra={"pattern": pattern})
+
+
 def name_field(title: str, description: str) -> Any:
     """A scheduler name (account, partition, queue, QOS): empty, or what Slurm and PBS accept."""
-    return Field("", title=title, description=description, json_schema_extra={"pattern": "^$|" + NAME_RE.pattern})
+    return pattern_field("", title, description, "^$|" + NAME_RE.pattern)
 
 
 class DirectiveRefused(ValueError):
@@ -167,3 +173,31 @@ def check_directives(value: str, policy: DirectivePolicy) -> str:
         except DirectiveRefused as refused:
             raise ValueError(f"extra directive line {number}: {refused}") from None
     return "\n".join(line.strip() for line in value.splitlines() if line.strip())
+
+
+class JobOptions(BaseModel):
+    """What the SLURM and PBS groups check alike: their scheduler names (whichever of account,
+    partition, qos and queue the group has), the walltime in the scheduler's own form, and the
+    extra directive lines through the scheduler's policy. Each group names its own."""
+
+    group: ClassVar[str]  # as the settings name it: "slurm", "pbs"
+    walltime_re: ClassVar[re.Pattern[str]]
+    walltime_is: ClassVar[str]  # what a walltime is, for the message: "a PBS walltime: use ..."
+    directive_policy: ClassVar[DirectivePolicy]
+
+    @field_validator("account", "partition", "qos", "queue", check_fields=False)
+    @classmethod
+    def _names(cls, value: str, info) -> str:
+        return check_name(value, f"{cls.group}.{info.field_name}")
+
+    @field_validator("walltime", check_fields=False)
+    @classmethod
+    def _walltime(cls, value: str) -> str:
+        if not cls.walltime_re.fullmatch(value):
+            raise ValueError(f"{cls.group}.walltime {value!r} is not {cls.walltime_is}")
+        return value
+
+    @field_validator("extra_directives", check_fields=False)
+    @classmethod
+    def _directives(cls, value: str) -> str:
+        return check_directives(value, cls.directive_policy)

@@ -9,7 +9,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tasks.schedulers.base import JOB_SCRIPT, JobPhase, JobState, Scheduler, mem_mb
 from tasks.schedulers.options import (
@@ -19,9 +19,9 @@ from tasks.schedulers.options import (
     VALUE,
     DirectivePolicy,
     DirectiveRefused,
-    check_directives,
-    check_name,
+    JobOptions,
     name_field,
+    pattern_field,
     positioned,
 )
 
@@ -154,46 +154,32 @@ PBS_DIRECTIVES = DirectivePolicy(
 
 
 @positioned
-class PbsOptions(BaseModel):
+class PbsOptions(JobOptions):
     """Where and how long the PBS job runs."""
 
     model_config = ConfigDict(extra="forbid", title="PBS")
+    group = "pbs"
+    walltime_re = PBS_WALLTIME_RE
+    walltime_is = "a PBS walltime: use HH:MM:SS, MM:SS or seconds"
+    # Also refused: -l select= and a place= without scatter (one chunk per host, one Ray
+    # node per chunk; see PBS_RESOURCE_REFUSED).
+    directive_policy = PBS_DIRECTIVES
 
     account: str = name_field("Account", "-A account (empty: your default)")
     queue: str = name_field("Queue", "-q queue (empty: the server default)")
-    walltime: str = Field(
-        "01:00:00",
-        title="Walltime",
-        description="-l walltime=: HH:MM:SS, MM:SS or seconds, e.g. 01:00:00",
-        json_schema_extra={"pattern": PBS_WALLTIME_RE.pattern},
-    )
+    walltime: str = pattern_field("01:00:00", "Walltime", "-l walltime=: HH:MM:SS, MM:SS or seconds, e.g. 01:00:00",
+                                  PBS_WALLTIME_RE.pattern)
     nodes: int = Field(
         1, ge=1, le=10000, title="Nodes",
         description="Chunks (nodes): one Ray node on each (with a select statement: its chunk count, leave this out)",
     )
-    select: str = Field(
-        "",
-        title="Select",
-        description="Your own -l select= statement, e.g. 2:ncpus=8:mem=32gb; its chunks are the nodes "
-        "(empty: built from nodes, CPUs, memory, GPUs)",
-        json_schema_extra={"pattern": "^$|" + PBS_SELECT_RE.pattern},
-    )
+    select: str = pattern_field(
+        "", "Select", "Your own -l select= statement, e.g. 2:ncpus=8:mem=32gb; its chunks are the nodes "
+        "(empty: built from nodes, CPUs, memory, GPUs)", "^$|" + PBS_SELECT_RE.pattern)
     extra_directives: str = Field(
         "", title="Extra directives", description="More '#PBS -option value' lines, one per line: resources and placement "
         "(-l name=value, -q, -A, -P, -m, -M, -W depend=, ...); others are refused with the reason"
     )
-
-    @field_validator("account", "queue")
-    @classmethod
-    def _names(cls, value: str, info) -> str:
-        return check_name(value, f"pbs.{info.field_name}")
-
-    @field_validator("walltime")
-    @classmethod
-    def _walltime(cls, value: str) -> str:
-        if not PBS_WALLTIME_RE.fullmatch(value):
-            raise ValueError(f"pbs.walltime {value!r} is not a PBS walltime: use HH:MM:SS, MM:SS or seconds")
-        return value
 
     @field_validator("select")
     @classmethod
@@ -210,13 +196,6 @@ class PbsOptions(BaseModel):
             if pbs_select_chunks(value) > 10000:
                 raise ValueError(f"pbs.select {value!r} asks for {pbs_select_chunks(value)} chunks: at most 10000")
         return value
-
-    @field_validator("extra_directives")
-    @classmethod
-    def _directives(cls, value: str) -> str:
-        # Also: -l select= and a place= without scatter are refused (one chunk per host,
-        # one Ray node per chunk; see PBS_RESOURCE_REFUSED).
-        return check_directives(value, PBS_DIRECTIVES)
 
     @model_validator(mode="after")
     def _nodes_from_select(self) -> PbsOptions:

@@ -7,7 +7,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
 from tasks.schedulers.base import JobPhase, JobState, Scheduler, mem_mb
 from tasks.schedulers.options import (
@@ -17,9 +17,9 @@ from tasks.schedulers.options import (
     SET_BY_US,
     VALUE,
     DirectivePolicy,
-    check_directives,
-    check_name,
+    JobOptions,
     name_field,
+    pattern_field,
     positioned,
 )
 
@@ -105,44 +105,27 @@ SLURM_DIRECTIVES = DirectivePolicy(
 
 
 @positioned
-class SlurmOptions(BaseModel):
+class SlurmOptions(JobOptions):
     """Where and how long the SLURM job runs."""
 
     model_config = ConfigDict(extra="forbid", title="SLURM")
+    group = "slurm"
+    walltime_re = SLURM_WALLTIME_RE
+    walltime_is = "a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+    directive_policy = SLURM_DIRECTIVES
 
     account: str = name_field("Account", "--account to charge (empty: your default)")
     partition: str = name_field("Partition", "--partition (empty: the cluster default)")
     qos: str = name_field("QOS", "--qos (empty: the default)")
-    walltime: str = Field(
-        "01:00:00",
-        title="Walltime",
-        description="--time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 30, 01:00:00 or 1-12:00:00",
-        json_schema_extra={"pattern": SLURM_WALLTIME_RE.pattern},
-    )
+    walltime: str = pattern_field(
+        "01:00:00", "Walltime", "--time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 30, 01:00:00 or 1-12:00:00",
+        SLURM_WALLTIME_RE.pattern)
     nodes: int = Field(1, ge=1, le=10000, title="Nodes", description="Nodes in the allocation: one Ray node on each")
     extra_directives: str = Field(
         "", title="Extra directives", description="More '#SBATCH --option=value' lines, one per line: resource and placement options "
         "(--constraint, --gres, --exclusive, --mail-type, ...); others are refused with the reason"
     )
 
-    @field_validator("account", "partition", "qos")
-    @classmethod
-    def _names(cls, value: str, info) -> str:
-        return check_name(value, f"slurm.{info.field_name}")
-
-    @field_validator("walltime")
-    @classmethod
-    def _walltime(cls, value: str) -> str:
-        if not SLURM_WALLTIME_RE.fullmatch(value):
-            raise ValueError(
-                f"slurm.walltime {value!r} is not a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
-            )
-        return value
-
-    @field_validator("extra_directives")
-    @classmethod
-    def _directives(cls, value: str) -> str:
-        return check_directives(value, SLURM_DIRECTIVES)
 
 
 def slurm_seconds(walltime: str) -> int:
