@@ -29,7 +29,8 @@ from tasks.failures import reason_of
 from tasks.settings import GROUPS, RayClusterSettings
 
 # `python -m flows.ray_cluster NAME ...`: each subcommand parses its own arguments.
-SUBCOMMANDS = {"logs": logs.main, "scale": scale.main, "cleanup": cleanup.main, "check": check.main}
+SUBCOMMANDS = {"logs": logs.main, "scale": scale.main, "cleanup": cleanup.main,
+               "check": lambda argv: check.main(argv, _settings_from)}
 
 TEMPORARY_SERVER_NOTE = (
     "No Prefect server configured (PREFECT_API_URL): this run starts Prefect's temporary server, "

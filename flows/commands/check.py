@@ -11,6 +11,7 @@ after); --json: the rows as JSON on stdout instead of the table. Exit codes: 0 n
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from tasks.checks import failed, render_table, rows_json
 
@@ -18,15 +19,16 @@ from tasks.checks import failed, render_table, rows_json
 OWN_FLAGS = ("--on-nodes", "--json")
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], settings_from: Callable) -> int:
+    """settings_from: the run's own parsing of its options (flows/cli.py's, handed in: it
+    imports this module)."""
     if "-h" in argv or "--help" in argv:
         print(__doc__)
     own = {flag: flag in argv for flag in OWN_FLAGS}
     rest = [arg for arg in argv if arg not in OWN_FLAGS]
-    from flows.cli import _settings_from  # the run's own parsing (flows.cli imports this module)
     from flows.ray_cluster import check_site
 
-    parsed = _settings_from(rest)
+    parsed = settings_from(rest)
     if isinstance(parsed, int):
         return parsed
     settings, _ = parsed
