@@ -1,5 +1,5 @@
 """The command line: `python -m flows.ray_cluster [OPTIONS]` runs the ray-cluster flow,
-`python -m flows.ray_cluster logs|scale|cleanup ...` a subcommand (flows/commands/).
+`python -m flows.ray_cluster logs|scale|cleanup|check ...` a subcommand (flows/commands/).
 
     python -m flows.ray_cluster --help
 """
@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from flows import user_server
-from flows.commands import cleanup, logs, scale
+from flows.commands import check, cleanup, logs, scale
 from flows.plan import render_plan
 from flows.ray_cluster import ray_cluster, refuse_token_block_without_a_server
 from flows.stop_signals import STOP
@@ -30,7 +30,8 @@ from tasks.failures import reason_of
 from tasks.settings import GROUPS, RayClusterSettings
 
 # `python -m flows.ray_cluster NAME ...`: each subcommand parses its own arguments.
-SUBCOMMANDS = {"logs": logs.main, "scale": scale.main, "cleanup": cleanup.main}
+SUBCOMMANDS = {"logs": logs.main, "scale": scale.main, "cleanup": cleanup.main,
+               "check": lambda argv: check.main(argv, _settings_from)}
 
 
 

@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
 import asyncio
 import inspect
+import json
 import re
 import shlex
 from dataclasses import asdict
@@ -39,6 +40,17 @@ from flows.commands.scale import scale_cluster
 from flows.stop_signals import STOP
 from flows.target import open_target
 from tasks.atomic_file import write_text_atomic
+from tasks.checks import (
+    PASS,
+    WARN,
+    CheckRow,
+    failed,
+    fast_login_rows,
+    host_key_row,
+    render_markdown,
+    rows_json,
+    run_checks,
+)
 from tasks.cluster import (
     CLUSTER_ID_RE,
     ClusterPlan,
@@ -80,7 +92,7 @@ from tasks.settings import (
 from tasks.transport import Transport
 from tasks.user_job import keep_alive, run_user_job, warm_up_job_client
 
-__all__ = ["STOP", "bring_up", "open_target", "ray_cluster", "ray_cluster_direct", "ray_cluster_pbs",
+__all__ = ["STOP", "bring_up", "check_site", "ray_cluster_check_direct", "ray_cluster_check_pbs", "ray_cluster_check_slurm", "open_target", "ray_cluster", "ray_cluster_direct", "ray_cluster_pbs",
            "ray_cluster_scale", "ray_cluster_slurm", "remember", "run_cluster", "start_adapting",
            "teardown_saved_clusters"]
 
@@ -289,6 +301,7 @@ async def run_cluster(settings: RayClusterSettings) -> dict:
         async with await open_target(settings) as target:
             work_dir = await target_work_dir(target, settings)
             warn_about_insecure_choices(settings, get_run_logger())
+            await refuse_what_fails_the_fast_checks(target, settings)
             for attempt in range(1, settings.retries + 2):
                 try:
                     return await _one_cluster(target, scheduler, settings, work_dir)
@@ -300,6 +313,17 @@ async def run_cluster(settings: RayClusterSettings) -> dict:
     except BaseException as failure:
         await report_failure(failure)
         raise
+
+
+async def refuse_what_fails_the_fast_checks(target: Transport, settings: RayClusterSettings) -> None:
+    """`check`'s fast login rows (the scheduler answers, Ray's socket paths fit), before
+    anything is submitted: a failure costs seconds, not a queue wait; said in check's words."""
+    rows = await fast_login_rows(target, settings)
+    for row in rows:
+        if row.status == WARN:
+            get_run_logger().warning("check %s: %s; fix: %s", row.check, row.found, row.fix)
+    if failed(rows):
+        raise InvalidInput("; ".join(f"check {row.check} failed: {row.found}; fix: {row.fix}" for row in failed(rows)))
 
 
 async def report_failure(failure: BaseException) -> None:
@@ -444,6 +468,7 @@ PARAMETER_HELP = {
     'scale': 'Worker jobs beside the allocation (slurm/pbs): at start, added later (scale --add), or adaptive to Ray\'s pending demand',
     'environment': 'Ray version, Python and the shared work dir (visible on every node)',
     'advanced': 'Ports, timeouts, security and SSH',
+    'on_nodes': 'Also run the node checks in a short, small job (1-2 nodes, 5 minutes; nothing left after)',
 }
 
 
@@ -572,3 +597,99 @@ async def ray_cluster_scale(
         raise InvalidInput("give a cluster id (ar-...) and one of add or remove (1 to 1000)")
     return await scale_cluster(RayClusterSettings(host=host, work_dir=work_dir), cluster_id, add - remove, timeout)
 
+
+
+# --- `check` (issue 36): what would break a cluster on this site, before the queue ----------
+
+class CheckFailed(RuntimeError):
+    """A check row failed: the run of a check deployment ends Failed, its table in the artifact."""
+
+
+async def check_site(settings: RayClusterSettings, on_nodes: bool) -> list[CheckRow]:
+    """The check's rows (tasks/checks.py): the target opened (host keys), the login rows, and
+    with on_nodes the check job's. Nothing is left on the target."""
+    try:
+        target = await open_target(settings)
+    except Exception as exc:
+        if not settings.host:
+            raise
+        return [host_key_row(settings, exc)]
+    async with target:
+        rows = [CheckRow("host key", PASS, f"{settings.host}: known, connected")] if settings.host else []
+        work_dir = await target_work_dir(target, settings)
+        rows += await run_checks(target, settings, work_dir, on_nodes)
+    return rows
+
+
+async def _check_flow(settings: RayClusterSettings, on_nodes: bool) -> dict:
+    rows = await check_site(settings, on_nodes)
+    try:
+        await create_markdown_artifact(key="ray-cluster-check", markdown=render_markdown(rows),
+                                       description="What would break a cluster on this site")
+    except Exception as exc:  # the artifact is a courtesy; the rows are in the log and the result
+        get_run_logger().debug("no check artifact: %s", exc)
+    for row in rows:
+        log = get_run_logger().error if row.status == "fail" else get_run_logger().info
+        log("%s %s (%s): %s%s", row.status.upper(), row.check, row.where, row.found, f"; fix: {row.fix}" if row.fix else "")
+    if failed(rows):
+        raise CheckFailed("; ".join(f"{row.check} ({row.where}): {row.found}; fix: {row.fix}" for row in failed(rows)))
+    return json.loads(rows_json(rows))
+
+
+@flow(name="ray-cluster", flow_run_name="ray-cluster-check-slurm")
+@described("Check, before the queue, what would break a SLURM cluster with these inputs: login host, then (on_nodes) the compute nodes.",
+           slurm='Nodes, walltime, account, partition, QOS and extra directives of the job')
+async def ray_cluster_check_slurm(
+    *,
+    user_script: str = "",
+    script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
+    runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
+    host: str,
+    cluster: BatchClusterOptions = BatchClusterOptions(),
+    slurm: SlurmOptions = SlurmOptions(),
+    scale: ScaleOptions = ScaleOptions(),
+    environment: EnvironmentOptions = EnvironmentOptions(),
+    advanced: AdvancedOptions = AdvancedOptions(),
+    on_nodes: bool = False,
+) -> dict:
+    parameters = {k: v for k, v in locals().items() if k != "on_nodes"}
+    return await _check_flow(settings_from_parameters(parameters, SchedulerKind.slurm), on_nodes)
+
+
+@flow(name="ray-cluster", flow_run_name="ray-cluster-check-pbs")
+@described("Check, before the queue, what would break a PBS cluster with these inputs: login host, then (on_nodes) the compute nodes.",
+           pbs='Chunks (select) or nodes, walltime, account, queue and extra directives of the job')
+async def ray_cluster_check_pbs(
+    *,
+    user_script: str = "",
+    script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
+    runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
+    host: str,
+    cluster: BatchClusterOptions = BatchClusterOptions(),
+    pbs: PbsOptions = PbsOptions(),
+    scale: ScaleOptions = ScaleOptions(),
+    environment: EnvironmentOptions = EnvironmentOptions(),
+    advanced: AdvancedOptions = AdvancedOptions(),
+    on_nodes: bool = False,
+) -> dict:
+    parameters = {k: v for k, v in locals().items() if k != "on_nodes"}
+    return await _check_flow(settings_from_parameters(parameters, SchedulerKind.pbs), on_nodes)
+
+
+@flow(name="ray-cluster", flow_run_name="ray-cluster-check-direct")
+@described("Check what would break a Ray cluster directly on one host with these inputs (on_nodes: the host's node checks too).",
+           host="Empty = the worker's machine; else user@host:port, an ~/.ssh/config alias, or a saved SSH connection block",
+           cluster='Node sizes (extra workers beside the head) and how long the cluster lives',
+           environment='Ray version, Python and the work dir on the host')
+async def ray_cluster_check_direct(
+    user_script: str = "",
+    script_args: list[str] = [],  # noqa: B006 (Prefect copies parameters; the form needs the default)
+    runtime_env: RuntimeEnvOptions = RuntimeEnvOptions(),
+    host: str = "",
+    cluster: ClusterOptions = ClusterOptions(),
+    environment: EnvironmentOptions = EnvironmentOptions(),
+    advanced: AdvancedOptions = AdvancedOptions(),
+    on_nodes: bool = False,
+) -> dict:
+    parameters = {k: v for k, v in locals().items() if k != "on_nodes"}
+    return await _check_flow(settings_from_parameters(parameters, SchedulerKind.none), on_nodes)

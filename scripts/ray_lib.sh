@@ -126,6 +126,28 @@ ar_stop_reason() {
     fi
 }
 
+# This node's checks (node_check.sh: Ray and Python, temp dir, space, limits, network), before
+# `ray start`: every row to <cluster dir>/checks/NAME.rows (`check --on-nodes` reads them); a row
+# that fails is said in the cluster's status in the same words, with its fix, and stops the node.
+# usage: ar_node_checks NAME
+ar_node_checks() {
+    local name="$1" rows status=0 _tag check verdict found fix
+    mkdir -p "$AR_CLUSTER_DIR/checks"
+    rows="$AR_CLUSTER_DIR/checks/$name.rows"
+    bash "$AR_CLUSTER_DIR/bin/node_check.sh" >"$rows" 2>&1 || status=$?
+    while IFS=$'\t' read -r _tag check verdict found fix; do
+        [ "$_tag" = AR_CHECK ] || continue
+        case "$verdict" in
+            fail)
+                ar_log "node check failed: $check: $found; fix: $fix"
+                printf 'RAY_FAILED=node check on %s: %s: %s; fix: %s\n' "$(ar_host)" "$check" "$found" "$fix" \
+                    >>"$AR_CLUSTER_DIR/status" ;;
+            warn) ar_log "node check warning: $check: $found; fix: $fix" ;;
+        esac
+    done <"$rows"
+    return "$status"
+}
+
 # Start one Ray node in a process group of its own (exactly this node's processes)
 # and watch it until it ends or is told to stop;
 # then stop it and remove its temp dir, here, on its own host.
@@ -137,8 +159,18 @@ ar_run_node() {
     host="$(ar_host)"
     # a node told to stop before it started makes nothing (a worker job that started late)
     if [ -n "$(ar_stop_reason)" ]; then ar_log "node $name not started: $(ar_stop_reason)"; return 0; fi
+    # what would break this node, before anything is made (the same rows as `check --on-nodes`)
+    ar_node_checks "$name" || return 1
     # the address first: a node without one leaves nothing behind (no temp dir to sweep)
     ip="$(ar_node_ip)" || return 1
+    # `check --on-nodes`: the nodes reach each other, then end; no Ray is started
+    if [ "${AR_CHECK_ONLY:-0}" = 1 ]; then
+        "$AR_PYTHON" "$AR_CLUSTER_DIR/bin/peer_check.py" "$AR_CLUSTER_DIR/checks" "$name" "$ip" \
+            "$AR_EXPECTED_NODES" 60 >>"$AR_CLUSTER_DIR/checks/$name.rows" 2>&1 \
+            || python3 "$AR_CLUSTER_DIR/bin/peer_check.py" "$AR_CLUSTER_DIR/checks" "$name" "$ip" \
+            "$AR_EXPECTED_NODES" 60 >>"$AR_CLUSTER_DIR/checks/$name.rows" 2>&1 || true
+        return 0
+    fi
     if [ -n "${AR_CONTAINER_IMAGE:-}" ]; then
         runtime="$(ar_container_runtime)" || return 1
     fi

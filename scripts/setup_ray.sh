@@ -4,7 +4,8 @@
 # Prints RAY_PYTHON=..., RAY_BIN=... and RAY_ENV_SOURCE=reused|created.
 # usage: setup_ray.sh RAY_VERSION WORK_DIR [CANDIDATE_PYTHON...]
 #   env: AR_REQUIREMENTS (a requirements file on this host), AR_REQ_HASH,
-#        AR_SETUP_COMMANDS (the user's setup_commands, a file: run first)
+#        AR_SETUP_COMMANDS (the user's setup_commands, a file: run first),
+#        AR_FIND_ONLY=1 (only look: RAY_NOT_FOUND=<the venv it would build> when there is none)
 set -euo pipefail
 version="$1" work_dir="$2"
 shift 2
@@ -30,6 +31,12 @@ for candidate in "$@" "$venv/bin/python"; do
         exit 0
     fi
 done
+
+# `check` (AR_FIND_ONLY=1): say that none was found, build nothing
+if [ "${AR_FIND_ONLY:-0}" = 1 ]; then
+    printf 'RAY_NOT_FOUND=%s\n' "$venv"
+    exit 0
+fi
 
 # Two runs building the same venv at once: the second waits, then reuses it.
 mkdir -p "$work_dir/venvs"

@@ -23,7 +23,7 @@ from tasks.events import emit_cluster_event, someone_to_tell
 from tasks.local_transport import LocalTransport
 from tasks.logs import get_run_logger
 from tasks.schedulers import WORKER_JOB_SCRIPT, JobPhase, Scheduler, scheduler_for
-from tasks.settings import TARGET_PATH_RE, EnvironmentOptions, RayClusterSettings, node_tmp_name
+from tasks.settings import NODE_TMP_MAX_LEN, TARGET_PATH_RE, EnvironmentOptions, RayClusterSettings, node_tmp_name
 from tasks.shipped import SCRIPTS_DIR
 from tasks.transport import Transport
 from tasks.worker_jobs import end_worker_jobs, worker_job_ids_left
@@ -33,7 +33,8 @@ RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 
 
 CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh",
-                   "exec_holding_ports.py", "node_ip.py", "site_setup.sh", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh", "worker_main.sh")
+                   "exec_holding_ports.py", "node_ip.py", "site_setup.sh", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh", "worker_main.sh",
+                   "node_check.sh", "peer_check.py", "check_main.sh")
 # AR_PYTHON and AR_RAY in the cluster dir, once the environment is ready (cluster_main.sh waits).
 ENVIRONMENT_FILE = "environment.env"
 # The user's setup_commands in the cluster dir, run by the job script and every worker.
@@ -100,6 +101,10 @@ class ClusterPlan:
             "AR_CLUSTER_DIR": self.cluster_dir,
             "AR_SCHEDULER": s.scheduler.value,  # for `scale`, which knows the cluster by its dir only
             "AR_NODE_TMP": s.node_tmp,
+            # what each node checks itself against before `ray start` (node_check.sh)
+            "AR_NODE_TMP_MAX_LEN": NODE_TMP_MAX_LEN,
+            "AR_RAY_VERSION": s.ray_version,
+            "AR_CLIENT_PYTHON": f"{sys.version_info.major}.{sys.version_info.minor}",
             # empty: the node takes what its allocation gives (ar_run_node)
             "AR_NUM_CPUS": "" if s.num_cpus_per_node is None else s.num_cpus_per_node,
             "AR_NUM_GPUS": "" if s.num_gpus_per_node is None else s.num_gpus_per_node,
@@ -176,8 +181,10 @@ async def publish_environment(target: Transport, plan: ClusterPlan) -> None:
 
 
 @task(name="prepare-ray-environment", cache_policy=NO_CACHE)
-async def prepare_environment(target: Transport, settings: RayClusterSettings, work_dir: str) -> RayEnvironment:
-    """Reuse a Python that has the requested Ray (no pip call), else build a venv once."""
+async def prepare_environment(target: Transport, settings: RayClusterSettings, work_dir: str,
+                              find_only: bool = False) -> RayEnvironment | None:
+    """Reuse a Python that has the requested Ray (no pip call), else build a venv once.
+    find_only (`check`): None where there is none, nothing built."""
     logger = get_run_logger()
     if settings.container_image:  # (python and requirements are refused beside an image)
         logger.info("Ray on %s: the python3 and ray of image %s", target.label, settings.container_image)
@@ -200,8 +207,12 @@ async def prepare_environment(target: Transport, settings: RayClusterSettings, w
     command = env_prefix + shlex.join(
         ["bash", f"{work_dir}/bin/setup_ray.sh", settings.ray_version, work_dir, *candidates]
     )
+    if find_only:
+        command = "AR_FIND_ONLY=1 " + command
     result = await target.run_logged(command, timeout=1800)
     values = dict(re.findall(r"^(RAY_\w+)=(.*)$", result.stdout, re.M))
+    if "RAY_NOT_FOUND" in values:
+        return None
     environment = RayEnvironment(values["RAY_PYTHON"], values["RAY_BIN"], values["RAY_ENV_SOURCE"])
     logger.info("Ray %s on %s: %s (%s)", settings.ray_version, target.label, environment.python, environment.source)
     return environment

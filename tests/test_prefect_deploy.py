@@ -366,3 +366,13 @@ def assert_cluster_events(http: httpx.Client, info: dict, run_id: str) -> None:
     assert f"prefect.flow-run.{run_id}" in [r["prefect.resource.id"] for r in ready["related"]]
     token = Path(info["token_file"]) if info["token_file"] else None
     assert token is None or not token.exists(), "the token outlived its cluster"
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs", "direct"])
+def test_the_check_deployments_take_the_runs_parameter_form_and_on_nodes(http, kind):
+    """ray-cluster/check-<kind>: the run's form of its kind, in its order, then on_nodes."""
+    d = deployment(http, f"check-{kind}")
+    run = deployment(http, {"direct": "local"}.get(kind, kind))
+    assert d["entrypoint"] == f"flows/ray_cluster.py:ray_cluster_check_{kind}" and d["enforce_parameter_schema"] is True
+    assert list(d["parameter_openapi_schema"]["properties"]) == [
+        *run["parameter_openapi_schema"]["properties"], "on_nodes"]

@@ -323,12 +323,17 @@ def test_target_paths_rejected(field, value):
     assert_rejected({field: value}, field)
 
 
-def test_node_tmp_length_limit():
-    """What Ray's 107-byte unix socket paths leave for it, below the private temp dir."""
+def test_node_tmp_length_limit_is_the_socket_paths_check():
+    """What Ray's 107-byte unix socket paths leave for it, below the private temp dir: a row of
+    `check` (and of the run, before it submits), in the words every node uses too."""
+    from tasks.checks import socket_paths_row
+
     assert len("/local/scratch") <= NODE_TMP_MAX_LEN
-    settings_of(node_tmp="/" + "a" * (NODE_TMP_MAX_LEN - 1))
-    exc = assert_rejected({"node_tmp": "/" + "a" * NODE_TMP_MAX_LEN}, "node_tmp")
-    assert str(NODE_TMP_MAX_LEN) in str(exc)
+    assert socket_paths_row("/" + "a" * (NODE_TMP_MAX_LEN - 1)).status == "pass"
+    settings_of(node_tmp="/" + "a" * NODE_TMP_MAX_LEN)  # accepted as input: the check says it
+    row = socket_paths_row("/" + "a" * NODE_TMP_MAX_LEN)
+    assert row.status == "fail" and "over the 107-byte AF_UNIX limit" in row.found
+    assert f"at most {NODE_TMP_MAX_LEN} characters" in row.fix
 
 
 @pytest.mark.parametrize("value", ["127.0.0.1", "0.0.0.0", "10.1.2.3", "255.255.255.255"])
@@ -1327,7 +1332,6 @@ def test_help_lists_every_field(help_text):
         (["--host", "-o ProxyCommand=touch CANARY"], "host"),
         (["--user-script", "/nonexistent/job.py"], "user_script"),
         (["--scheduler", "lsf"], "scheduler"),
-        (["--node-tmp", "/" + "a" * 45], "node_tmp"),
     ],
 )
 def test_cli_invalid_value_exit_2(args, where, capsys, sandbox):

@@ -163,11 +163,12 @@ class Scheduler(ABC):
         return None
 
     # --- shared lifecycle
-    def render(self, cluster_id: str, cluster_dir: str) -> str:
-        """The cluster's job script: the head on the first node, one worker on every other."""
+    def render(self, cluster_id: str, cluster_dir: str, body: str = "cluster_main.sh") -> str:
+        """The cluster's job script: the head on the first node, one worker on every other
+        (body check_main.sh: `check --on-nodes`, every node checked, no Ray started)."""
         return self._script(self.directives(cluster_id, cluster_dir), f"cluster {cluster_id}", cluster_dir, [
             f'. "$AR_CLUSTER_DIR/bin/{self.launch_script}"',
-            '. "$AR_CLUSTER_DIR/bin/cluster_main.sh"',
+            f'. "$AR_CLUSTER_DIR/bin/{body}"',
         ])
 
     def worker_sizes(self) -> tuple[int | None, int | None]:
