@@ -42,11 +42,15 @@ ar_launch_workers() {
     [ "${#nodes[@]}" -gt 0 ] || return 0
     local worker=(/usr/bin/env "AR_CLUSTER_DIR=$AR_CLUSTER_DIR" bash "$AR_CLUSTER_DIR/bin/ray_worker.sh")
     if command -v pbs_tmrsh >/dev/null; then
-        # OpenPBS/PBS Pro: one task per host (its pbsdsh has no -u, and runs once per chunk)
+        # OpenPBS/PBS Pro: one task per host (its pbsdsh has no -u, and runs once per chunk). A
+        # task's output goes to the MoM, not to pbs_tmrsh: the task writes its own into the
+        # node's launch log, beside pbs_tmrsh's (both appended)
         for node in "${nodes[@]}"; do
             {
-                local status=0
-                pbs_tmrsh "$node" "${worker[@]}" >"$AR_CLUSTER_DIR/logs/workers-$node.log" 2>&1 || status=$?
+                local status=0 log="$AR_CLUSTER_DIR/logs/workers-$node.log"
+                # shellcheck disable=SC2016,SC2094 # expanded by the task's bash, on its host; both only append
+                pbs_tmrsh "$node" /bin/bash -c 'exec >>"$1" 2>&1; shift; exec "$@"' _ "$log" "${worker[@]}" \
+                    >>"$log" 2>&1 || status=$?
                 ar_launcher_ended "pbs_tmrsh $node" "$node" "$status"
             } &
         done

@@ -180,8 +180,9 @@ class BackgroundFlow:
         return next(line.split("/flow-run/")[1].split()[0] for line in self.output.splitlines() if "/flow-run/" in line)
 
     def run_state(self, api: str, auth: str = "") -> dict:
-        """The Prefect state of this flow's run (the run's id is in its log)."""
-        return prefect_get(f"{api}/flow_runs/{self.run_id}", auth)["state"]
+        """The Prefect state of this flow's run (the run's id is in its log). With a secret: the
+        user's default server, on the login host's loopback; without: the session's, relayed here."""
+        return prefect_get(f"{api}/flow_runs/{self.run_id}", auth, bed=self.bed if auth else None)["state"]
 
     def send_signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
@@ -219,8 +220,30 @@ class BackgroundFlow:
             self.process.wait(30)
 
 
-def prefect_get(url: str, auth: str = "", data: dict | None = None):
-    """A Prefect API call (GET, or POST with data), with the server's basic-auth secret if given."""
+# prefect_get's request, run in a bed host's network namespace (its loopback is not this one's)
+_PREFECT_GET = """
+import json, sys, urllib.request
+url, headers, body = sys.argv[1], json.loads(sys.argv[2]), sys.stdin.buffer.read() or None
+request = urllib.request.Request(url, data=body, headers=headers, method="GET" if body is None else "POST")
+with urllib.request.urlopen(request, timeout=10) as response:
+    sys.stdout.buffer.write(response.read())
+"""
+
+
+def prefect_get(url: str, auth: str = "", data: dict | None = None, bed=None):
+    """A Prefect API call (GET, or POST with data), with the server's basic-auth secret if given.
+    bed: the server listens on the bed's login host's loopback (a user's default server), so
+    the request is made from there (as root: nothing of the user's environment)."""
+    if bed is not None:
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        done = subprocess.run(["nsenter", f"--net=/run/netns/{bed.netns[bed.login_host]}", sys.executable, "-c",
+                               _PREFECT_GET, url, json.dumps(headers)],
+                              input=b"" if data is None else json.dumps(data).encode(), capture_output=True, timeout=30)
+        if done.returncode != 0:
+            raise RuntimeError(f"{url}: {done.stderr.decode(errors='replace')[-1000:]}")
+        return json.loads(done.stdout)
     headers = {"Content-Type": "application/json"}
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()

@@ -92,10 +92,10 @@ def test_the_default_server_shows_a_neighbour_nothing_and_holds_the_secret_maske
         assert seen.pop("GET /health") == [200, "true"]
         assert {ask: status for ask, (status, _) in seen.items()} == dict.fromkeys(seen, 401), seen
         # with the credential: the run is there, its secret masked everywhere
-        run = prefect_get(f"{api}/flow_runs/{flow.run_id}", auth)
+        run = prefect_get(f"{api}/flow_runs/{flow.run_id}", auth, bed=bed)
         assert run["state"]["type"] == "RUNNING" and run["name"] != "taken"  # nothing changed
         assert "**********" in json.dumps(run["parameters"]["runtime_env"])
-        stored = [run, prefect_get(f"{api}/logs/filter", auth, {}), prefect_get(f"{api}/artifacts/filter", auth, {})]
+        stored = [run, prefect_get(f"{api}/logs/filter", auth, {}, bed=bed), prefect_get(f"{api}/artifacts/filter", auth, {}, bed=bed)]
         assert secret not in json.dumps(stored)
         # every file and process environment the neighbour can read (the server's own dir included)
         scope = {"trees": [str(work), *(str(bed.user.home / name) for name in (".activate-ray", ".ray", ".prefect"))],
@@ -104,9 +104,9 @@ def test_the_default_server_shows_a_neighbour_nothing_and_holds_the_secret_maske
         assert found == [], f"the neighbour finds the secret: {found}"
         flow.signal_group(signal.SIGINT)
         wait_for(flow.exited, 10, "the flow's exit after Ctrl-C")
-        wait_for(lambda: prefect_get(f"{api}/flow_runs/{flow.run_id}", auth)["state"]["type"] == "CANCELLED", 10,
+        wait_for(lambda: prefect_get(f"{api}/flow_runs/{flow.run_id}", auth, bed=bed)["state"]["type"] == "CANCELLED", 10,
                  "the Cancelled state")
-        assert secret not in json.dumps(prefect_get(f"{api}/logs/filter", auth, {}))
+        assert secret not in json.dumps(prefect_get(f"{api}/logs/filter", auth, {}, bed=bed))
     finally:
         flow.kill()
         stop_default_server(bed, work)
@@ -126,7 +126,7 @@ def test_a_signal_to_the_process_group_tears_down_at_once(work, prefect_api, bed
 
 def one_signalled_run(bed, work, run_work, path: str, prefect_api: str, sig: int, delay: float) -> float:
     """A keep-alive local cluster, signalled `delay` s after ready: the seconds to its exit."""
-    run_work.mkdir()
+    bed.run_on("login", ["mkdir", str(run_work)], user=bed.user, check=True)  # the user's, as the product writes in it
     env = default_server_env(bed, work) if path == "default" else {}
     flow = BackgroundFlow(bed, ["--keep-alive", "--work-dir", str(run_work / "w"), *SMALL], run_work,
                           api="" if path == "default" else prefect_api, env=env)

@@ -82,7 +82,9 @@ def test_workflow_cleanup_tears_down_after_the_flow_was_killed(work, prefect_api
         state = state_file.read_text()
         assert f"cluster_id={info['cluster_id']}\nscheduler=slurm\njob_id={info['job_id']}\n" == state
         flow.kill()
-        env = {"PW_PARENT_JOB_DIR": str(job_dir), "WF_HOST": "", "WF_WORK_DIR": str(work / "w")}
+        # the job's env, as workflow.yaml sets it from the setup step's outputs
+        env = {"PW_PARENT_JOB_DIR": str(job_dir), "WF_HOST": "", "WF_WORK_DIR": str(work / "w"),
+               "WF_REPO": str(bed.repo), "WF_PYTHON": bed.user_python}
         result = bed.run_on("login", ["bash", "-c", cleanup], user=bed.user, env=env, cwd=job_dir, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"tearing down cluster {info['cluster_id']} (scheduler slurm, job {info['job_id']})" in result.stdout
