@@ -63,5 +63,7 @@ for _ in $(seq 1 600); do
     sleep 0.1
 done
 [ -e "$AR_CLUSTER_DIR/head.env" ] || { echo "RAY_FAILED=head not up after 60s" >>"$AR_CLUSTER_DIR/status"; exit 1; }
+# the launchers ignore the "look now" signal (USR2) for life, as Ray does (ar_run_node)
+trap '' USR2
 ar_launch_workers
 ar_supervise "$head_pid"

@@ -42,10 +42,14 @@ ar_node_ip() {
 ar_wait_for_environment() {
     local waited=0 reason
     while [ ! -e "$AR_CLUSTER_DIR/environment.env" ]; do
-        reason="$(ar_stop_reason)"
-        if [ -n "$reason" ]; then
-            ar_log "stopped while waiting for the environment: $reason"
-            return 1
+        # the stop reasons every 2 s, not every look: a shared filesystem's metadata server
+        # hears from every node of the cluster while it starts
+        if [ $((waited % 20)) = 0 ]; then
+            reason="$(ar_stop_reason)"
+            if [ -n "$reason" ]; then
+                ar_log "stopped while waiting for the environment: $reason"
+                return 1
+            fi
         fi
         if [ "$waited" -ge "$((${AR_ENVIRONMENT_WAIT:-1800} * 10))" ]; then
             echo "RAY_FAILED=the Python environment was not ready after ${AR_ENVIRONMENT_WAIT:-1800}s" >>"$AR_CLUSTER_DIR/status"
@@ -116,15 +120,27 @@ ar_make_node_tmp() {
 
 # Why this node should stop now (empty: keep going). Every node checks for itself,
 # so a node stops from its own host even when nothing can reach it from outside.
+# Each look costs the shared filesystem two metadata operations (three for a worker job):
+# the heartbeat's stat (which also fails once the cluster dir is gone) and the stop file.
 ar_stop_reason() {
-    if [ ! -d "$AR_CLUSTER_DIR" ]; then echo "cluster dir removed"
-    elif [ -e "$AR_CLUSTER_DIR/stop" ]; then echo "stop requested"
-    elif [ -n "${AR_NODE_NAME:-}" ] && [ -e "$AR_CLUSTER_DIR/nodes/$AR_NODE_NAME.remove" ]; then
+    local beat now
+    if ! beat="$(stat -c %Y "$AR_CLUSTER_DIR/heartbeat" 2>/dev/null)"; then
+        if [ ! -d "$AR_CLUSTER_DIR" ]; then echo "cluster dir removed"; return 0; fi
+        beat=0
+    fi
+    if [ -e "$AR_CLUSTER_DIR/stop" ]; then echo "stop requested"
+    elif [ "${AR_NODE_NAME:-}" != "${AR_NODE_NAME#wjob-}" ] && [ -e "$AR_CLUSTER_DIR/nodes/$AR_NODE_NAME.remove" ]; then
         echo "removed from the cluster (scale --remove or the adaptive loop)"
-    elif [ "$(ar_heartbeat_age)" -gt "$AR_HEARTBEAT_TIMEOUT" ]; then
+    elif printf -v now '%(%s)T' -1 && [ $((now - beat)) -gt "$AR_HEARTBEAT_TIMEOUT" ]; then
         echo "no heartbeat from the flow for more than ${AR_HEARTBEAT_TIMEOUT}s (dead-man switch)"
     fi
 }
+
+# How often a running node looks at the shared cluster dir (stop, removal, heartbeat): a
+# metadata server (NFS, Lustre, GPFS) hears 2 operations per look per node, so about 0.13
+# per second per node at 15 s. A stop reaches it faster another way: the scheduler's signal
+# to the job (SIGTERM at its end, USR2 from the flow's teardown and `scale --remove`: "look now").
+AR_LOOK_EVERY="${AR_LOOK_EVERY:-15}"
 
 # This node's checks (node_check.sh: Ray and Python, temp dir, space, limits, network), before
 # `ray start`: every row to <cluster dir>/checks/NAME.rows (`check --on-nodes` reads them); a row
@@ -225,6 +241,10 @@ ar_run_node() {
     # that group; but not a session of its own (setsid): a batch system ends a job by its
     # sessions (OpenPBS's MoM kills each task's session), and Ray must end with the job even
     # when this supervisor is SIGKILLed.
+    # USR2 ignored by Ray for life (an ignored signal stays ignored across exec): it is the
+    # "look now" signal to this node's shells, which a scheduler may deliver to every process
+    # of the job (OpenPBS's qsig signals the job's sessions)
+    trap '' USR2
     set -m
     "${launch[@]}" "${args[@]}" >"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
     local pgid=$!
@@ -242,17 +262,24 @@ ar_run_node() {
         mv "$AR_CLUSTER_DIR/head.env.tmp" "$AR_CLUSTER_DIR/head.env"
         cat "$AR_CLUSTER_DIR/head.env"
     fi
-    local status=0 reason=""
+    local status=0 reason="" next_look=0
+    ar_look_now=0
     # shellcheck disable=SC2064
     # USR1: a worker job's walltime warning (--signal=B:USR1@60)
     trap "ar_stop_node '$name' '$pgid' '$tmp' signal; exit 143" TERM INT HUP USR1
+    trap 'ar_look_now=1' USR2
     # the process, not its group: the group exists only once setsid has run
     while kill -0 "$pgid" 2>/dev/null; do
-        reason="$(ar_stop_reason)"
-        [ -z "$reason" ] || break
-        # sleep in the background: a signal's trap runs at once, not after the sleep;
-        # short, so a stop request is acted on at once (the loop costs a few forks)
-        sleep 0.25 &
+        # Ray's own end is seen at once (no filesystem involved); the shared dir every
+        # AR_LOOK_EVERY seconds, or at once when signalled
+        if [ "$ar_look_now" = 1 ] || [ "$SECONDS" -ge "$next_look" ]; then
+            ar_look_now=0
+            next_look=$((SECONDS + AR_LOOK_EVERY))
+            reason="$(ar_stop_reason)"
+            [ -z "$reason" ] || break
+        fi
+        # sleep in the background: a signal's trap runs at once, not after the sleep
+        sleep 0.5 &
         wait $! || true
     done
     if [ -z "$reason" ]; then
@@ -263,7 +290,7 @@ ar_run_node() {
         [ "$role" = head ] || printf 'RAY_FAILED=worker %s on %s: Ray ended by itself (exit %s), see %s\n' \
             "$name" "$host" "$status" "$AR_CLUSTER_DIR/logs/ray-$name.log" >>"$AR_CLUSTER_DIR/status"
     fi
-    trap - TERM INT HUP USR1
+    trap - TERM INT HUP USR1 USR2
     ar_stop_node "$name" "$pgid" "$tmp" "$reason"
     return "$status"
 }
@@ -335,6 +362,24 @@ ar_group_is_ours() {
     return 1
 }
 
+# This user's processes on this host that Ray started in sessions of their own, outside
+# every recorded group: a Ray job's driver (the job agent starts it with a new session),
+# still running when the cluster stops. They carry the cluster's environment
+# (AR_CLUSTER_ID=<id>, from the node's `ray start`); this shell and its parents never do.
+ar_stop_cluster_env_processes() {
+    local pid pids=() me
+    [ -n "${AR_CLUSTER_ID:-}" ] || return 0
+    me="$(id -u)"
+    for pid in $(pgrep -u "$me" -U "$me" 2>/dev/null); do
+        case "$pid" in "$$" | "${BASHPID:-$$}" | "$PPID") continue ;; esac
+        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
+            pids+=("$pid")
+        fi
+    done
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+}
+
 # Stop one process group of this cluster's: TERM, a short grace, then KILL. A group
 # that is not the cluster's (ar_group_is_ours) is never signalled, and said so.
 ar_stop_group() {
@@ -378,6 +423,7 @@ ar_stop_cluster_here() {
         } &
     done
     wait
+    ar_stop_cluster_env_processes
     [ -z "${AR_CONTAINER_IMAGE:-}" ] || ar_container_stop_here
     for file in "$AR_CLUSTER_DIR"/nodes/*.tmp; do
         [ -e "$file" ] || continue
@@ -437,23 +483,23 @@ ar_launcher_ended() {
     fi >>"$AR_CLUSTER_DIR/status"
 }
 
-# Seconds since the controlling flow last touched the heartbeat file.
-ar_heartbeat_age() {
-    local beat
-    beat="$(stat -c %Y "$AR_CLUSTER_DIR/heartbeat" 2>/dev/null || echo 0)"
-    echo $(( $(date +%s) - beat ))
-}
 
 # The cluster's main loop, on the head: runs until asked to stop, until the
 # flow goes silent (dead-man switch) or until the head's Ray ends. Returns 0
 # only for a stop the flow asked for; the job's exit status says the rest.
 ar_supervise() {
-    local head_pid="$1" reason=""
+    local head_pid="$1" reason="" next_look=0
+    ar_look_now=0
+    trap 'ar_look_now=1' USR2  # the flow's teardown: look at the stop file now
     while :; do
-        reason="$(ar_stop_reason)"
-        [ -z "$reason" ] || break
+        if [ "$ar_look_now" = 1 ] || [ "$SECONDS" -ge "$next_look" ]; then
+            ar_look_now=0
+            next_look=$((SECONDS + AR_LOOK_EVERY))
+            reason="$(ar_stop_reason)"
+            [ -z "$reason" ] || break
+        fi
         if ! kill -0 "$head_pid" 2>/dev/null; then reason="head node's Ray ended"; break; fi
-        sleep 0.25 &
+        sleep 0.5 &
         wait $! || true
     done
     ar_log "stopping cluster $AR_CLUSTER_ID: $reason"

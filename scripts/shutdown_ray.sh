@@ -20,8 +20,9 @@ if [ -e "$AR_CLUSTER_DIR/supervisor.pid" ]; then
     fi
 fi
 ar_stop_cluster_here
-# other hosts' nodes: give them a moment to notice the stop file
-for _ in $(seq 1 50); do
+# other hosts' nodes: a job's end or signal stops them at once; one started over ssh sees
+# the stop file at its next look (AR_LOOK_EVERY)
+for _ in $(seq 1 $(( (AR_LOOK_EVERY + 10) * 5 ))); do
     [ -z "$(ar_nodes_not_stopped)" ] && break
     sleep 0.2
 done

@@ -87,7 +87,7 @@ def test_workflow_cleanup_tears_down_after_the_flow_was_killed(work, prefect_api
                "WF_REPO": str(bed.repo), "WF_PYTHON": bed.user_python}
         result = bed.run_on("login", ["bash", "-c", cleanup], user=bed.user, env=env, cwd=job_dir, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert f"tearing down cluster {info['cluster_id']} (scheduler slurm, job {info['job_id']})" in result.stdout
+        assert f"tearing down cluster {info['cluster_id']} (scheduler slurm, job {info['job_id']}" in result.stdout
         wait_for(lambda: bed.live_jobs(name=info["cluster_id"]) == [], 30, "job cancelled")
         # the flow's own hook never ran: its runs state stays for the next run's cleanup
         (bed.user.home / ".activate-ray" / "runs" / f"{info['cluster_id']}.json").unlink(missing_ok=True)

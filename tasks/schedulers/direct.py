@@ -37,13 +37,22 @@ class DirectScheduler(Scheduler):
         alive = await target.query(f"ps -o stat= -p {int(job_id)} | grep -qv '^Z'")
         return JobState(JobPhase.running if alive.returncode == 0 else JobPhase.ended)
 
+    def wake_command(self, job_id: str, cluster_dir: str = "") -> str:
+        # the supervisor's shells look at the stop file now (Ray ignores USR2: ray_lib.sh);
+        # signalled only once the cluster's own check found the group this cluster's
+        return self._to_own_group(job_id, cluster_dir, "USR2")
+
+    def _to_own_group(self, job_id: str, cluster_dir: str, signal: str) -> str:
+        if not cluster_dir or not self.job_id_re.fullmatch(job_id):
+            return ""
+        lib, env = shlex.quote(f"{cluster_dir}/bin/ray_lib.sh"), shlex.quote(f"{cluster_dir}/cluster.env")
+        return (f"[ -e {lib} ] && [ -e {env} ] && ( . {env} && . {lib} && ar_group_is_ours {job_id} "
+                f"&& kill -{signal} -- -{job_id} ) >/dev/null 2>&1 || true")
+
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         # The supervisor's trap stops every node; shutdown_ray.sh then sweeps. The id was read
         # back from files (the cluster's, the run's state file): TERM goes to the group only
         # once the cluster's own check (ar_group_is_ours) found it this user's and this
         # cluster's; without the cluster's dir nothing is signalled (the sweep still runs).
-        if not cluster_dir or not self.job_id_re.fullmatch(job_id):
-            return
-        lib, env = shlex.quote(f"{cluster_dir}/bin/ray_lib.sh"), shlex.quote(f"{cluster_dir}/cluster.env")
-        await target.query(f"[ -e {lib} ] && [ -e {env} ] && ( . {env} && . {lib} && ar_group_is_ours {job_id} "
-                           f"&& kill -TERM -- -{job_id} ) >/dev/null 2>&1 || true")
+        if command := self._to_own_group(job_id, cluster_dir, "TERM"):
+            await target.query(command)

@@ -3,7 +3,7 @@
 # flavour), OpenSSH, rootless podman; and OpenPBS, built from the kit's source into
 # /opt/pbs (about 4 minutes once; skipped when built). Installs only what is missing; needs root.
 set -euo pipefail
-packages=(slurm-wlm munge slurm-wlm-torque openssh-server openssh-sftp-server openssh-client iproute2 procps psmisc util-linux tini python3.11 shellcheck
+packages=(slurm-wlm munge slurm-wlm-torque openssh-server openssh-sftp-server openssh-client iproute2 procps psmisc util-linux tini python3.11 shellcheck strace
     podman runc uidmap catatonit)  # the container option's bed test: rootless podman
 missing=()
 for package in "${packages[@]}"; do
