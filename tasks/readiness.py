@@ -22,7 +22,7 @@ from tasks.atomic_file import write_text_atomic
 from tasks.cluster import ClusterPlan, token_block_name
 from tasks.events import emit_cluster_event
 from tasks.failures import FailureReason
-from tasks.head_api import HeadInfo, alive_nodes, auth_headers, node_name, parse_head_env
+from tasks.head_api import HeadInfo, alive_nodes, auth_headers, node_name, parse_head_env, ports_verified
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.settings import NodeFailure, RayClusterSettings, SchedulerKind
@@ -201,7 +201,9 @@ async def wait_for_head(
             )
         if state.phase is JobPhase.running:
             text = await target.read_text(f"{plan.cluster_dir}/head.env")
-            if text and "RAY_CLIENT_PORT=" in text:
+            # only once the head found its ports its own: until then one may be a stranger's
+            # listener, and the first request sends it the token
+            if ports_verified(text):
                 head = parse_head_env(text)
                 await report.say(f"head is {head.node} ({head.ip}), waiting for {report.expected} node(s)")
                 return head
