@@ -246,7 +246,9 @@ ar_run_node() {
         # until the flow found the cluster ready, and the flow waits for the second step
         # (all ports: the dashboard and the job agent get the token from the flow, the Ray
         # Client port from users).
-        if ! ar_verify_ports "$name" "$pgid" "$tmp" gcs="${ports[0]}" "${watch[@]}"; then
+        # (the others watched already: a stranger on one fails it now, not after the workers started)
+        if ! ar_verify_ports "$name" "$pgid" "$tmp" gcs="${ports[0]}" "${watch[@]}" dashboard="${ports[1]}" \
+            ray_client="${ports[2]}" "${own[@]}"; then
             trap - TERM INT HUP USR1
             ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
             return 1
