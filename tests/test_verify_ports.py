@@ -5,6 +5,7 @@ a listener of anyone else is said, naming the port and nothing of its owner. The
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -152,6 +153,6 @@ def test_free_ports_are_random_not_the_next_free_ones(tmp_path):
     singles = first[:9] + first[11:] + second[:9] + second[11:]
     assert len(set(singles)) == len(singles)
     # not a run of neighbours, as the kernel's next free ports can be
-    steps = {abs(b - a) for a, b in zip(sorted(singles), sorted(singles)[1:])}
-    assert max(steps) > 100
+    steps = [b - a for a, b in itertools.pairwise(sorted(singles))]
+    assert sum(step <= 2 for step in steps) <= 3, sorted(singles)
     assert all(30000 <= p < 61000 for p in singles)
