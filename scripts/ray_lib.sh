@@ -260,12 +260,17 @@ ar_run_node() {
             ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
             return 1
         fi
-        ar_write_head_env "$host" "$ip" "${ports[0]}" "${ports[1]}" "${ports[2]}" all
-        cat "$AR_CLUSTER_DIR/head.env"
     elif ! ar_verify_ports "$name" "$pgid" "$tmp" "${own[@]}" "${watch[@]}"; then
         trap - TERM INT HUP USR1
         ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
         return 1
+    fi
+    # every node says so: the flow counts these before it calls the cluster ready (Ray's
+    # head talks to each node's ports, with the token, once the user's job runs)
+    printf '%s\n' "$host" >"$AR_CLUSTER_DIR/nodes/$name.ports"
+    if [ "$role" = head ]; then
+        ar_write_head_env "$host" "$ip" "${ports[0]}" "${ports[1]}" "${ports[2]}" all
+        cat "$AR_CLUSTER_DIR/head.env"
     fi
     local status=0 reason=""
     # the process, not its group: the group exists only once setsid has run
@@ -340,7 +345,7 @@ ar_stop_node() {
     [ -z "${AR_CONTAINER_IMAGE:-}" ] || ar_container_stop "$name" "$tmp"
     ar_collect_node_logs "$name" "$tmp"
     rm -rf "$tmp"
-    rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" "$AR_CLUSTER_DIR/nodes/$name.tmp" 2>/dev/null || true
+    rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" "$AR_CLUSTER_DIR/nodes/$name.tmp" "$AR_CLUSTER_DIR/nodes/$name.ports" 2>/dev/null || true
     printf '%s %s\n' "$(ar_host)" "$reason" >"$AR_CLUSTER_DIR/nodes/$name.stopped" 2>/dev/null || true
 }
 

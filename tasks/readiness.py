@@ -237,7 +237,9 @@ async def wait_for_nodes(
             if nodes is not None:
                 joined = [node_name(n) for n in nodes]
                 await report.say(f"{len(nodes)} of {report.expected} nodes alive", alive=len(nodes))
-                if len(nodes) >= report.expected:
+                # and each found its ports its own (ar_verify_ports): Ray's head sends the
+                # token to them once the job runs
+                if len(nodes) >= report.expected and await _nodes_with_own_ports(target, plan) >= report.expected:
                     return nodes
             if time.monotonic() >= next_state_check:  # the dashboard is cheap; squeue is not
                 next_state_check = time.monotonic() + 2
@@ -254,6 +256,12 @@ async def wait_for_nodes(
                 )
             # once the head is up, nodes join within seconds: poll briskly to see readiness at once
             await asyncio.sleep(0.25)
+
+
+async def _nodes_with_own_ports(target: Transport, plan: ClusterPlan) -> int:
+    """How many nodes found every listener on their ports their own (nodes/NAME.ports)."""
+    listing = await target.run(f"ls {shlex.quote(plan.cluster_dir + '/nodes')}", check=False)
+    return sum(name.endswith(".ports") for name in listing.stdout.split())
 
 
 async def _fail_on_node_status(target: Transport, plan: ClusterPlan, joined: list[str]) -> None:
