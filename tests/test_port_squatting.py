@@ -159,6 +159,11 @@ def check(run, squatter: Squatter, tokens: set[str], port_name: str) -> None:
     assert b"Bearer" not in received and b"authorization" not in received.lower()
     # the flow itself never connected: its first request carries the token
     assert b"/api/" not in received, received[:500]
+    # what happened, for the test's report (-rP): the squat, what reached it, the flow's words
+    connections = [e for e in events if e["event"] == "connection"]
+    print(f"squatted {port_name} {squatted[0]['address']}:{port}; {len(connections)} connection(s) "
+          f"from {sorted({e['peer'] for e in connections})}, {len(received)} byte(s): {received[:120]!r}")
+    print("flow said:", next((line for line in run.output.splitlines() if SAID.search(line)), None))
     said = [(int(p), name) for p, name in SAID.findall(run.output)]
     assert (port, port_name) in said, f"the port was not named:\n{run.output[-4000:]}"
     if run.returncode == 0:
