@@ -57,12 +57,19 @@ trap 'ar_log "signal received"; exit 143' TERM INT HUP USR1
 ar_wait_for_environment || exit 1
 ar_run_node head head &
 head_pid=$!
-for _ in $(seq 1 600); do
+# head.env comes once the head's GCS port was found its own (ar_verify_ports), which
+# ar_run_node waits for up to AR_PORTS_WAIT seconds: this waits a little longer, so the
+# head's own, more precise RAY_FAILED says why when it gives up.
+for _ in $(seq 1 $(((${AR_PORTS_WAIT:-180} + 30) * 10))); do
     [ -e "$AR_CLUSTER_DIR/head.env" ] && break
-    kill -0 "$head_pid" 2>/dev/null || { echo "RAY_FAILED=head did not start" >>"$AR_CLUSTER_DIR/status"; exit 1; }
+    if ! kill -0 "$head_pid" 2>/dev/null; then
+        # the head said why (a port held by someone else, Ray ending at once) unless it could not
+        grep -q '^RAY_FAILED=' "$AR_CLUSTER_DIR/status" 2>/dev/null || echo "RAY_FAILED=head did not start" >>"$AR_CLUSTER_DIR/status"
+        exit 1
+    fi
     sleep 0.1
 done
-[ -e "$AR_CLUSTER_DIR/head.env" ] || { echo "RAY_FAILED=head not up after 60s" >>"$AR_CLUSTER_DIR/status"; exit 1; }
+[ -e "$AR_CLUSTER_DIR/head.env" ] || { echo "RAY_FAILED=head not up after $((${AR_PORTS_WAIT:-180} + 30))s" >>"$AR_CLUSTER_DIR/status"; exit 1; }
 # the launchers ignore the "look now" signal (USR2) for life, as Ray does (ar_run_node)
 trap '' USR2
 ar_launch_workers

@@ -66,13 +66,16 @@ ar_wait_for_environment() {
 # Free ports for one Ray node, held open together while chosen so they are
 # distinct: gcs dashboard client node_manager object_manager metrics
 # agent_http agent_grpc runtime_env worker_min worker_max dashboard_metrics
-# autoscaler_metrics.
+# autoscaler_metrics. Drawn at random (the OS's CSPRNG), not the kernel's next free one:
+# a cluster's ports say nothing about the next cluster's, so nobody can listen there first
+# by guessing (ar_verify_ports still makes sure nobody did).
 ar_free_ports() {
     "$AR_PYTHON" - "$AR_DASHBOARD_PORT" <<'PY'
 import random, socket, sys
 
+rng = random.SystemRandom()
 held = []
-def grab(port=0):
+def grab(port):
     s = socket.socket()
     try:
         s.bind(("", port))
@@ -82,11 +85,18 @@ def grab(port=0):
     held.append(s)
     return s.getsockname()[1]
 
-dashboard = grab(int(sys.argv[1])) or grab()
-ports = [grab(), dashboard] + [grab() for _ in range(7)]
-# Workers need a contiguous range: try random bases below the ephemeral range.
+def grab_random():
+    for _ in range(1000):
+        port = grab(rng.randrange(30000, 61000))
+        if port:
+            return port
+    sys.exit("no free port")
+
+dashboard = (int(sys.argv[1]) and grab(int(sys.argv[1]))) or grab_random()
+ports = [grab_random(), dashboard] + [grab_random() for _ in range(7)]
+# Workers need a contiguous range: try random bases below the others.
 for _ in range(200):
-    base = random.randrange(12000, 30000, 50)
+    base = rng.randrange(12000, 30000, 50)
     mark = len(held)
     if all(grab(p) for p in range(base, base + 50)):  # stops at the first busy port
         ports += [base, base + 49]
@@ -96,9 +106,30 @@ for _ in range(200):
     del held[mark:]
 else:
     sys.exit("no free worker port range")
-ports += [grab(), grab()]
+ports += [grab_random(), grab_random()]
 print(*ports)
 PY
+}
+
+# Wait until this node's Ray listens on the given ports and nobody else does (any user of
+# the host saw them on `ray start`'s command line, and could have listened there first):
+# scripts/verify_ports.py, on this host, against this node's own processes. Until it
+# passes, nothing is told where the ports are (head.env), so nothing connects to them. A
+# port someone else holds is said in the cluster's status (the flow fails now, naming it,
+# and a retry takes fresh ports), never waited on.
+# usage: ar_verify_ports NAME PGID TMP NAME=PORT... [--watch NAME=PORT[-PORT]...]
+ar_verify_ports() {
+    local name="$1" pgid="$2" tmp="$3" said status=0
+    shift 3
+    # in the background: a signal's trap runs at once, not after the check
+    "$AR_PYTHON" "$AR_CLUSTER_DIR/bin/verify_ports.py" --pgid "$pgid" --marker "$tmp/" \
+        --wait "${AR_PORTS_WAIT:-180}" --stop-file "$AR_CLUSTER_DIR/stop" "$@" >"$tmp/ports.out" 2>&1 &
+    wait $! || status=$?
+    [ "$status" != 0 ] || return 0
+    said="$(tail -n 1 "$tmp/ports.out")"
+    ar_log "node $name: ${said:-port check failed (exit $status)}"
+    [ -n "$(ar_stop_reason)" ] || printf 'RAY_FAILED=node %s: %s\n' "$name" "${said:-port check failed (exit $status)}" >>"$AR_CLUSTER_DIR/status"
+    return 1
 }
 
 # This host's short name: what a node's files in the shared cluster dir are keyed by.
@@ -251,22 +282,50 @@ ar_run_node() {
     set +m
     # host and group: only this host ever signals this group
     printf '%s %s\n' "$host" "$pgid" >"$AR_CLUSTER_DIR/nodes/$name.pgid"
+    # shellcheck disable=SC2064
+    # USR1: a worker job's walltime warning (--signal=B:USR1@60)
+    trap "ar_stop_node '$name' '$pgid' '$tmp' signal; exit 143" TERM INT HUP USR1
+    # Ray's ports are known to every user of the host from here on (ps); nothing connects to
+    # one before ar_verify_ports found it this node's own. Not checked: ports Ray opens only
+    # with metrics on, and the workers' range (bound by each Ray worker when it starts): a
+    # stranger listening there before this check fails it all the same (--watch).
+    local watch=(--watch metrics="${ports[5]}" workers="${ports[9]}-${ports[10]}")
+    local own=(node_manager="${ports[3]}" object_manager="${ports[4]}" agent_grpc="${ports[7]}"
+        agent_http="${ports[6]}" runtime_env_agent="${ports[8]}")
     if [ "$role" = head ]; then
-        {
-            printf 'RAY_HEAD_NODE=%s\n' "$host"
-            printf 'RAY_HEAD_IP=%s\n' "$ip"
-            printf 'RAY_GCS_PORT=%s\n' "${ports[0]}"
-            printf 'RAY_DASHBOARD_PORT=%s\n' "${ports[1]}"
-            printf 'RAY_CLIENT_PORT=%s\n' "${ports[2]}"
-        } >"$AR_CLUSTER_DIR/head.env.tmp"
-        mv "$AR_CLUSTER_DIR/head.env.tmp" "$AR_CLUSTER_DIR/head.env"
+        watch+=(dashboard_metrics="${ports[11]}" autoscaler_metrics="${ports[12]}")
+        # Two steps, so the workers start as soon as they can: they talk to the GCS only
+        # until the flow found the cluster ready, and the flow waits for the second step
+        # (all ports: the dashboard and the job agent get the token from the flow, the Ray
+        # Client port from users).
+        # (the others watched already: a stranger on one fails it now, not after the workers started)
+        if ! ar_verify_ports "$name" "$pgid" "$tmp" gcs="${ports[0]}" "${watch[@]}" dashboard="${ports[1]}" \
+            ray_client="${ports[2]}" "${own[@]}"; then
+            trap - TERM INT HUP USR1
+            ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
+            return 1
+        fi
+        ar_write_head_env "$host" "$ip" "${ports[0]}" "${ports[1]}" "${ports[2]}" gcs
+        if ! ar_verify_ports "$name" "$pgid" "$tmp" gcs="${ports[0]}" dashboard="${ports[1]}" \
+            ray_client="${ports[2]}" "${own[@]}" "${watch[@]}"; then
+            trap - TERM INT HUP USR1
+            ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
+            return 1
+        fi
+    elif ! ar_verify_ports "$name" "$pgid" "$tmp" "${own[@]}" "${watch[@]}"; then
+        trap - TERM INT HUP USR1
+        ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
+        return 1
+    fi
+    # every node says so: the flow counts these before it calls the cluster ready (Ray's
+    # head talks to each node's ports, with the token, once the user's job runs)
+    printf '%s\n' "$host" >"$AR_CLUSTER_DIR/nodes/$name.ports"
+    if [ "$role" = head ]; then
+        ar_write_head_env "$host" "$ip" "${ports[0]}" "${ports[1]}" "${ports[2]}" all
         cat "$AR_CLUSTER_DIR/head.env"
     fi
     local status=0 reason="" next_look=0
     ar_look_now=0
-    # shellcheck disable=SC2064
-    # USR1: a worker job's walltime warning (--signal=B:USR1@60)
-    trap "ar_stop_node '$name' '$pgid' '$tmp' signal; exit 143" TERM INT HUP USR1
     trap 'ar_look_now=1' USR2
     # the process, not its group: the group exists only once setsid has run
     while kill -0 "$pgid" 2>/dev/null; do
@@ -293,6 +352,22 @@ ar_run_node() {
     trap - TERM INT HUP USR1 USR2
     ar_stop_node "$name" "$pgid" "$tmp" "$reason"
     return "$status"
+}
+
+# Where the head is, for the workers and the flow: head.env, written whole (a reader never
+# sees half of it). RAY_PORTS_VERIFIED says which of its ports were found the head's own
+# (ar_verify_ports): "gcs" (workers may join), then "all" (the flow may talk to it).
+# usage: ar_write_head_env HOST IP GCS_PORT DASHBOARD_PORT CLIENT_PORT gcs|all
+ar_write_head_env() {
+    {
+        printf 'RAY_HEAD_NODE=%s\n' "$1"
+        printf 'RAY_HEAD_IP=%s\n' "$2"
+        printf 'RAY_GCS_PORT=%s\n' "$3"
+        printf 'RAY_DASHBOARD_PORT=%s\n' "$4"
+        printf 'RAY_CLIENT_PORT=%s\n' "$5"
+        printf 'RAY_PORTS_VERIFIED=%s\n' "$6"
+    } >"$AR_CLUSTER_DIR/head.env.tmp"
+    mv "$AR_CLUSTER_DIR/head.env.tmp" "$AR_CLUSTER_DIR/head.env"
 }
 
 # Copy one node's logs to the shared filesystem before its temp dir goes:
@@ -329,7 +404,7 @@ ar_stop_node() {
     [ -z "${AR_CONTAINER_IMAGE:-}" ] || ar_container_stop "$name" "$tmp"
     ar_collect_node_logs "$name" "$tmp"
     rm -rf "$tmp"
-    rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" "$AR_CLUSTER_DIR/nodes/$name.tmp" 2>/dev/null || true
+    rm -f "$AR_CLUSTER_DIR/nodes/$name.pgid" "$AR_CLUSTER_DIR/nodes/$name.tmp" "$AR_CLUSTER_DIR/nodes/$name.ports" 2>/dev/null || true
     printf '%s %s\n' "$(ar_host)" "$reason" >"$AR_CLUSTER_DIR/nodes/$name.stopped" 2>/dev/null || true
 }
 

@@ -33,7 +33,7 @@ RUNS_DIR = Path("~/.activate-ray/runs").expanduser()
 
 
 CLUSTER_SCRIPTS = ("ray_lib.sh", "cluster_main.sh", "start_ray_ssh.sh", "ray_worker.sh", "shutdown_ray.sh", "submit_job.sh",
-                   "exec_holding_ports.py", "node_ip.py", "site_setup.sh", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh", "worker_main.sh",
+                   "exec_holding_ports.py", "node_ip.py", "verify_ports.py", "site_setup.sh", "launch_workers_direct.sh", "launch_workers_slurm.sh", "launch_workers_pbs.sh", "worker_main.sh",
                    "node_check.sh", "peer_check.py", "check_main.sh")
 # AR_PYTHON and AR_RAY in the cluster dir, once the environment is ready (cluster_main.sh waits).
 ENVIRONMENT_FILE = "environment.env"

@@ -22,6 +22,12 @@ class HeadInfo:
     client_port: int
 
 
+def ports_verified(text: str | None) -> bool:
+    """Whether head.env says the head found every one of its ports its own (ar_verify_ports):
+    before that, a port may be another user's listener, which must never get the token."""
+    return bool(text) and re.search(r"^RAY_PORTS_VERIFIED=all$", text, re.M) is not None
+
+
 def parse_head_env(text: str) -> HeadInfo:
     values = dict(re.findall(r"^(RAY_\w+)=(.*)$", text, re.M))
     return HeadInfo(

@@ -22,7 +22,7 @@ from tasks.atomic_file import write_text_atomic
 from tasks.cluster import ClusterPlan, token_block_name
 from tasks.events import emit_cluster_event
 from tasks.failures import FailureReason
-from tasks.head_api import HeadInfo, alive_nodes, auth_headers, node_name, parse_head_env
+from tasks.head_api import HeadInfo, alive_nodes, auth_headers, node_name, parse_head_env, ports_verified
 from tasks.logs import get_run_logger
 from tasks.schedulers import JobPhase, Scheduler
 from tasks.settings import NodeFailure, RayClusterSettings, SchedulerKind
@@ -201,7 +201,9 @@ async def wait_for_head(
             )
         if state.phase is JobPhase.running:
             text = await target.read_text(f"{plan.cluster_dir}/head.env")
-            if text and "RAY_CLIENT_PORT=" in text:
+            # only once the head found its ports its own: until then one may be a stranger's
+            # listener, and the first request sends it the token
+            if ports_verified(text):
                 head = parse_head_env(text)
                 await report.say(f"head is {head.node} ({head.ip}), waiting for {report.expected} node(s)")
                 return head
@@ -235,7 +237,9 @@ async def wait_for_nodes(
             if nodes is not None:
                 joined = [node_name(n) for n in nodes]
                 await report.say(f"{len(nodes)} of {report.expected} nodes alive", alive=len(nodes))
-                if len(nodes) >= report.expected:
+                # and each found its ports its own (ar_verify_ports): Ray's head sends the
+                # token to them once the job runs
+                if len(nodes) >= report.expected and await _nodes_with_own_ports(target, plan) >= report.expected:
                     return nodes
             if time.monotonic() >= next_state_check:  # the dashboard is cheap; squeue is not
                 next_state_check = time.monotonic() + 2
@@ -252,6 +256,12 @@ async def wait_for_nodes(
                 )
             # once the head is up, nodes join within seconds: poll briskly to see readiness at once
             await asyncio.sleep(0.25)
+
+
+async def _nodes_with_own_ports(target: Transport, plan: ClusterPlan) -> int:
+    """How many nodes found every listener on their ports their own (nodes/NAME.ports)."""
+    listing = await target.run(f"ls {shlex.quote(plan.cluster_dir + '/nodes')}", check=False)
+    return sum(name.endswith(".ports") for name in listing.stdout.split())
 
 
 async def _fail_on_node_status(target: Transport, plan: ClusterPlan, joined: list[str]) -> None:

@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.failures import FailureReason
-from tasks.head_api import alive_nodes, auth_headers, node_name, parse_head_env
+from tasks.head_api import alive_nodes, auth_headers, node_name, parse_head_env, ports_verified
 from tasks.logs import get_run_logger
 from tasks.schedulers import SCHEDULERS, JobPhase, Scheduler
 from tasks.settings import RayClusterSettings
@@ -218,7 +218,7 @@ async def scale_running_cluster(target: Transport, cluster_dir: str, delta: int,
     if await target.read_text(f"{cluster_dir}/stop") is not None:
         raise ScaleRefused("the cluster is stopping")
     head_env = await target.read_text(f"{cluster_dir}/head.env")
-    if not head_env:
+    if not ports_verified(head_env):  # its dashboard gets the token: only once it is the head's own
         raise ScaleRefused("the cluster's head is not up yet: try again once the flow says it is ready")
     head = parse_head_env(head_env)
     scheduler = SCHEDULERS[kind.group(1)](RayClusterSettings(scheduler=kind.group(1)))
