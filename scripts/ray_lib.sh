@@ -160,7 +160,7 @@ ar_stop_reason() {
         beat=0
     fi
     if [ -e "$AR_CLUSTER_DIR/stop" ]; then echo "stop requested"
-    elif [ "${AR_NODE_NAME:-}" != "${AR_NODE_NAME#wjob-}" ] && [ -e "$AR_CLUSTER_DIR/nodes/$AR_NODE_NAME.remove" ]; then
+    elif [[ "${AR_NODE_NAME:-}" == wjob-* ]] && [ -e "$AR_CLUSTER_DIR/nodes/$AR_NODE_NAME.remove" ]; then
         echo "removed from the cluster (scale --remove or the adaptive loop)"
     elif printf -v now '%(%s)T' -1 && [ $((now - beat)) -gt "$AR_HEARTBEAT_TIMEOUT" ]; then
         echo "no heartbeat from the flow for more than ${AR_HEARTBEAT_TIMEOUT}s (dead-man switch)"
@@ -427,10 +427,10 @@ ar_group_is_ours() {
     mine="$(pgrep -g "$pgid" -u "$uid" -U "$uid" 2>/dev/null)" || return 1
     [ "$members" = "$mine" ] || return 1
     for pid in $members; do
-        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
+        if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
             return 0
         fi
-        case "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" in
+        case "$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline")" in
             *"$AR_CLUSTER_DIR/"* | *"${AR_NODE_TMP:-/nonexistent}/${AR_NODE_TMP_NAME:-/}."*) return 0 ;;
         esac
     done
@@ -447,7 +447,7 @@ ar_stop_cluster_env_processes() {
     me="$(id -u)"
     for pid in $(pgrep -u "$me" -U "$me" 2>/dev/null); do
         case "$pid" in "$$" | "${BASHPID:-$$}" | "$PPID") continue ;; esac
-        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
+        if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
             pids+=("$pid")
         fi
     done
