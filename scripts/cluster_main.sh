@@ -50,7 +50,12 @@ ar_cleanup() {
     exit "$status"
 }
 trap 'ar_cleanup "$?"' EXIT
-trap 'ar_log "signal received"; exit 143' TERM INT HUP USR1
+trap 'ar_log "signal received"; exit 143' TERM INT HUP
+# Slurm's walltime warning (--signal=B:USR1@margin): with the deadline known the flow stops
+# the job at the margin and the cluster stops itself just before the end (ar_supervise);
+# without it, the warning stops the cluster now.
+trap 'if [ -n "${AR_DEADLINE:-}" ]; then ar_log "walltime warning (USR1): the allocation ends at $AR_DEADLINE"; else ar_log "walltime warning (USR1)"; exit 143; fi' USR1
+AR_JOB_STARTED="${AR_JOB_STARTED:-$(date +%s)}"
 
 # The Python and Ray to run: for a batch job the flow may still be building them
 # on the login host when the job starts (it submits first, builds while queued).
@@ -63,5 +68,13 @@ for _ in $(seq 1 600); do
     sleep 0.1
 done
 [ -e "$AR_CLUSTER_DIR/head.env" ] || { echo "RAY_FAILED=head not up after 60s" >>"$AR_CLUSTER_DIR/status"; exit 1; }
+# The allocation's end, read from the scheduler now that the job runs (empty: none or
+# unknown), said in head.env for the flow and used by ar_supervise to stop in time.
+AR_DEADLINE="$(ar_job_deadline || true)"
+case "$AR_DEADLINE" in *[!0-9]*) AR_DEADLINE="" ;; esac
+export AR_DEADLINE
+{ cat "$AR_CLUSTER_DIR/head.env"; printf 'RAY_DEADLINE=%s\n' "$AR_DEADLINE"; } >"$AR_CLUSTER_DIR/head.env.tmp"
+mv "$AR_CLUSTER_DIR/head.env.tmp" "$AR_CLUSTER_DIR/head.env"
+[ -z "$AR_DEADLINE" ] || ar_log "the allocation ends at $(date -d "@$AR_DEADLINE" '+%F %T %Z') ($AR_DEADLINE)"
 ar_launch_workers
 ar_supervise "$head_pid"

@@ -448,11 +448,17 @@ ar_heartbeat_age() {
 # flow goes silent (dead-man switch) or until the head's Ray ends. Returns 0
 # only for a stop the flow asked for; the job's exit status says the rest.
 ar_supervise() {
-    local head_pid="$1" reason=""
+    local head_pid="$1" reason="" now
     while :; do
         reason="$(ar_stop_reason)"
         [ -z "$reason" ] || break
         if ! kill -0 "$head_pid" 2>/dev/null; then reason="head node's Ray ended"; break; fi
+        # the allocation's end (AR_DEADLINE, cluster_main.sh): the flow stops the job and the
+        # cluster walltime_margin before it; this stops the cluster if the flow did not
+        printf -v now '%(%s)T' -1
+        if [ -n "${AR_DEADLINE:-}" ] && [ "$now" -ge $((AR_DEADLINE - ${AR_END_MARGIN:-10})) ]; then
+            reason="walltime reached: the allocation ends at $AR_DEADLINE"; break
+        fi
         sleep 0.25 &
         wait $! || true
     done

@@ -76,6 +76,7 @@ class ConnectionInfo:
     token_block: str  # Prefect Secret block holding the token while the cluster lives (only if published)
     logs_dir: str  # where every node's logs are copied before teardown ("" with keep_logs off)
     nodes: list[dict] = field(default_factory=list)
+    deadline: int = 0  # the allocation's end, Unix seconds, as the scheduler has it (0: none or unknown)
 
     def as_text(self) -> str:
         return "\n".join(
@@ -92,10 +93,16 @@ class ConnectionInfo:
                 f"  submit a job   : {self.job_submit_example}",
             ]
             + ([f"  logs (after)   : {self.logs_dir}"] if self.logs_dir else [])
+            + ([f"  allocation end : {_when(self.deadline)} (ACTIVATE_RAY_DEADLINE={self.deadline})"]
+               if self.deadline else [])
             + ([f"  Ray token      : {self.token_file} (0600)"
                 + (f" or Prefect Secret block '{self.token_block}'" if self.token_block else "")]
                if self.token_file else ["  Ray token      : OFF (token_auth disabled)"])
         )
+
+
+def _when(unix_seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix_seconds))
 
 
 # The local ports of the tunnel command: Ray's own defaults, so Ray's docs apply as written.
@@ -201,8 +208,9 @@ async def wait_for_head(
             )
         if state.phase is JobPhase.running:
             text = await target.read_text(f"{plan.cluster_dir}/head.env")
-            if text and "RAY_CLIENT_PORT=" in text:
+            if text and "RAY_CLIENT_PORT=" in text and ("RAY_DEADLINE=" in text or not _has_deadline(plan)):
                 head = parse_head_env(text)
+                plan.deadline = head.deadline
                 await report.say(f"head is {head.node} ({head.ip}), waiting for {report.expected} node(s)")
                 return head
         if deadline.passed:
@@ -215,6 +223,11 @@ async def wait_for_head(
         # back off while the job waits in the queue; once it runs, its head writes head.env
         # within seconds: look briskly, so the head is seen when it is up, not a backoff step later
         delay = 0.25 if state.phase is JobPhase.running else min(delay * 1.5, 2.0)
+
+
+def _has_deadline(plan: ClusterPlan) -> bool:
+    """A batch job's head.env ends with its allocation's end (RAY_DEADLINE, cluster_main.sh)."""
+    return plan.settings.scheduler is not SchedulerKind.none
 
 
 async def wait_for_nodes(
@@ -356,6 +369,7 @@ async def publish_connection_info(
         token_file=plan.token_path if settings.token_auth else "",
         token_block=token_block_name(plan) if settings.token_auth and settings.publish_token_block else "",
         logs_dir=plan.logs_dir if settings.keep_logs else "",
+        deadline=plan.deadline,
         nodes=[
             {
                 "node": node_name(n),
@@ -392,6 +406,7 @@ async def publish_connection_info(
                 f"| Ray Client (flow's tunnel) | `{info.ray_client_address}` |",
                 f"| tunnel | `{info.tunnel_command}` |",
                 f"| submit | `{info.job_submit_example}` |",
+                *([f"| allocation ends | {_when(info.deadline)} (`{info.deadline}`) |"] if info.deadline else []),
             ]
         ),
     )
