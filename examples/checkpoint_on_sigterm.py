@@ -69,8 +69,9 @@ def main() -> int:
     def on_sigterm(signum, frame):  # only note it: the checkpoint is written between steps
         stopping["at"] = time.time()
 
-    signal.signal(signal.SIGTERM, on_sigterm)
     ray.init()
+    # after ray.init(): it installs a SIGTERM handler of its own in the driver (exit at once)
+    signal.signal(signal.SIGTERM, on_sigterm)
     while state["step"] < args.steps and not stopping["at"]:
         state["total"] += ray.get(work.remote(state["step"], args.step_seconds))
         state["step"] += 1
