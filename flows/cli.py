@@ -26,8 +26,11 @@ from flows.commands import check, cleanup, logs, scale
 from flows.plan import render_plan
 from flows.ray_cluster import ray_cluster, refuse_token_block_without_a_server
 from flows.stop_signals import STOP
-from tasks.failures import reason_of
+from tasks.failures import FailureReason, reason_of
 from tasks.settings import GROUPS, RayClusterSettings
+
+# The exit code of a run that reached its walltime (walltime_margin before the allocation's end).
+EXIT_WALLTIME = 3
 
 # `python -m flows.ray_cluster NAME ...`: each subcommand parses its own arguments.
 SUBCOMMANDS = {"logs": logs.main, "scale": scale.main, "cleanup": cleanup.main,
@@ -79,7 +82,8 @@ RayClusterCli = _cli_model()
 def main(argv: list[str] | None = None) -> int:
     """The command line: a subcommand, the --dry-run plan, or the flow run in a thread while
     this (main) thread takes the signals. Its exit code: 0, 1 failed, 2 invalid input,
-    128 + the signal that stopped it."""
+    3 walltime reached (the job stopped and the cluster torn down before the allocation's
+    end), 128 + the signal that stopped it."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = 128 + (STOP.signum or signal.SIGINT)
     except Exception as exc:
         print(f"ray-cluster failed ({reason_of(exc).value}): {exc}", file=sys.stderr)
-        rc = 1
+        rc = EXIT_WALLTIME if reason_of(exc) is FailureReason.walltime_reached else 1
     else:
         print(json.dumps({"cluster_id": info["cluster_id"], "ready": True}))
         rc = 0

@@ -242,7 +242,7 @@ async def _run_job_or_hold(
         if settings.user_script:
             await _unless_a_node_dies(run_user_job(target, plan, ready.local_port, ready.nodes), watcher)
         if settings.keep_alive or not settings.user_script:
-            await _unless_a_node_dies(keep_alive(plan, ready.local_port, scheduler.walltime_seconds), watcher)
+            await _unless_a_node_dies(keep_alive(plan, ready.local_port), watcher)
     except Exception as failure:
         await keep_the_failed_cluster_up(target, scheduler, plan, ready, failure)
         raise
@@ -256,6 +256,8 @@ async def keep_the_failed_cluster_up(
     A failure that a retry will answer is not kept (the retry needs the allocation)."""
     seconds = plan.settings.cluster.keep_on_failure_seconds
     if not seconds or (isinstance(failure, ClusterFailed) and failure.retryable and plan.settings.retries):
+        return
+    if reason_of(failure) is FailureReason.walltime_reached:  # the allocation is ending: nothing to keep
         return
     get_run_logger().warning(
         "%s: keeping the failed cluster %s up for %.1f min for debugging (dashboard http://127.0.0.1:%d "

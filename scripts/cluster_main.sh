@@ -50,11 +50,21 @@ ar_cleanup() {
     exit "$status"
 }
 trap 'ar_cleanup "$?"' EXIT
-trap 'ar_log "signal received"; exit 143' TERM INT HUP USR1
+trap 'ar_log "signal received"; exit 143' TERM INT HUP
+# Slurm's walltime warning (--signal=B:USR1@margin): with the deadline known the flow stops
+# the job at the margin and the cluster stops itself just before the end (ar_supervise);
+# without it, the warning stops the cluster now.
+trap 'if [ -n "${AR_DEADLINE:-}" ]; then ar_log "walltime warning (USR1): the allocation ends at $AR_DEADLINE"; else ar_log "walltime warning (USR1)"; exit 143; fi' USR1
+AR_JOB_STARTED="${AR_JOB_STARTED:-$(date +%s)}"
 
 # The Python and Ray to run: for a batch job the flow may still be building them
 # on the login host when the job starts (it submits first, builds while queued).
 ar_wait_for_environment || exit 1
+# The allocation's end, read from the scheduler now that the job runs (empty: none or
+# unknown): in head.env for the flow (ar_write_head_env), and ar_supervise stops in time.
+AR_DEADLINE="$(ar_job_deadline || true)"
+case "$AR_DEADLINE" in *[!0-9]*) AR_DEADLINE="" ;; esac
+export AR_DEADLINE
 ar_run_node head head &
 head_pid=$!
 # head.env comes once the head's GCS port was found its own (ar_verify_ports), which
@@ -70,6 +80,7 @@ for _ in $(seq 1 $(((${AR_PORTS_WAIT:-180} + 30) * 10))); do
     sleep 0.1
 done
 [ -e "$AR_CLUSTER_DIR/head.env" ] || { echo "RAY_FAILED=head not up after $((${AR_PORTS_WAIT:-180} + 30))s" >>"$AR_CLUSTER_DIR/status"; exit 1; }
+[ -z "$AR_DEADLINE" ] || ar_log "the allocation ends at $(date -d "@$AR_DEADLINE" '+%F %T %Z') ($AR_DEADLINE)"
 # the launchers ignore the "look now" signal (USR2) for life, as Ray does (ar_run_node)
 trap '' USR2
 ar_launch_workers

@@ -3,6 +3,8 @@
 # once. Sourced by the job script (which has sourced cluster.env and ray_lib.sh's users).
 # No worker jobs without a scheduler (scale options need one).
 ar_cancel_job() { :; }
+# No allocation, no end.
+ar_job_deadline() { :; }
 
 ar_launch_workers() {
     local i

@@ -22,6 +22,21 @@ ar_pbs_command() {
 # Cancel one of the cluster's worker jobs (cluster_main.sh, when the cluster ends without the flow).
 ar_cancel_job() { "$(ar_pbs_command qdel)" -- "$1" 2>/dev/null || true; }
 
+# The allocation's end, Unix seconds: the job's start (qstat's stime, else when this script
+# began) + its Resource_List.walltime (else the walltime asked for). Empty if unknown.
+ar_job_deadline() {
+    local shown stime walltime start
+    shown="$("$(ar_pbs_command qstat)" -f "$PBS_JOBID" 2>/dev/null || true)"
+    stime="$(printf '%s\n' "$shown" | sed -n 's/^ *stime = //p' | head -n 1)"
+    walltime="$(printf '%s\n' "$shown" | sed -n 's/^ *Resource_List.walltime = //p' | head -n 1)"
+    start="$( [ -z "$stime" ] || date -d "$stime" +%s 2>/dev/null)" || start=""
+    start="${start:-${AR_JOB_STARTED:-}}"
+    walltime="${walltime:-${AR_WALLTIME:-}}"
+    [ -n "$start" ] && [ -n "$walltime" ] || return 0
+    # [[HH:]MM:]SS
+    awk -F: -v start="$start" '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; print start + s }' <<<"$walltime"
+}
+
 ar_launch_workers() {
     local nodes=() node short head attach="" line
     head="$(hostname -s)"

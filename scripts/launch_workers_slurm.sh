@@ -4,6 +4,19 @@
 # Cancel one of the cluster's worker jobs (cluster_main.sh, when the cluster ends without the flow).
 ar_cancel_job() { scancel -- "$1" 2>/dev/null || true; }
 
+# The allocation's end, Unix seconds, as the controller has it (empty if it can not be read):
+# Slurm's own SLURM_JOB_END_TIME (23.02+), else squeue's %e, a local time of this host's zone.
+ar_job_deadline() {
+    local end
+    if [ -n "${SLURM_JOB_END_TIME:-}" ] && [ "$SLURM_JOB_END_TIME" -gt 0 ] 2>/dev/null; then
+        printf '%s\n' "$SLURM_JOB_END_TIME"
+        return 0
+    fi
+    end="$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null | head -n 1)"
+    case "$end" in "" | N/A | Unknown) return 0 ;; esac
+    date -d "$end" +%s 2>/dev/null || true
+}
+
 ar_launch_workers() {
     local count=$((SLURM_JOB_NUM_NODES - 1))
     [ "$count" -gt 0 ] || return 0

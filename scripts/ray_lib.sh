@@ -366,6 +366,8 @@ ar_write_head_env() {
         printf 'RAY_DASHBOARD_PORT=%s\n' "$4"
         printf 'RAY_CLIENT_PORT=%s\n' "$5"
         printf 'RAY_PORTS_VERIFIED=%s\n' "$6"
+        # the allocation's end (unix seconds; empty: none or unknown), cluster_main.sh
+        printf 'RAY_DEADLINE=%s\n' "${AR_DEADLINE:-}"
     } >"$AR_CLUSTER_DIR/head.env.tmp"
     mv "$AR_CLUSTER_DIR/head.env.tmp" "$AR_CLUSTER_DIR/head.env"
 }
@@ -563,7 +565,7 @@ ar_launcher_ended() {
 # flow goes silent (dead-man switch) or until the head's Ray ends. Returns 0
 # only for a stop the flow asked for; the job's exit status says the rest.
 ar_supervise() {
-    local head_pid="$1" reason="" next_look=0
+    local head_pid="$1" reason="" next_look=0 now
     ar_look_now=0
     trap 'ar_look_now=1' USR2  # the flow's teardown: look at the stop file now
     while :; do
@@ -574,6 +576,12 @@ ar_supervise() {
             [ -z "$reason" ] || break
         fi
         if ! kill -0 "$head_pid" 2>/dev/null; then reason="head node's Ray ended"; break; fi
+        # the allocation's end (AR_DEADLINE, cluster_main.sh): the flow stops the job and the
+        # cluster walltime_margin before it; this stops the cluster if the flow did not
+        printf -v now '%(%s)T' -1
+        if [ -n "${AR_DEADLINE:-}" ] && [ "$now" -ge $((AR_DEADLINE - ${AR_END_MARGIN:-10})) ]; then
+            reason="walltime reached: the allocation ends at $AR_DEADLINE"; break
+        fi
         sleep 0.5 &
         wait $! || true
     done

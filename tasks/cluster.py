@@ -67,6 +67,7 @@ class ClusterPlan:
     job_id: str = ""
     nodes: list[str] = field(default_factory=list)  # the Ray nodes' names once the cluster is ready
     worker_jobs: list[str] = field(default_factory=list)  # worker jobs this flow submitted (tasks/scaling.py)
+    deadline: int = 0  # the allocation's end, Unix seconds, once the job runs (head.env's RAY_DEADLINE; 0: none)
 
     @classmethod
     def new(cls, settings: RayClusterSettings, work_dir: str) -> ClusterPlan:

@@ -18,6 +18,7 @@ class FailureReason(str, Enum):
     readiness_timeout = "readiness timeout"  # not every node up in time (the missing ones named)
     node_lost = "node lost"  # a node of the ready cluster died
     user_job_failed = "user job failed"  # the Ray job ended FAILED or STOPPED
+    walltime_reached = "walltime reached"  # the allocation's end came (less walltime_margin): job stopped, cluster torn down
     cancelled = "cancelled"  # Ctrl-C, SIGTERM, cancel from the UI
     error = "error"  # anything else: the message says what
 
@@ -32,6 +33,12 @@ def reason_of(exc: BaseException) -> FailureReason:
     if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
         return FailureReason.cancelled
     return FailureReason.error
+
+
+class WalltimeReached(RuntimeError):
+    """The allocation's end (less walltime_margin) came: the job was stopped, the cluster torn down."""
+
+    reason = FailureReason.walltime_reached
 
 
 class InvalidInput(ValueError):

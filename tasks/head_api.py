@@ -20,6 +20,7 @@ class HeadInfo:
     gcs_port: int
     dashboard_port: int
     client_port: int
+    deadline: int = 0  # the allocation's end, Unix seconds, as the scheduler has it (0: none or unknown)
 
 
 def ports_verified(text: str | None) -> bool:
@@ -30,9 +31,11 @@ def ports_verified(text: str | None) -> bool:
 
 def parse_head_env(text: str) -> HeadInfo:
     values = dict(re.findall(r"^(RAY_\w+)=(.*)$", text, re.M))
+    deadline = values.get("RAY_DEADLINE", "").strip()
     return HeadInfo(
         values["RAY_HEAD_NODE"], values["RAY_HEAD_IP"], int(values["RAY_GCS_PORT"]),
         int(values["RAY_DASHBOARD_PORT"]), int(values["RAY_CLIENT_PORT"]),
+        int(deadline) if deadline.isdigit() else 0,
     )
 
 

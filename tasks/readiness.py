@@ -76,6 +76,7 @@ class ConnectionInfo:
     token_block: str  # Prefect Secret block holding the token while the cluster lives (only if published)
     logs_dir: str  # where every node's logs are copied before teardown ("" with keep_logs off)
     nodes: list[dict] = field(default_factory=list)
+    deadline: int = 0  # the allocation's end, Unix seconds, as the scheduler has it (0: none or unknown)
 
     def as_text(self) -> str:
         return "\n".join(
@@ -92,10 +93,16 @@ class ConnectionInfo:
                 f"  submit a job   : {self.job_submit_example}",
             ]
             + ([f"  logs (after)   : {self.logs_dir}"] if self.logs_dir else [])
+            + ([f"  allocation end : {_when(self.deadline)} (ACTIVATE_RAY_DEADLINE={self.deadline})"]
+               if self.deadline else [])
             + ([f"  Ray token      : {self.token_file} (0600)"
                 + (f" or Prefect Secret block '{self.token_block}'" if self.token_block else "")]
                if self.token_file else ["  Ray token      : OFF (token_auth disabled)"])
         )
+
+
+def _when(unix_seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix_seconds))
 
 
 # The local ports of the tunnel command: Ray's own defaults, so Ray's docs apply as written.
@@ -203,8 +210,9 @@ async def wait_for_head(
             text = await target.read_text(f"{plan.cluster_dir}/head.env")
             # only once the head found its ports its own: until then one may be a stranger's
             # listener, and the first request sends it the token
-            if ports_verified(text):
+            if ports_verified(text):  # (RAY_DEADLINE is written with it: ar_write_head_env)
                 head = parse_head_env(text)
+                plan.deadline = head.deadline
                 await report.say(f"head is {head.node} ({head.ip}), waiting for {report.expected} node(s)")
                 return head
         if deadline.passed:
@@ -366,6 +374,7 @@ async def publish_connection_info(
         token_file=plan.token_path if settings.token_auth else "",
         token_block=token_block_name(plan) if settings.token_auth and settings.publish_token_block else "",
         logs_dir=plan.logs_dir if settings.keep_logs else "",
+        deadline=plan.deadline,
         nodes=[
             {
                 "node": node_name(n),
@@ -402,6 +411,7 @@ async def publish_connection_info(
                 f"| Ray Client (flow's tunnel) | `{info.ray_client_address}` |",
                 f"| tunnel | `{info.tunnel_command}` |",
                 f"| submit | `{info.job_submit_example}` |",
+                *([f"| allocation ends | {_when(info.deadline)} (`{info.deadline}`) |"] if info.deadline else []),
             ]
         ),
     )

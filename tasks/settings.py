@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, fiel
 from pydantic.fields import FieldInfo
 
 from tasks.schedulers.options import positioned
-from tasks.schedulers.pbs import PBS_WALLTIME_RE, PbsOptions, pbs_select_chunks
+from tasks.schedulers.pbs import PBS_WALLTIME_RE, PbsOptions, pbs_seconds, pbs_select_chunks
 from tasks.schedulers.scale_options import ScaleOptions
-from tasks.schedulers.slurm import SLURM_WALLTIME_RE, SlurmOptions
+from tasks.schedulers.slurm import SLURM_WALLTIME_RE, SlurmOptions, slurm_seconds
 from tasks.shipped import shipped_example
 
 DEFAULT_RAY_VERSION = "2.60.0"
@@ -125,6 +125,10 @@ def check_local_file(value: str, what: str) -> str:
     return value
 
 
+# Seconds before the allocation's end that the job is stopped and the cluster torn down.
+DEFAULT_WALLTIME_MARGIN = 300
+
+
 @positioned
 class ClusterOptions(BaseModel):
     """How big each Ray node is and how long the cluster lives."""
@@ -159,6 +163,12 @@ class ClusterOptions(BaseModel):
         30, gt=0, le=100000, title="Idle timeout (minutes)", description="Keep-alive clusters stop after this idle time"
     )
     keep_alive: bool = Field(False, title="Keep alive", description="Keep the cluster up after the user job")
+    walltime_margin: int = Field(
+        DEFAULT_WALLTIME_MARGIN, ge=10, le=86400, title="Walltime margin (seconds)",
+        description="SLURM/PBS: this long before the allocation's end (ACTIVATE_RAY_DEADLINE) the user job gets "
+        "SIGTERM (Ray's job stop: time to write a checkpoint), then the cluster is torn down and the run ends "
+        "'walltime reached'. Must be smaller than the walltime",
+    )
     node_failure: NodeFailure = Field(
         NodeFailure.continue_,
         title="When a node dies",
@@ -741,6 +751,12 @@ class RayClusterSettings(BaseModel):
         if self.scale.worker_walltime and walltime_re and not walltime_re.fullmatch(self.scale.worker_walltime):
             raise ValueError(f"scale.worker_walltime {self.scale.worker_walltime!r} is not a {self.scheduler.value} "
                              "walltime (as slurm.walltime or pbs.walltime takes it)")
+        walltime = self.walltime_seconds
+        if walltime and self.walltime_margin >= walltime:
+            raise ValueError(
+                f"walltime_margin={self.walltime_margin}s is not smaller than the {self.scheduler.value} walltime "
+                f"({walltime}s): the job would be stopped before it began; give a smaller walltime_margin or a longer walltime"
+            )
         if self.cluster.direct_workers and self.scheduler is not SchedulerKind.none:
             raise ValueError(
                 f"direct_workers={self.cluster.direct_workers} applies without a scheduler only: with "
@@ -756,6 +772,20 @@ class RayClusterSettings(BaseModel):
         if self.scheduler is SchedulerKind.pbs:
             return pbs_select_chunks(self.pbs.select) if self.pbs.select else self.pbs.nodes
         return 1 + self.cluster.direct_workers
+
+    @property
+    def walltime_seconds(self) -> int | None:
+        """The allocation's walltime as asked for (None without a scheduler)."""
+        if self.scheduler is SchedulerKind.slurm:
+            return slurm_seconds(self.slurm.walltime)
+        if self.scheduler is SchedulerKind.pbs:
+            return pbs_seconds(self.pbs.walltime)
+        return None
+
+    @property
+    def margin_seconds(self) -> int:
+        """Seconds before the allocation's end that the job is stopped and the cluster torn down."""
+        return self.walltime_margin
 
     @property
     def ready_nodes(self) -> int:

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.cluster import ClusterPlan
 from tasks.events import emit_cluster_event
-from tasks.failures import FailureReason, InvalidInput
+from tasks.failures import FailureReason, InvalidInput, WalltimeReached
 from tasks.head_api import auth_headers
 from tasks.logs import get_run_logger
 from tasks.readiness import confirm_nodes_alive
@@ -131,14 +131,26 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
     client = await asyncio.to_thread(_client, plan, local_port)
     await confirm_nodes_alive(plan, local_port, ready_nodes)
     entrypoint = shlex.join([plan.environment.python, remote, *settings.script_args])
+    runtime_env = with_allocation_env(await submitted_runtime_env(settings.runtime_env), plan)
     job_id = await asyncio.to_thread(
         submit_when_agent_ready, client, f"{plan.cluster_id}-{script.stem}"[:60], entrypoint=entrypoint,
-        runtime_env=await submitted_runtime_env(settings.runtime_env), **settings.runtime_env.entrypoint_resources(),
+        runtime_env=runtime_env, **settings.runtime_env.entrypoint_resources(),
     )
     reserved = settings.runtime_env.entrypoint_resources()
     logger.info("submitted Ray job %s: %s%s", job_id, script.name, f" (its driver reserves {reserved})" if reserved else "")
-    status, message = await follow_job(client, local_port, auth_headers(plan), job_id,
-                                       lambda line: logger.info("[%s] %s", script.name, line))
+    following = asyncio.ensure_future(follow_job(client, local_port, auth_headers(plan), job_id,
+                                                 lambda line: logger.info("[%s] %s", script.name, line)))
+    try:
+        if not await _ended_before_walltime(following, plan):
+            await stop_at_walltime(plan, [job_id], lambda: asyncio.wait({following}), client)
+            status, message = following.result() if following.done() else ("RUNNING", "")
+            raise WalltimeReached(walltime_message(plan, f"Ray job {job_id} ({script.name}) stopped (SIGTERM), "
+                                                         f"then {status}; the cluster is torn down"))
+        status, message = following.result()
+    finally:
+        if not following.done():
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
     emit_cluster_event("job-finished", plan.cluster_id, scheduler=plan.settings.scheduler.value, job_id=plan.job_id,
                        nodes=plan.nodes, ray_job_id=job_id, status=status)
     await create_markdown_artifact(
@@ -150,6 +162,70 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
         raise UserJobFailed(f"Ray job {job_id} ({script.name}) {status}: {message}")
     logger.info("Ray job %s SUCCEEDED", job_id)
     return job_id
+
+
+# Seconds the driver gets between SIGTERM and SIGKILL at the walltime margin: at most this,
+# at most half the margin (the rest is the cluster's teardown).
+WALLTIME_GRACE_S = 60
+
+
+def walltime_grace(plan: ClusterPlan) -> int:
+    return max(1, min(WALLTIME_GRACE_S, plan.settings.margin_seconds // 2))
+
+
+def stop_time(plan: ClusterPlan) -> float | None:
+    """When (Unix seconds) the job is stopped and the cluster torn down: the allocation's end
+    less walltime_margin (None: no known end)."""
+    return plan.deadline - plan.settings.margin_seconds if plan.deadline else None
+
+
+def walltime_message(plan: ClusterPlan, what: str) -> str:
+    end = time.strftime("%H:%M:%S %Z", time.localtime(plan.deadline))
+    return (f"walltime reached: the allocation of job {plan.job_id} ends at {end} ({plan.deadline}); "
+            f"{plan.settings.margin_seconds}s before it (walltime_margin) {what}")
+
+
+def with_allocation_env(runtime_env: dict | None, plan: ClusterPlan, attempt: int = 1) -> dict:
+    """The job's runtime_env with what its driver should know of the allocation:
+    ACTIVATE_RAY_DEADLINE (its end, Unix seconds; absent without one), ACTIVATE_RAY_ATTEMPT,
+    and Ray's grace between the SIGTERM of a stop and the SIGKILL (RAY_JOB_STOP_WAIT_TIME_S,
+    unless the user set it): the driver's time to write its checkpoint."""
+    runtime_env = dict(runtime_env or {})
+    env = {"ACTIVATE_RAY_ATTEMPT": str(attempt)}
+    if plan.deadline:
+        env["ACTIVATE_RAY_DEADLINE"] = str(plan.deadline)
+        env["RAY_JOB_STOP_WAIT_TIME_S"] = str(walltime_grace(plan))
+    runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+    return runtime_env
+
+
+async def _ended_before_walltime(following: asyncio.Future, plan: ClusterPlan) -> bool:
+    """Wait until the job ends (True) or its stop time comes (False)."""
+    at = stop_time(plan)
+    if at is None:
+        await asyncio.wait({following})
+        return True
+    done, _ = await asyncio.wait({following}, timeout=max(0.0, at - time.time()))
+    return bool(done)
+
+
+async def stop_at_walltime(plan: ClusterPlan, job_ids: list[str], ended, client) -> None:
+    """Stop the jobs as `ray job stop` does (SIGTERM to each driver, SIGKILL after
+    RAY_JOB_STOP_WAIT_TIME_S) and wait for `ended()` up to the grace and a little more."""
+    grace = walltime_grace(plan)
+    get_run_logger().warning(
+        "walltime: the allocation ends in %.0fs (walltime_margin %ds): stopping Ray job(s) %s (SIGTERM, "
+        "%ds to write a checkpoint), then tearing the cluster down",
+        plan.deadline - time.time(), plan.settings.margin_seconds, ", ".join(job_ids), grace)
+    for job_id in job_ids:
+        try:
+            await asyncio.to_thread(client.stop_job, job_id)
+        except Exception as exc:  # already ended, or the head is going: the teardown follows anyway
+            get_run_logger().warning("could not stop Ray job %s: %s", job_id, exc)
+    try:
+        await asyncio.wait_for(ended(), timeout=grace + 5)
+    except TimeoutError:
+        get_run_logger().warning("Ray job(s) %s still running %ds after the stop: tearing down", ", ".join(job_ids), grace + 5)
 
 
 async def submitted_runtime_env(runtime_env) -> dict | None:
@@ -176,9 +252,18 @@ async def _active_jobs(client: httpx.AsyncClient) -> int:
     return sum(1 for job in response.json() if str(job.get("status")).split(".")[-1] in ("PENDING", "RUNNING"))
 
 
+async def _active_job_ids(client: httpx.AsyncClient) -> list[str]:
+    response = await client.get("/api/jobs/")
+    response.raise_for_status()
+    return [job.get("submission_id") or job.get("job_id") for job in response.json()
+            if str(job.get("status")).split(".")[-1] in ("PENDING", "RUNNING")]
+
+
 @task(name="keep-cluster-alive", cache_policy=NO_CACHE)
-async def keep_alive(plan: ClusterPlan, local_port: int, walltime_s: int | None) -> str:
-    """Hold the cluster until cancelled, idle for cluster_idle_timeout, or near the walltime.
+async def keep_alive(plan: ClusterPlan, local_port: int) -> str:
+    """Hold the cluster until cancelled, idle for cluster_idle_timeout, or until the
+    allocation's end less walltime_margin: then its running Ray jobs are stopped (SIGTERM,
+    a grace to checkpoint) and WalltimeReached ends the run.
 
     Polls the job API with an async client and a timeout, never in a worker thread: a
     cancel ends it at once, and no blocked request can hold the process at exit."""
@@ -196,12 +281,30 @@ async def keep_alive(plan: ClusterPlan, local_port: int, walltime_s: int | None)
             if now - idle_since >= idle_limit:
                 logger.info("no Ray job for %g min: stopping the cluster", plan.settings.cluster_idle_timeout)
                 return "idle"
-            if walltime_s and now - started >= walltime_s - 60:
-                logger.info("walltime almost over: stopping the cluster")
-                return "walltime"
+            stop_at = stop_time(plan)
+            if stop_at is not None and time.time() >= stop_at:
+                await _stop_jobs_at_walltime(plan, client, local_port)
+                raise WalltimeReached(walltime_message(plan, "the cluster kept alive is torn down"))
             if now >= next_report:
                 left = idle_limit - (now - idle_since)
-                wall = f", walltime left {int(walltime_s - (now - started))}s" if walltime_s else ""
+                wall = f", walltime left {int(plan.deadline - time.time())}s" if plan.deadline else ""
                 logger.info("cluster up; idle shutdown in %ds%s", left, wall)
                 next_report = now + 300
-            await asyncio.sleep(min(10, max(1, idle_limit / 10)))
+            pause = min(10, max(1, idle_limit / 10))
+            if stop_at is not None:
+                pause = min(pause, max(0.1, stop_at - time.time()))
+            await asyncio.sleep(pause)
+
+
+async def _stop_jobs_at_walltime(plan: ClusterPlan, api: httpx.AsyncClient, local_port: int) -> None:
+    """keep_alive's end at the walltime: the Ray jobs users submitted stopped with a grace."""
+    running = await _active_job_ids(api)
+    if not running:
+        return
+    client = await asyncio.to_thread(_client, plan, local_port)
+
+    async def ended() -> None:
+        while await _active_job_ids(api):
+            await asyncio.sleep(0.5)
+
+    await stop_at_walltime(plan, running, ended, client)

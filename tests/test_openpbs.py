@@ -242,15 +242,15 @@ def test_worker_jobs_added_and_removed_on_a_keep_alive_cluster(pbs_work, prefect
 
 
 def test_the_walltime_ends_the_job_and_every_ray_process(pbs_work, prefect_api, bed, openpbs):
-    """The flow is SIGKILLed (no teardown, no dead-man switch for 10 minutes); the job's
-    walltime (40 s) ends it: OpenPBS kills it (Exit_status -29, in words: walltime exceeded)
-    and no Ray process is left on any host."""
-    from tasks.schedulers.pbs import describe_pbs_end
-
+    """The flow is SIGKILLed (no teardown, no dead-man switch for 10 minutes); near the job's
+    walltime (40 s) the job script stops the cluster itself, 10 s before OpenPBS would kill it
+    (its own exit code 1, not Exit_status -29: walltime exceeded), and no Ray process is left
+    on any host."""
     work = pbs_work
     sleeper = work / "sleep.py"
     sleeper.write_text("import time\ntime.sleep(600)\n")
     flow = BackgroundFlow(bed, ["--scheduler", "pbs", "--work-dir", str(work / "w"), "--pbs.walltime", "00:00:40",
+                                "--walltime-margin", "10",
                                 "--readiness-timeout", "120", "--pbs.select", "3:ncpus=1", "--user-script", str(sleeper),
                                 "--heartbeat-timeout", "600", "--ray-memory-gb", "0.5", "--object-store-memory-gb",
                                 "0.25"], work, prefect_api, env=openpbs.env())
@@ -259,8 +259,9 @@ def test_the_walltime_ends_the_job_and_every_ray_process(pbs_work, prefect_api, 
         cluster_id, job_id = info["cluster_id"], info["job_id"]
         flow.kill()
         job = openpbs.wait_job_finished(job_id, timeout=120)
-        assert job.get("job_state") == "F" and job.get("Exit_status") == -29, job
-        assert "walltime exceeded" in describe_pbs_end(job["Exit_status"], job.get("substate"), job.get("comment", ""))
+        assert job.get("job_state") == "F" and job.get("Exit_status") == 1, job  # stopped by the job script
+        status = (work / "w" / "clusters" / cluster_id / "status").read_text()
+        assert "STOP_REASON=walltime reached" in status, status
         wait_for(lambda: not ray_processes_of(bed, cluster_id), 20, "every Ray process of the cluster gone")
     finally:
         flow.kill()

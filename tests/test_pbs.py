@@ -132,7 +132,7 @@ def test_pbs_names_only_when_set(option, flag):
     "walltime,seconds", [("30", 30), ("10:00", 600), ("01:00:00", 3600), ("100:00:00", 360000)]
 )
 def test_pbs_walltime_seconds(walltime, seconds):
-    assert PbsScheduler(settings(scheduler="pbs", pbs={"walltime": walltime})).walltime_seconds == seconds
+    assert PbsScheduler(settings(scheduler="pbs", pbs={"walltime": walltime}, walltime_margin=10)).walltime_seconds == seconds
 
 
 # Every allowed '#PBS' option, as a site would write it (glued spellings included).

@@ -572,7 +572,7 @@ REFUSED_DIRECTIVES = [
     ("slurm", "#SBATCH --time=10", "'--time'", "use slurm.walltime"),
     ("slurm", "#SBATCH -t 10", "'-t' (--time)", "use slurm.walltime"),
     ("slurm", "#SBATCH --time-min=5", "'--time-min'", SET_BY_FLOW),
-    ("slurm", "#SBATCH --signal=B:TERM@10", "'--signal'", "stops Ray cleanly"),
+    ("slurm", "#SBATCH --signal=B:TERM@10", "'--signal'", "use walltime_margin"),
     ("slurm", "#SBATCH --distribution=arbitrary", "'--distribution'", SET_BY_FLOW),
     ("slurm", "#SBATCH --nodefile=/tmp/hosts", "'--nodefile'", SET_BY_FLOW),
     # SLURM: smuggling a refused option past the parser

@@ -51,7 +51,7 @@ def test_slurm_defaults(tmp_path):
         # no CPUs, memory or GPUs asked for unless set: the node takes what the allocation gives
         "--time=01:00:00",
         f"--output={CLUSTER_DIR}/logs/job-%j.out",
-        "--signal=B:USR1@60",
+        "--signal=B:USR1@300",
     ]
     assert_directive_block_first(script, "#SBATCH")
     assert_bash_syntax(script, tmp_path)
@@ -74,7 +74,7 @@ def test_slurm_every_input(tmp_path):
     assert "--gpus-per-node=4" in lines
     assert "--time=1-12:00:00" in lines
     assert f"--output={CLUSTER_DIR}/logs/job-%j.out" in lines
-    assert "--signal=B:USR1@60" in lines
+    assert "--signal=B:USR1@300" in lines
     assert "--account=proj42" in lines
     assert "--partition=gpu" in lines
     assert "--qos=high" in lines
@@ -174,7 +174,7 @@ def test_slurm_walltime_seconds(walltime, seconds):
 
 @pytest.mark.parametrize("walltime,seconds", [("30", 1800), ("5", 300)])
 def test_slurm_walltime_seconds_minutes_only(walltime, seconds):
-    assert SlurmScheduler(settings(scheduler="slurm", slurm={"walltime": walltime})).walltime_seconds == seconds
+    assert SlurmScheduler(settings(scheduler="slurm", slurm={"walltime": walltime}, walltime_margin=60)).walltime_seconds == seconds
 
 
 def test_slurm_output_path_has_no_pattern_but_the_job_id():

@@ -65,7 +65,7 @@ SLURM_REFUSED: dict[str, str] = {
     "cpus-per-task": _SET + "use num_cpus_per_node",
     "time": _SET + "use slurm.walltime (the flow plans the cluster's end on it)",
     "time-min": _SET + "Slurm could cut the time limit below slurm.walltime, which the flow plans the cluster's end on",
-    "signal": _SET + "--signal=B:USR1@60 stops Ray cleanly before the time limit",
+    "signal": _SET + "--signal=B:USR1@<walltime_margin> warns the cluster before the time limit (use walltime_margin)",
     "distribution": _SET + "one srun step starts one worker on each node; another distribution breaks that",
     # where the job writes or reads, its environment and interpreter, other users
     "output": _OUTPUT, "error": _OUTPUT,
@@ -160,8 +160,9 @@ class SlurmScheduler(Scheduler):
             *([f"--mem={mem_mb(s)}M"] if mem_mb(s) is not None else []),
             f"--time={slurm.walltime}",
             f"--output={cluster_dir}/logs/job-%j.out",
-            # Ask for SIGUSR1 to the batch shell 60 s before the limit: Ray is stopped cleanly.
-            "--signal=B:USR1@60",
+            # SIGUSR1 to the batch shell walltime_margin before the limit: the scheduler's own
+            # warning (the flow stops the job then; the job script stops the cluster just before the end)
+            f"--signal=B:USR1@{s.margin_seconds}",
         ]
         if s.num_gpus_per_node:
             lines.append(f"--gpus-per-node={s.num_gpus_per_node}")

@@ -6,7 +6,7 @@
 #SBATCH --mem=16896M
 #SBATCH --time=02:00:00
 #SBATCH --output=/scratch/alice/activate-ray/clusters/ar-0123abcd/logs/job-%j.out
-#SBATCH --signal=B:USR1@60
+#SBATCH --signal=B:USR1@300
 #SBATCH --gpus-per-node=1
 #SBATCH --account=proj-1
 #SBATCH --partition=gpu
