@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager
@@ -33,6 +32,7 @@ from prefect.settings import get_current_settings
 
 from flows.ray_cluster import bring_up, open_target, remember, start_adapting, teardown_saved_clusters
 from tasks.cluster import ClusterPlan, target_work_dir, teardown_cluster
+from tasks.environ import environ_set
 from tasks.failures import InvalidInput
 from tasks.local_transport import LocalTransport
 from tasks.logs import get_run_logger
@@ -103,19 +103,9 @@ def api_the_nodes_reach(settings: RayClusterSettings, local_target: bool, api: s
 def ray_token_in_environment(plan: ClusterPlan):
     """The driver (this process) authenticates its Ray Client connection with the cluster's
     token, from the environment only this user can read; restored afterwards."""
-    names = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    if plan.settings.token_auth:
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=plan.token.get_secret_value())
-    try:
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": plan.token.get_secret_value()} if plan.settings.token_auth else {}
+    with environ_set(RAY_AUTH_TOKEN_PATH=None, **token):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @asynccontextmanager

@@ -43,6 +43,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tasks.environ import environ_set
+
 IDLE_SECONDS = 3600.0
 START_TIMEOUT = 180.0
 CHECK_EVERY = 5.0
@@ -216,16 +218,8 @@ def use(url: str, auth: str) -> None:
     a child (a Ray process, a batch job) inherits; only Prefect's settings hold it."""
     from prefect.context import refresh_global_settings_context
 
-    saved = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
-    os.environ.update(PREFECT_API_URL=url, PREFECT_API_AUTH_STRING=auth)
-    try:
+    with environ_set(PREFECT_API_URL=url, PREFECT_API_AUTH_STRING=auth):
         refresh_global_settings_context()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _stop_recorded(state: Path, grace: float = 20.0) -> bool:
