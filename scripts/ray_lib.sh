@@ -122,7 +122,9 @@ ar_verify_ports() {
     local name="$1" pgid="$2" tmp="$3" said status=0
     shift 3
     # in the background: a signal's trap runs at once, not after the check
-    "$AR_PYTHON" "$AR_CLUSTER_DIR/bin/verify_ports.py" --pgid "$pgid" --marker "$tmp/" \
+    local container=()
+    [ -z "${AR_CONTAINER_IMAGE:-}" ] || container=(--same-user-is-ours)
+    "$AR_PYTHON" "$AR_CLUSTER_DIR/bin/verify_ports.py" --pgid "$pgid" --marker "$tmp/" "${container[@]}" \
         --wait "${AR_PORTS_WAIT:-180}" --stop-file "$AR_CLUSTER_DIR/stop" "$@" >"$tmp/ports.out" 2>&1 &
     wait $! || status=$?
     [ "$status" != 0 ] || return 0
@@ -624,7 +626,7 @@ ar_collect_job_logs() {
 
 # Env vars Ray needs inside the container. Passed by name only, never with
 # their values on a command line (where ps and logs would show them).
-AR_CONTAINER_ENV=(RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH RAY_enable_metrics_collection
+AR_CONTAINER_ENV=(AR_CLUSTER_ID RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH RAY_enable_metrics_collection
     DASHBOARD_METRIC_PORT AUTOSCALER_METRIC_PORT
     CUDA_VISIBLE_DEVICES ROCR_VISIBLE_DEVICES HIP_VISIBLE_DEVICES)
 

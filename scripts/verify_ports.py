@@ -57,6 +57,10 @@ def _address(hex_address: str, family: int) -> str:
 def own_sockets(pgid: int, marker: str) -> tuple[set[int], bool]:
     """Inodes of the sockets this node's processes hold, and whether the group still has a process."""
     uid, inodes, alive = os.getuid(), set(), False
+    # a container's processes (podman's conmon runs them, outside the node's group) carry the
+    # cluster's id in their environment (AR_CONTAINER_ENV, ray_lib.sh)
+    cluster = os.environ.get("AR_CLUSTER_ID", "")
+    cluster_env = f"AR_CLUSTER_ID={cluster}".encode() if cluster else None
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as handle:
@@ -69,8 +73,12 @@ def own_sockets(pgid: int, marker: str) -> tuple[set[int], bool]:
                 if not marker:
                     continue
                 with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                    if marker.encode() not in handle.read():
-                        continue
+                    named = marker.encode() in handle.read()
+                if not named and cluster_env is not None:
+                    with open(f"/proc/{pid}/environ", "rb") as handle:
+                        named = cluster_env in handle.read().split(b"\0")
+                if not named:
+                    continue
             else:
                 alive = True
             for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -112,6 +120,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stop-file", default="")
     parser.add_argument("required", nargs="*")
     parser.add_argument("--watch", nargs="*", default=[])
+    # A container node (podman, apptainer): its processes run outside the node's group and
+    # their fds may not be readable from the host; a listener of this same user is then the
+    # node's. Another user's listener is still never taken for it.
+    parser.add_argument("--same-user-is-ours", action="store_true")
     args = parser.parse_args(argv)
     required, watched = parse_ports(args.required), parse_ports(args.watch)
     host = socket.gethostname().split(".")[0]
@@ -122,6 +134,8 @@ def main(argv: list[str]) -> int:
         # when the fds are read (Ray never closes a listener it keeps), so it is never taken for a stranger's
         table = listeners()
         ours, alive = own_sockets(args.pgid, args.marker)
+        if args.same_user_is_ours:
+            ours |= {inode for rows in table.values() for _, owner, inode in rows if owner == os.getuid()}
         found = strangers({**required, **watched}, table, ours)
         # said once seen twice in a row: not a process that was just ending or starting
         if any(line in suspect for line in found) or (found and not alive):

@@ -36,7 +36,7 @@ from tests.helpers import (
 from tests.test_second_user import TOKEN_SEARCH, as_stranger
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(1800)]
-RUNS = int(os.environ.get("AR_SIGNAL_STRESS_RUNS", "3"))
+RUNS = int(os.environ.get("AR_SIGNAL_STRESS_RUNS", "1"))
 
 # As the stranger, on loopback: every question of a run's data, and every change, without
 # credentials. Prints {request: status}.
