@@ -111,6 +111,7 @@ def test_apptainer_command_line(tmp_path, runtime):
                                  "--bind", node_tmp, "/scratch/images/ray.sif"]
     prefix = runtime.upper() + "ENV_"
     assert exported.splitlines() == sorted([
+        f"{prefix}AR_CLUSTER_ID={plan.cluster_id}",  # how the node's port check knows its processes
         f"{prefix}DASHBOARD_METRIC_PORT=40001", f"{prefix}RAY_AUTH_MODE=token",
         f"{prefix}RAY_AUTH_TOKEN_PATH={cluster_dir}/token", f"{prefix}RAY_enable_metrics_collection=0"])
 
@@ -134,7 +135,7 @@ def test_podman_command_line(tmp_path):
     name = f"{plan.cluster_id}-head"
     assert argv.splitlines() == [
         "podman", "run", "--rm", "--init", "--name", name, "--network=host", "--userns=keep-id",
-        "--volume", "/dev/shm:/dev/shm", "--env", "RAY_AUTH_MODE", "--env", "RAY_AUTH_TOKEN_PATH",
+        "--volume", "/dev/shm:/dev/shm", "--env", "AR_CLUSTER_ID", "--env", "RAY_AUTH_MODE", "--env", "RAY_AUTH_TOKEN_PATH",
         "--env", "RAY_enable_metrics_collection", "--env", "DASHBOARD_METRIC_PORT",
         "--volume", f"{WORK_DIR}:{WORK_DIR}", "--volume", f"{cluster_dir}:{cluster_dir}",
         "--volume", f"{node_tmp}:{node_tmp}", "registry.site.org/hpc/ray:2.60.0"]
