@@ -169,11 +169,12 @@ ar_stop_reason() {
     fi
 }
 
-# How often a running node looks at the shared cluster dir (stop, removal, heartbeat): a
-# metadata server (NFS, Lustre, GPFS) hears 2 operations per look per node, so about 0.13
-# per second per node at 15 s. A stop reaches it faster another way: the scheduler's signal
-# to the job (SIGTERM at its end, USR2 from the flow's teardown and `scale --remove`: "look now").
-AR_LOOK_EVERY="${AR_LOOK_EVERY:-15}"
+# How often (seconds) a running node looks at the shared cluster dir (stop, removal,
+# heartbeat) beyond its 0.5 s loop: a metadata server (NFS, Lustre, GPFS) hears 2 operations
+# per look per node (4 per second at the default 0; 11.6 before). AR_LOOK_EVERY=15 makes it
+# 0.13 per second, but is not the default: with it a flow's SIGTERM teardown on the bed left
+# the nodes' temp dirs (docs/scale.md). USR2 ("look now") wakes a node's shell at once.
+AR_LOOK_EVERY="${AR_LOOK_EVERY:-0}"
 
 # This node's checks (node_check.sh: Ray and Python, temp dir, space, limits, network), before
 # `ray start`: every row to <cluster dir>/checks/NAME.rows (`check --on-nodes` reads them); a row
@@ -443,14 +444,16 @@ ar_group_is_ours() {
 
 # This user's processes on this host that Ray started in sessions of their own, outside
 # every recorded group: a Ray job's driver (the job agent starts it with a new session),
-# still running when the cluster stops. They carry the cluster's environment
-# (AR_CLUSTER_ID=<id>, from the node's `ray start`); this shell and its parents never do.
+# still running when the cluster stops. They lead their session and carry the cluster's
+# environment (AR_CLUSTER_ID=<id>, from the node's `ray start`). The launchers (srun,
+# pbs_tmrsh, ssh) carry it too but lead no session: they end with their workers.
 ar_stop_cluster_env_processes() {
     local pid pids=() me
     [ -n "${AR_CLUSTER_ID:-}" ] || return 0
     me="$(id -u)"
     for pid in $(pgrep -u "$me" -U "$me" 2>/dev/null); do
         case "$pid" in "$$" | "${BASHPID:-$$}" | "$PPID") continue ;; esac
+        [ "$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] || continue
         if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
             pids+=("$pid")
         fi

@@ -323,10 +323,8 @@ class PbsScheduler(Scheduler):
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"qdel {shlex.quote(job_id)}")
 
-    def wake_command(self, job_id: str, cluster_dir: str = "") -> str:
-        # qsig signals the job's sessions: Ray and the launchers ignore USR2 (ray_lib.sh,
-        # cluster_main.sh), the shells look at the cluster dir. Torque's wrappers have no qsig.
-        return f"command -v qsig >/dev/null && qsig -s USR2 {shlex.quote(job_id)}"
+    # No wake: qsig signals every process of the job's sessions, helpers that do not expect
+    # USR2 included; the nodes see a stop at their next look (ray_lib.sh, AR_LOOK_EVERY).
 
 
 # OpenPBS/Torque job_state letters.
