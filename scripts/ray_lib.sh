@@ -173,7 +173,8 @@ ar_stop_reason() {
 # heartbeat) beyond its 0.5 s loop: a metadata server (NFS, Lustre, GPFS) hears 2 operations
 # per look per node (4 per second at the default 0; 11.6 before). AR_LOOK_EVERY=15 makes it
 # 0.13 per second, but is not the default: with it a flow's SIGTERM teardown on the bed left
-# the nodes' temp dirs (docs/scale.md). USR2 ("look now") wakes a node's shell at once.
+# the nodes' temp dirs (docs/scale.md). USR2 ("look now", e.g. `scancel --batch -s USR2`)
+# wakes a node's shell at once.
 AR_LOOK_EVERY="${AR_LOOK_EVERY:-0}"
 
 # This node's checks (node_check.sh: Ray and Python, temp dir, space, limits, network), before

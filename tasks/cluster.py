@@ -379,8 +379,6 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     logger = get_run_logger()
     cluster_dir = shlex.quote(plan.cluster_dir)
     await target.run(f"[ ! -d {cluster_dir} ] || touch {cluster_dir}/stop", check=False, timeout=30)
-    if plan.job_id:
-        await scheduler.wake(target, plan.job_id, plan.cluster_dir)  # seen at once, not at the next look
     # worker jobs (queued ones too), beside the head job's end: every one the cluster dir or the flow knows
     worker_jobs = [] if plan.settings.scheduler.value == "none" else await worker_job_ids_left(
         target, scheduler, plan.cluster_dir, plan.worker_jobs)

@@ -96,8 +96,6 @@ async def end_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: 
     if running:
         marks = [f"{cluster_dir}/nodes/{worker_node_name(j)}.remove" for j in running]
         await target.run(f"[ ! -d {shlex.quote(cluster_dir + '/nodes')} ] || touch -- {shlex.join(marks)}", check=False)
-        for job_id in running:
-            await scheduler.wake(target, job_id, cluster_dir)  # each worker job's shell sees its removal at once
         deadline = time.monotonic() + grace
         while running and time.monotonic() < deadline:
             await asyncio.sleep(0.5)

@@ -158,17 +158,6 @@ class Scheduler(ABC):
         """End the job. cluster_dir: the cluster's dir on the target, for a scheduler whose job
         id is a process group of the host (it signals only a group of that cluster's)."""
 
-    # The command that tells a running job's shell to look at the cluster dir now (USR2), or
-    # "" where the scheduler cannot: its nodes then see a stop or removal at their next look
-    # (AR_LOOK_EVERY, scripts/ray_lib.sh), or by the job's end.
-    def wake_command(self, job_id: str, cluster_dir: str = "") -> str:
-        return ""
-
-    async def wake(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
-        """Best effort: a stop or removal just written is seen at once, not at the next look."""
-        if self.job_id_re.match(job_id) and (command := self.wake_command(job_id, cluster_dir)):
-            await target.query(command)
-
     @property
     def walltime_seconds(self) -> int | None:
         return None

@@ -37,11 +37,6 @@ class DirectScheduler(Scheduler):
         alive = await target.query(f"ps -o stat= -p {int(job_id)} | grep -qv '^Z'")
         return JobState(JobPhase.running if alive.returncode == 0 else JobPhase.ended)
 
-    def wake_command(self, job_id: str, cluster_dir: str = "") -> str:
-        # the supervisor's shells look at the stop file now (Ray ignores USR2: ray_lib.sh);
-        # signalled only once the cluster's own check found the group this cluster's
-        return self._to_own_group(job_id, cluster_dir, "USR2")
-
     def _to_own_group(self, job_id: str, cluster_dir: str, signal: str) -> str:
         if not cluster_dir or not self.job_id_re.fullmatch(job_id):
             return ""

@@ -323,9 +323,6 @@ class PbsScheduler(Scheduler):
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"qdel {shlex.quote(job_id)}")
 
-    # No wake: qsig signals every process of the job's sessions, helpers that do not expect
-    # USR2 included; the nodes see a stop at their next look (ray_lib.sh, AR_LOOK_EVERY).
-
 
 # OpenPBS/Torque job_state letters.
 PBS_PHASES = {

@@ -234,10 +234,6 @@ class SlurmScheduler(Scheduler):
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"scancel {shlex.quote(job_id)}")
 
-    def wake_command(self, job_id: str, cluster_dir: str = "") -> str:
-        # --batch: the job's shell only (the supervisor), never Ray or the worker steps
-        return f"scancel --batch --signal=USR2 {shlex.quote(job_id)}"
-
 
 SLURM_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
