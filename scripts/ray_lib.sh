@@ -445,20 +445,22 @@ ar_group_is_ours() {
 
 # This user's processes on this host that Ray started in sessions of their own, outside
 # every recorded group: a Ray job's driver (the job agent starts it with a new session),
-# still running when the cluster stops. They lead their session and carry the cluster's
-# environment (AR_CLUSTER_ID=<id>, from the node's `ray start`). The launchers (srun,
-# pbs_tmrsh, ssh) carry it too but lead no session: they end with their workers.
+# still running when the cluster stops. They lead their own process group and carry the
+# cluster's environment (AR_CLUSTER_ID=<id>, from the node's `ray start`). The launchers
+# (srun, pbs_tmrsh, ssh) carry it too but lead no group: they end with their workers.
 ar_stop_cluster_env_processes() {
     local pid pids=() me
     [ -n "${AR_CLUSTER_ID:-}" ] || return 0
     me="$(id -u)"
     for pid in $(pgrep -u "$me" -U "$me" 2>/dev/null); do
         case "$pid" in "$$" | "${BASHPID:-$$}" | "$PPID") continue ;; esac
-        [ "$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] || continue
+        [ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] || continue
         if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
             pids+=("$pid")
         fi
     done
+    # the user's job runs from the cluster's job dir (its working_dir): a driver found by its path
+    mapfile -t -O "${#pids[@]}" pids < <(pgrep -u "$me" -f -- "$AR_CLUSTER_DIR/job/" 2>/dev/null | grep -vx -e "$$" -e "${BASHPID:-$$}" -e "$PPID")
     [ "${#pids[@]}" -gt 0 ] || return 0
     kill -KILL "${pids[@]}" 2>/dev/null || true
 }
