@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BASE_PYTHON := $(shell command -v python3.11 || command -v python3)
 
-.PHONY: demo wheel-demo test system-deps bench setup docs screenshot lint server server-stop
+.PHONY: demo wheel-demo test system-deps bench bench-scale setup docs screenshot lint server server-stop
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,9 @@ lint: setup
 
 bench: system-deps setup
 	$(PY) -m bench
+
+bench-scale: system-deps setup
+	$(PY) -m bench.scale
 
 docs: setup
 	$(PY) -m flows.inputs_doc --write

@@ -439,7 +439,7 @@ def run_flow_on_bed(bed, server_url: str, home: Path, mode: str, nodes: int, arg
 
 def bed_node_dirs(bed, cluster_id: str) -> list[Path]:
     """Ray's temp dirs of a cluster's nodes on the bed's nodes, as seen from here."""
-    return [d / "r" for n in bed.node_names for d in bed.node_tmp(n).glob(f"{node_tmp_name(cluster_id)}*")]
+    return [d / "r" for n in bed.wide_node_names for d in bed.node_tmp(n).glob(f"{node_tmp_name(cluster_id)}*")]
 
 
 # ------------------------------------------------------------ local floor

@@ -66,9 +66,10 @@ BARE_JOB = (TEMPLATES / "bare_parallel.sh.in").read_text()
 
 
 class SlurmBench:
-    def __init__(self, bed, server: PrefectServer):
+    def __init__(self, bed, server: PrefectServer, partition: str = "debug"):
         self.bed = bed
         self.server = server
+        self.partition = partition  # "wide": every node of a bed with more than the usual 3
         self.home = bed.home_dir("bench")  # the bed user's, on the shared filesystem
         self.work = self.home / "w"
 
@@ -77,7 +78,7 @@ class SlurmBench:
                                ready_timeout=ready_timeout)
 
     def node_tmps(self, prefix: str) -> list[Path]:
-        return [p for n in self.bed.node_names for p in self.bed.node_tmp(n).glob(f"{prefix}-*")]
+        return [p for n in self.bed.wide_node_names for p in self.bed.node_tmp(n).glob(f"{prefix}-*")]
 
     def live_jobs(self) -> list[str]:
         done = self.bed.run_login(["squeue", "-h", "-o", "%i %T"], timeout=30)
@@ -94,13 +95,13 @@ class SlurmBench:
         """Before each run: no job, every node idle (a new job starts at once)."""
         wait_until(lambda: not self.live_jobs() and self.nodes_idle(), 60, "bed idle", 0.2)
 
-    def flow(self, nodes: int) -> FlowRun:
+    def flow(self, nodes: int, *extra: str) -> FlowRun:
         self.settle()
         args = [
             "--scheduler", "slurm", "--slurm.nodes", str(nodes), "--slurm.walltime", "00:10:00",
-            "--work-dir", str(self.work), "--readiness-timeout", "180",
+            "--slurm.partition", self.partition, "--work-dir", str(self.work), "--readiness-timeout", "300", *extra,
         ]
-        return self.run_bed_flow("slurm", nodes, args)
+        return self.run_bed_flow("slurm", nodes, args, ready_timeout=420)
 
     def queued(self, nodes: int, build_s: float, hold_s: float = HOLD_S) -> dict:
         """A cold first run on a queued job: a job holding every node for hold_s is running
@@ -258,7 +259,7 @@ class SlurmBench:
                   f"{nodes} 8265 {shlex.quote(str(token_file))} {shlex.quote(str(job_dir / 'marks'))})")
         text = (TEMPLATE_JOB if kind == "template" else BARE_JOB).format(
             tag=tag, nodes=nodes, mem=SLURM_MEM_MB, dir=shlex.quote(str(job_dir)), env=env, poller=poller,
-            tmp=tmp, resources=RAY_RESOURCES,
+            tmp=tmp, resources=RAY_RESOURCES, partition=self.partition,
             head_ports=" ".join(flow_like_ports(6379, 8265, 10001, list(range(6380, 6386)), 12000)),
             ports=" ".join(flow_like_ports(0, 0, 0, list(range(6380, 6386)), 12000)),
         )
@@ -278,7 +279,7 @@ class SlurmBench:
             def marked() -> bool:
                 return marks.exists() and f" {wanted}" in marks.read_text()
 
-            wait_until(marked, 180, f"{kind} baseline at {nodes} node(s)", 0.05)
+            wait_until(marked, 300, f"{kind} baseline at {nodes} node(s)", 0.05)
             if kind == "template":  # the poller started with the job: wait for it too
                 try:
                     wait_until(lambda: " alive" in marks.read_text(), 60, "template's nodes alive", 0.05)

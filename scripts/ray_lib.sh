@@ -130,6 +130,8 @@ ar_verify_ports() {
     [ "$status" != 0 ] || return 0
     said="$(tail -n 1 "$tmp/ports.out")"
     ar_log "node $name: ${said:-port check failed (exit $status)}"
+    # Ray ended before it listened (verify_ports.py's 3): a worker starts it again (ar_run_node)
+    if [ "$status" = 3 ] && [ "${AR_RAY_MAY_START_AGAIN:-0}" = 1 ]; then return "$AR_ENDED_WHILE_STARTING"; fi
     [ -n "$(ar_stop_reason)" ] || printf 'RAY_FAILED=node %s: %s\n' "$name" "${said:-port check failed (exit $status)}" >>"$AR_CLUSTER_DIR/status"
     return 1
 }
@@ -204,7 +206,7 @@ ar_node_checks() {
 # then stop it and remove its temp dir, here, on its own host.
 # usage: ar_run_node head|worker NAME
 ar_run_node() {
-    local role="$1" name="$2" tmp ip args ports host runtime=""
+    local role="$1" name="$2" ip host runtime=""
     # this node's name, for ar_stop_reason: a worker job is removed through nodes/NAME.remove
     local AR_NODE_NAME="$name"
     host="$(ar_host)"
@@ -225,6 +227,39 @@ ar_run_node() {
     if [ -n "${AR_CONTAINER_IMAGE:-}" ]; then
         runtime="$(ar_container_runtime)" || return 1
     fi
+    [ "$role" = worker ] || { ar_start_and_watch_ray "$role" "$name" "$ip" "$runtime"; return; }
+    # A worker whose Ray ended while starting starts again, a few times: Ray's raylet waits a
+    # fixed 15 s for its dashboard agent and aborts, which many nodes starting at once on busy
+    # cores miss (issue 34). A node that fails each time is said in the status, as before.
+    local attempt=1 status
+    while :; do
+        status=0
+        ar_start_and_watch_ray "$role" "$name" "$ip" "$runtime" "$attempt" || status=$?
+        [ "$status" = "$AR_ENDED_WHILE_STARTING" ] || return "$status"
+        if [ "$attempt" -ge "$AR_START_TRIES" ] || [ -n "$(ar_stop_reason)" ]; then
+            [ -n "$(ar_stop_reason)" ] || printf 'RAY_FAILED=worker %s on %s: Ray ended while starting, %s times; see %s\n' \
+                "$name" "$host" "$attempt" "$AR_CLUSTER_DIR/logs/ray-$name.log" >>"$AR_CLUSTER_DIR/status"
+            return 1
+        fi
+        ar_log "worker $name: Ray ended while starting (try $attempt of $AR_START_TRIES): starting it again"
+        attempt=$((attempt + 1))
+        sleep "$((RANDOM % 3 + 1))"
+    done
+}
+
+# How many times a worker starts Ray before its node is said to have failed, and the status
+# ar_start_and_watch_ray returns when Ray ended while starting (nothing said in the status yet)
+AR_START_TRIES="${AR_START_TRIES:-3}"
+AR_ENDED_WHILE_STARTING=75
+
+# One start of Ray on this node, watched until it ends or is told to stop, then stopped and
+# its temp dir removed. A worker's Ray that ended before it listened on its ports (while
+# starting: a node that joined and then died is a lost node, never started again) returns
+# AR_ENDED_WHILE_STARTING and says nothing in the status (ar_run_node starts it again).
+# usage: ar_start_and_watch_ray head|worker NAME IP RUNTIME [ATTEMPT]
+ar_start_and_watch_ray() {
+    local role="$1" name="$2" ip="$3" runtime="$4" attempt="${5:-1}" tmp args ports host
+    host="$(ar_host)"
     tmp="$(ar_make_node_tmp "$name")"
     read -r -a ports < <(ar_free_ports)
     # Ray makes its temp dir 0777: it is a child of the private dir, never the private dir itself
@@ -281,7 +316,8 @@ ar_run_node() {
     # of the job (OpenPBS's qsig signals the job's sessions)
     trap '' USR2
     set -m
-    "${launch[@]}" "${args[@]}" >"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
+    [ "$attempt" = 1 ] || printf '\n--- start %s ---\n' "$attempt" >>"$AR_CLUSTER_DIR/logs/ray-$name.log"
+    "${launch[@]}" "${args[@]}" >>"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
     local pgid=$!
     set +m
     # host and group: only this host ever signals this group
@@ -316,10 +352,18 @@ ar_run_node() {
             ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
             return 1
         fi
-    elif ! ar_verify_ports "$name" "$pgid" "$tmp" "${own[@]}" "${watch[@]}"; then
-        trap - TERM INT HUP USR1
-        ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
-        return 1
+    else
+        local verified=0
+        AR_RAY_MAY_START_AGAIN=1 ar_verify_ports "$name" "$pgid" "$tmp" "${own[@]}" "${watch[@]}" || verified=$?
+        if [ "$verified" != 0 ]; then
+            trap - TERM INT HUP USR1
+            if [ "$verified" = "$AR_ENDED_WHILE_STARTING" ]; then
+                ar_stop_node "$name" "$pgid" "$tmp" "Ray ended while starting"
+                return "$AR_ENDED_WHILE_STARTING"
+            fi
+            ar_stop_node "$name" "$pgid" "$tmp" "a port of this node is not its own"
+            return 1
+        fi
     fi
     # every node says so: the flow counts these before it calls the cluster ready (Ray's
     # head talks to each node's ports, with the token, once the user's job runs)

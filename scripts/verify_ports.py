@@ -112,6 +112,11 @@ def strangers(ports: dict[str, range], table, ours: set[int]) -> list[str]:
     return found
 
 
+# The exit status when Ray's own processes ended before they listened: a start that failed
+# (ar_run_node starts a worker again), not a stranger on a port.
+RAY_ENDED = 3
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pgid", type=int, required=True)
@@ -148,7 +153,7 @@ def main(argv: list[str]) -> int:
             return 0
         if not alive:
             print(f"{host}: Ray ended before it listened on port {', '.join(missing)}", flush=True)
-            return 1
+            return RAY_ENDED
         if args.stop_file and os.path.exists(args.stop_file):
             print(f"{host}: stopped while waiting for Ray's ports", flush=True)
             return 1

@@ -56,7 +56,8 @@ def bed(prefect_api):
 
     At the end of the session nothing of ours may be left on any host: a leak
     that a test's own check missed fails the run here."""
-    testbed = TestBed()
+    # 16 nodes in all: three in the default partition and queue, all in "wide" (the scale tests)
+    testbed = TestBed(wide_nodes=int(os.environ.get("AR_BED_WIDE_NODES", "16")))
     skip_or_fail(testbed.requirements_missing())
     testbed.up()
     from tests.nsrelay import NamespaceRelay

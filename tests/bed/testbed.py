@@ -189,19 +189,26 @@ class TestBed:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, prefix: str = "ar", nodes: int = 3, subnet: str = "10.213.0"):
+    def __init__(self, prefix: str = "ar", nodes: int = 3, subnet: str = "10.213.0", wide_nodes: int | None = None):
         if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
             raise ValueError("prefix must be 1-8 lowercase letters/digits, starting with a letter")
         if not 1 <= nodes <= 9:
             raise ValueError("nodes must be between 1 and 9")
+        wide_nodes = nodes if wide_nodes is None else wide_nodes
+        if not nodes <= wide_nodes <= 32:
+            raise ValueError("wide_nodes must be between nodes and 32")
         if not re.fullmatch(r"\d{1,3}\.\d{1,3}\.\d{1,3}", subnet):
             raise ValueError("subnet is the first three octets, e.g. '10.213.0'")
         self.prefix = prefix
         self.subnet = subnet
         self.login_host = "login"
         self.login_ip = f"{subnet}.1"
+        # node_names: the site's everyday nodes (Slurm's default partition, OpenPBS's default
+        # queue); wide_node_names: every node, node_names first (Slurm partition and OpenPBS
+        # queue "wide"), for the tests of a big cluster
         self.node_names = [f"node{i}" for i in range(1, nodes + 1)]
-        self.node_ips = {n: f"{subnet}.{10 + i}" for i, n in enumerate(self.node_names, 1)}
+        self.wide_node_names = [f"node{i}" for i in range(1, wide_nodes + 1)]
+        self.node_ips = {n: f"{subnet}.{10 + i}" for i, n in enumerate(self.wide_node_names, 1)}
         self.ips = {self.login_host: self.login_ip, **self.node_ips}
         # A second network, as a site's InfiniBand or high-speed fabric: interface ib0 on
         # every node but the last (a node without it, as on a site whose fabric does not
@@ -916,6 +923,7 @@ JobCompLoc={self.jobcomp_log}
 {node_lines}
 PartitionName=debug Nodes={nodes} Default=YES MaxTime=UNLIMITED State=UP
 PartitionName=small Nodes={self.node_names[0]} MaxTime=UNLIMITED State=UP
+PartitionName=wide Nodes={",".join(self.wide_node_names)} MaxTime=UNLIMITED State=UP
 """
 
     def _task_prolog_text(self) -> str:
@@ -1054,7 +1062,7 @@ echo "export PBS_NODEFILE=$nodefile"
         conf = str(self.root / "slurm" / "slurm.conf")
         pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.spawn(self.login_host, ["slurmctld", "-D", "-f", conf], "slurmctld.out")
-        for node in self.node_names:
+        for node in self.wide_node_names:
             self.spawn(node, ["slurmd", "-D", "-N", node, "-f", conf], f"slurmd-{node}.out")
         for host in self.hosts:
             self._start_sshd(host, self.root / "ssh" / host / "sshd_config")
@@ -1124,7 +1132,7 @@ echo "export PBS_NODEFILE=$nodefile"
         if cp.returncode != 0:
             return False
         states = dict(line.split()[:2] for line in cp.stdout.splitlines() if len(line.split()) >= 2)
-        return all(states.get(n) == "idle" for n in self.node_names)
+        return all(states.get(n) == "idle" for n in self.wide_node_names)
 
     def _sshd_listening(self) -> bool:
         for host, ip in self.ips.items():
