@@ -403,13 +403,18 @@ async def show_the_failed_nodes_logs(target: Transport, plan: ClusterPlan, failu
 
 
 async def failed_nodes(target: Transport, scheduler: Scheduler, plan: ClusterPlan, failure: ClusterFailed) -> list[str]:
-    """The allocated nodes that did not join; [] where that says nothing about a node
-    (none joined, or the scheduler cannot tell)."""
+    """The allocated nodes to blame: those that did not join and that the failure names
+    (a node's own RAY_FAILED line), else those that did not join when they are a few; []
+    where that says nothing about a node (none or most did not join: a slow start, not bad
+    nodes, and excluding most of a big allocation leaves a job no partition can run)."""
     allocated = await scheduler.allocated_nodes(target, plan.job_id)
     if failure.head_failed:
         return allocated[:1]
     missing = [node for node in allocated if node not in failure.joined]
-    return missing if len(missing) < len(allocated) else []
+    named = [node for node in missing if re.search(rf"\b{re.escape(node)}\b", str(failure))]
+    if named:
+        return named
+    return missing if len(missing) <= len(allocated) // 2 else []
 
 
 async def _before_retry(scheduler: Scheduler, failure: ClusterFailed, attempt: int, retries: int) -> None:

@@ -253,8 +253,8 @@ AR_START_TRIES="${AR_START_TRIES:-3}"
 AR_ENDED_WHILE_STARTING=75
 
 # One start of Ray on this node, watched until it ends or is told to stop, then stopped and
-# its temp dir removed. A worker's Ray that ended before it listened on its ports (while
-# starting: a node that joined and then died is a lost node, never started again) returns
+# its temp dir removed. A worker's Ray that ended while starting (before the flow found the
+# cluster ready: after that it is a lost node, never started again) returns
 # AR_ENDED_WHILE_STARTING and says nothing in the status (ar_run_node starts it again).
 # usage: ar_start_and_watch_ray head|worker NAME IP RUNTIME [ATTEMPT]
 ar_start_and_watch_ray() {
@@ -392,6 +392,12 @@ ar_start_and_watch_ray() {
     if [ -z "$reason" ]; then
         wait "$pgid" || status=$?
         reason="Ray ended (exit $status)"
+        # before the flow found the cluster ready (its `ready` file): a start that failed
+        if [ "$role" = worker ] && [ ! -e "$AR_CLUSTER_DIR/ready" ]; then
+            trap - TERM INT HUP USR1 USR2
+            ar_stop_node "$name" "$pgid" "$tmp" "Ray ended while starting (exit $status)"
+            return "$AR_ENDED_WHILE_STARTING"
+        fi
         # said in the status too: a flow still waiting for this worker fails now, naming it,
         # not at the readiness timeout (a ready cluster's watcher sees the node go)
         [ "$role" = head ] || printf 'RAY_FAILED=worker %s on %s: Ray ended by itself (exit %s), see %s\n' \

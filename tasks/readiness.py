@@ -395,6 +395,9 @@ async def publish_connection_info(
     if info_file:
         # Atomically, 0600 (it names the token file): a reader polling it never sees half a file.
         write_text_atomic(info_file, json.dumps(asdict(info), indent=2) + "\n", mode=0o600)
+    # the nodes' own record that the cluster was found ready: a worker whose Ray ends before
+    # it starts Ray again (a failed start); after it, its end is a lost node (ar_run_node)
+    await target.run(f"touch {shlex.quote(plan.cluster_dir)}/ready", check=False)
     await create_markdown_artifact(
         key=f"ray-cluster-{plan.cluster_id}",
         description="How to connect to the Ray cluster",

@@ -13,6 +13,7 @@ import pytest
 
 from flows.ray_cluster import failed_nodes
 from tasks.cluster import ClusterPlan
+from tasks.failures import FailureReason
 from tasks.readiness import ClusterFailed, confirm_nodes_alive
 from tasks.settings import RayClusterSettings
 
@@ -81,3 +82,24 @@ def test_a_node_lost_before_the_job_is_a_retryable_failure_that_blames_it(plan):
 
     plan.job_id = "42"
     assert asyncio.run(failed_nodes(None, Allocation(), plan, failed.value)) == ["node2"]
+
+
+@pytest.mark.parametrize(("message", "joined", "blamed"), [
+    # a node's own words name it: only it, however many others had not joined yet
+    ("failed to start: worker node4 on node4: Ray ended while starting, 3 times",
+     ["node1", "node2"], ["node4"]),
+    # nobody named, a few missing: those
+    ("not ready after 300s: 14 of 16 nodes alive", [f"node{i}" for i in range(1, 15)], ["node15", "node16"]),
+    # nobody named, most missing: a slow start, not 15 bad nodes (no 16-node job could run without them)
+    ("not ready after 300s: 1 of 16 nodes alive", ["node1"], []),
+    # node1 named is not node10..node16
+    ("failed to start: worker node1 on node1: no address", ["node2"], ["node1"]),
+])
+def test_the_nodes_blamed_for_a_failed_start(plan, message, joined, blamed):
+    class Allocation:
+        async def allocated_nodes(self, target, job_id):
+            return [f"node{i}" for i in range(1, 17)]
+
+    plan.job_id = "42"
+    failure = ClusterFailed(message, reason=FailureReason.start_failed, retryable=True, joined=joined)
+    assert asyncio.run(failed_nodes(None, Allocation(), plan, failure)) == blamed

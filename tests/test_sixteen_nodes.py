@@ -32,7 +32,10 @@ def _wide_bed(bed) -> None:
 
 
 def _check_sixteen(bed, run, work, expected_hosts: list[str]) -> None:
-    assert run.returncode == 0, run.output[-6000:]
+    if run.returncode != 0:
+        controller = (bed.log_dir / "slurmctld.log").read_text(errors="replace")[-3000:]
+        said = "\n".join(line[:400] for line in run.output.splitlines() if re.search(r"WARN|ERROR|attempt|fail", line))
+        raise AssertionError(f"{said[-8000:]}\n--- slurmctld.log ---\n{controller}")
     seen = re.search(r"ALIVE_NODES=(\d+) HOSTS=(\S+)", run.output)
     assert seen and int(seen.group(1)) == NODES, run.output[-4000:]
     assert sorted(seen.group(2).split(",")) == sorted(expected_hosts), seen.group(2)
