@@ -26,7 +26,8 @@ from tests.scheduler_helpers import (
     FakeTransport,
     ScriptedTransport,
     assert_bash_syntax,
-    assert_directive_block_first,
+    assert_extra_directives_follow_ours,
+    assert_well_formed_job_script,
     cluster_dir_in,
     directive_lines,
     failed,
@@ -53,8 +54,7 @@ def test_slurm_defaults(tmp_path):
         f"--output={CLUSTER_DIR}/logs/job-%j.out",
         "--signal=B:USR1@300",
     ]
-    assert_directive_block_first(script, "#SBATCH")
-    assert_bash_syntax(script, tmp_path)
+    assert_well_formed_job_script(script, "#SBATCH", tmp_path)
     assert "#PBS" not in script
 
 
@@ -81,8 +81,7 @@ def test_slurm_every_input(tmp_path):
     # each extra directive is its own line, in order, after ours (so it can override)
     assert lines[-3:] == ["--constraint=a100", "--exclusive", "--mail-type=END,FAIL"]
     assert len(lines) == len(set(lines)) == 15
-    assert_directive_block_first(script, "#SBATCH")
-    assert_bash_syntax(script, tmp_path)
+    assert_well_formed_job_script(script, "#SBATCH", tmp_path)
 
 
 @pytest.mark.parametrize("gpus", [0, 1, 8])
@@ -211,14 +210,7 @@ def test_slurm_sample_covers_the_allowlist():
 
 
 def test_every_allowed_slurm_directive_reaches_the_job_script(tmp_path):
-    s = settings(scheduler="slurm", slurm={"nodes": 2, "extra_directives": "\n".join(f"#SBATCH {l}" for l in SLURM_SAMPLE)})
-    script = render(s)
-    lines = directive_lines(script, "#SBATCH")
-    ours = directive_lines(render(settings(scheduler="slurm", slurm={"nodes": 2})), "#SBATCH")
-    # the flow's directives first, then every extra one verbatim, in order, each on its own line
-    assert lines == ours + SLURM_SAMPLE
-    assert_directive_block_first(script, "#SBATCH")
-    assert_bash_syntax(script, tmp_path)
+    assert_extra_directives_follow_ours("slurm", "#SBATCH", SLURM_SAMPLE, tmp_path, nodes=2)
 
 
 # What Slurm prints of a job, read by each parser: {phase: {what it prints: detail}}.
