@@ -31,12 +31,11 @@ check_socket_paths() {
     fi
 }
 
-# Shared (network or parallel) filesystems, by name and by magic number: `stat -f` names
-# some only by number (BeeGFS, GPFS on older coreutils).
-SHARED_FS_RE='^(nfs|nfs4|lustre|gpfs|beegfs|ceph|cephfs|fuse\.ceph.*|glusterfs|fuse\.glusterfs|panfs|wekafs|cifs|smb.*|afs|9p|fuse\.sshfs|fuse\.s3fs|UNKNOWN \(0x(19830326|47504653|bd00bd0|aad7aaea)\))$'
-
 check_temp_dir() {
     local root="$AR_NODE_TMP" fstype real home_real work_real shared=""
+    # Shared (network or parallel) filesystems, by name and by magic number: `stat -f` names
+    # some only by number (BeeGFS, GPFS on older coreutils).
+    local shared_fs_re='^(nfs|nfs4|lustre|gpfs|beegfs|ceph|cephfs|fuse\.ceph.*|glusterfs|fuse\.glusterfs|panfs|wekafs|cifs|smb.*|afs|9p|fuse\.sshfs|fuse\.s3fs|UNKNOWN \(0x(19830326|47504653|bd00bd0|aad7aaea)\))$'
     if [ ! -d "$root" ] || [ ! -w "$root" ]; then
         row "temp dir" fail "node temp root $root is not a directory you can write on $host" \
             "\`--node-tmp /tmp\` (a node-local dir that exists on every node)"
@@ -44,7 +43,7 @@ check_temp_dir() {
     fi
     fstype="$(stat -f -c %T "$root" 2>/dev/null || echo unknown)"
     real="$(cd "$root" && pwd -P)"
-    if [[ "$fstype" =~ $SHARED_FS_RE ]]; then
+    if [[ "$fstype" =~ $shared_fs_re ]]; then
         shared="a $fstype filesystem"
     elif [ "${AR_SCHEDULER:-none}" != none ]; then
         # Where every filesystem has the same type (one disk, or a shared one that `stat -f` does

@@ -70,6 +70,26 @@ def assert_bash_syntax(script: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def assert_well_formed_job_script(script: str, prefix: str, tmp_path: Path) -> None:
+    """What sbatch or qsub, then bash, need of a job script: its directive block first, valid bash."""
+    assert_directive_block_first(script, prefix)
+    assert_bash_syntax(script, tmp_path)
+
+
+def assert_extra_directives_follow_ours(scheduler: str, prefix: str, extra: list[str], tmp_path: Path,
+                                        **group) -> tuple[RayClusterSettings, list[str]]:
+    """Render a job script with every line of extra as an extra directive: the flow's own directives
+    (those of the same settings without extra ones) come first, then every extra one verbatim, in
+    order, each on its own line. Returns the settings and the flow's own directives."""
+    with_extra = settings(scheduler=scheduler,
+                          **{scheduler: {**group, "extra_directives": "\n".join(f"{prefix} {l}" for l in extra)}})
+    script = render(with_extra)
+    ours = directive_lines(render(settings(scheduler=scheduler, **{scheduler: group})), prefix)
+    assert directive_lines(script, prefix) == ours + extra
+    assert_well_formed_job_script(script, prefix, tmp_path)
+    return with_extra, ours
+
+
 def launch_function(script: str) -> str:
     """The ar_launch_workers definition the job script sources: its scheduler's scripts/launch_workers_*.sh."""
     (name,) = re.findall(r'^\. "\$AR_CLUSTER_DIR/bin/(launch_workers_\w+\.sh)"$', script, re.M)

@@ -35,8 +35,8 @@ from tests.scheduler_helpers import (
     FAKE_WORKER,
     FakeTransport,
     ScriptedTransport,
-    assert_bash_syntax,
-    assert_directive_block_first,
+    assert_extra_directives_follow_ours,
+    assert_well_formed_job_script,
     cluster_dir_in,
     directive_lines,
     failed,
@@ -63,8 +63,7 @@ def test_pbs_defaults(tmp_path):
         "-j oe",
         f"-o {CLUSTER_DIR}/logs/job.out",
     ]
-    assert_directive_block_first(script, "#PBS")
-    assert_bash_syntax(script, tmp_path)
+    assert_well_formed_job_script(script, "#PBS", tmp_path)
     assert "#SBATCH" not in script
 
 
@@ -88,8 +87,7 @@ def test_pbs_every_input(tmp_path):
         "-M alice@example.org",
         "-l filesystems=home:eagle",
     ]
-    assert_directive_block_first(script, "#PBS")
-    assert_bash_syntax(script, tmp_path)
+    assert_well_formed_job_script(script, "#PBS", tmp_path)
 
 
 @pytest.mark.parametrize("gpus,suffix", [(0, ""), (1, ":ngpus=1"), (4, ":ngpus=4")])
@@ -150,16 +148,10 @@ def test_pbs_sample_covers_the_allowlist():
 
 
 def test_every_allowed_pbs_directive_reaches_the_job_script(tmp_path):
-    s = settings(scheduler="pbs", pbs={"nodes": 3, "extra_directives": "\n".join(f"#PBS {l}" for l in PBS_SAMPLE)})
-    script = render(s)
-    lines = directive_lines(script, "#PBS")
-    ours = directive_lines(render(settings(scheduler="pbs", pbs={"nodes": 3})), "#PBS")
-    assert lines == ours + PBS_SAMPLE
+    s, ours = assert_extra_directives_follow_ours("pbs", "#PBS", PBS_SAMPLE, tmp_path, nodes=3)
     # the flow's own node layout stays: its select and place=scatter are the only ones it wrote
     assert [l for l in ours if l.startswith("-l ")] == ["-l walltime=01:00:00", f"-l select={PbsScheduler(s).select()}",
                                                        "-l place=scatter"]
-    assert_directive_block_first(script, "#PBS")
-    assert_bash_syntax(script, tmp_path)
 
 
 def test_pbs_launch_names_its_own_qdel_from_pbs_conf(tmp_path):

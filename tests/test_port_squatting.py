@@ -172,18 +172,27 @@ def check(run, squatter: Squatter, tokens: set[str], port_name: str) -> None:
         assert "failed to start" in run.output, run.output[-4000:]
 
 
-@pytest.mark.parametrize("port_name", list(PORTS))
-def test_a_squatted_port_of_a_local_cluster_gets_nothing_and_the_retry_succeeds(work, prefect_api, bed, port_name):
+def run_with_a_squatter(bed, host: str, port_name: str, label: str, args: list, work, api):
+    """Run the flow while a squatter holds port_name's port on host, then check() what it got.
+    Returns the run and when it started (time.monotonic())."""
     option, where = PORTS[port_name]
-    squatter = Squatter(bed, "login", option, where, f"local-{port_name}")
+    squatter = Squatter(bed, host, option, where, label)
     try:
         with TokenWatch(work / "w") as watch:
             started = time.monotonic()
-            run = run_flow(bed, ["--user-script", REPO / "examples/hello_ray.py", "--work-dir", work / "w",
-                                 "--retries", "1", *SMALL], work=work, api=prefect_api)
+            run = run_flow(bed, args, work=work, api=api)
     finally:
         squatter.stop()
     check(run, squatter, watch.tokens, port_name)
+    return run, started
+
+
+@pytest.mark.parametrize("port_name", list(PORTS))
+def test_a_squatted_port_of_a_local_cluster_gets_nothing_and_the_retry_succeeds(work, prefect_api, bed, port_name):
+    run, started = run_with_a_squatter(
+        bed, "login", port_name, f"local-{port_name}",
+        ["--user-script", REPO / "examples/hello_ray.py", "--work-dir", work / "w", "--retries", "1", *SMALL],
+        work, prefect_api)
     # the squatter took the first cluster's port only: the second, on fresh ports, works
     assert run.returncode == 0, run.output[-4000:]
     assert "HELLO_RAY_OK" in run.output
@@ -194,18 +203,12 @@ def test_a_squatted_port_of_a_local_cluster_gets_nothing_and_the_retry_succeeds(
 
 @pytest.mark.parametrize("port_name", ["dashboard", "gcs", "ray_client"])
 def test_a_squatted_port_of_a_slurm_head_fails_the_run_at_once_naming_it(work, prefect_api, bed, port_name):
-    option, where = PORTS[port_name]
-    squatter = Squatter(bed, "node1", option, where, f"slurm-{port_name}")
-    try:
-        with TokenWatch(work / "w") as watch:
-            started = time.monotonic()
-            run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "2", "--retries", "0",
-                                           "--slurm.extra-directives", "#SBATCH --nodelist=node1,node2",
-                                           "--user-script", REPO / "examples/hello_ray.py", readiness=180),
-                           work=work, api=prefect_api)
-    finally:
-        squatter.stop()
-    check(run, squatter, watch.tokens, port_name)
+    run, started = run_with_a_squatter(
+        bed, "node1", port_name, f"slurm-{port_name}",
+        batch_args(work / "w", "--slurm.nodes", "2", "--retries", "0",
+                   "--slurm.extra-directives", "#SBATCH --nodelist=node1,node2",
+                   "--user-script", REPO / "examples/hello_ray.py", readiness=180),
+        work, prefect_api)
     assert run.returncode == 1, run.output[-4000:]
     # at once: not the readiness timeout (180 s)
     assert time.monotonic() - started < 120, run.output[-4000:]

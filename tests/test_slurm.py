@@ -26,7 +26,8 @@ from tests.scheduler_helpers import (
     FakeTransport,
     ScriptedTransport,
     assert_bash_syntax,
-    assert_directive_block_first,
+    assert_extra_directives_follow_ours,
+    assert_well_formed_job_script,
     cluster_dir_in,
     directive_lines,
     failed,
@@ -53,8 +54,7 @@ def test_slurm_defaults(tmp_path):
         f"--output={CLUSTER_DIR}/logs/job-%j.out",
         "--signal=B:USR1@300",
     ]
-    assert_directive_block_first(script, "#SBATCH")
-    assert_bash_syntax(script, tmp_path)
+    assert_well_formed_job_script(script, "#SBATCH", tmp_path)
     assert "#PBS" not in script
 
 
@@ -81,8 +81,7 @@ def test_slurm_every_input(tmp_path):
     # each extra directive is its own line, in order, after ours (so it can override)
     assert lines[-3:] == ["--constraint=a100", "--exclusive", "--mail-type=END,FAIL"]
     assert len(lines) == len(set(lines)) == 15
-    assert_directive_block_first(script, "#SBATCH")
-    assert_bash_syntax(script, tmp_path)
+    assert_well_formed_job_script(script, "#SBATCH", tmp_path)
 
 
 @pytest.mark.parametrize("gpus", [0, 1, 8])
@@ -211,53 +210,61 @@ def test_slurm_sample_covers_the_allowlist():
 
 
 def test_every_allowed_slurm_directive_reaches_the_job_script(tmp_path):
-    s = settings(scheduler="slurm", slurm={"nodes": 2, "extra_directives": "\n".join(f"#SBATCH {l}" for l in SLURM_SAMPLE)})
-    script = render(s)
-    lines = directive_lines(script, "#SBATCH")
-    ours = directive_lines(render(settings(scheduler="slurm", slurm={"nodes": 2})), "#SBATCH")
-    # the flow's directives first, then every extra one verbatim, in order, each on its own line
-    assert lines == ours + SLURM_SAMPLE
-    assert_directive_block_first(script, "#SBATCH")
-    assert_bash_syntax(script, tmp_path)
+    assert_extra_directives_follow_ours("slurm", "#SBATCH", SLURM_SAMPLE, tmp_path, nodes=2)
 
 
-# What Slurm prints of a job, read by each parser: (what it prints, phase, detail).
-SQUEUE_LINES = [  # squeue -o '%T|%r'
-    ("PENDING|Resources", JobPhase.pending, "PENDING, Resources"),
-    ("PENDING|Priority", JobPhase.pending, "PENDING, Priority"),
-    ("RUNNING|None", JobPhase.running, "RUNNING"),
-    ("COMPLETING|None", JobPhase.running, "COMPLETING"),
-    ("CONFIGURING|None", JobPhase.pending, "CONFIGURING"),
-    ("SUSPENDED|None", JobPhase.pending, "SUSPENDED"),
-    ("COMPLETED|None", JobPhase.ended, "COMPLETED"),
-    ("CANCELLED|None", JobPhase.ended, "CANCELLED"),
-    ("FAILED|NonZeroExitCode", JobPhase.ended, "FAILED, NonZeroExitCode"),
-    ("TIMEOUT|TimeLimit", JobPhase.ended, "TIMEOUT, TimeLimit"),
-    ("OUT_OF_MEMORY|None", JobPhase.ended, "OUT_OF_MEMORY"),
-    ("RUNNING", JobPhase.running, "RUNNING"),
-]
-SCONTROL_TEXTS = [  # scontrol show job, the fields that count
-    ("JobState=PENDING Reason=Priority", JobPhase.pending, "PENDING, Priority"),
-    ("JobState=RUNNING Reason=None", JobPhase.running, "RUNNING"),
-    ("JobState=COMPLETED", JobPhase.ended, "COMPLETED"),
-    ("JobState=CANCELLED", JobPhase.ended, "CANCELLED"),
-    ("JobState=COMPLETING Reason=None", JobPhase.running, "COMPLETING"),  # as squeue: not gone yet
-    ("JobState=PENDING Reason=(null)", JobPhase.pending, "PENDING"),
-    ("", JobPhase.ended, "UNKNOWN"),
-]
-SCONTROL_FILES = [  # scontrol show job, whole, in tests/fixtures
-    ("slurm/scontrol_pending.txt", JobPhase.pending, "PENDING, Priority"),
-    ("slurm/scontrol_running.txt", JobPhase.running, "RUNNING"),
-    ("slurm/scontrol_completed.txt", JobPhase.ended, "COMPLETED"),
-    ("slurm/scontrol_cancelled.txt", JobPhase.ended, "CANCELLED"),
-    ("slurm/scontrol_invalid_job.txt", JobPhase.ended, "UNKNOWN"),
-]
+# What Slurm prints of a job, read by each parser: {phase: {what it prints: detail}}.
+SQUEUE_LINES = {  # squeue -o '%T|%r'
+    JobPhase.pending: {
+        "PENDING|Resources": "PENDING, Resources",
+        "PENDING|Priority": "PENDING, Priority",
+        "CONFIGURING|None": "CONFIGURING",
+        "SUSPENDED|None": "SUSPENDED",
+    },
+    JobPhase.running: {
+        "RUNNING|None": "RUNNING",
+        "COMPLETING|None": "COMPLETING",
+        "RUNNING": "RUNNING",
+    },
+    JobPhase.ended: {
+        "COMPLETED|None": "COMPLETED",
+        "CANCELLED|None": "CANCELLED",
+        "FAILED|NonZeroExitCode": "FAILED, NonZeroExitCode",
+        "TIMEOUT|TimeLimit": "TIMEOUT, TimeLimit",
+        "OUT_OF_MEMORY|None": "OUT_OF_MEMORY",
+    },
+}
+SCONTROL_TEXTS = {  # scontrol show job, the fields that count
+    JobPhase.pending: {
+        "JobState=PENDING Reason=Priority": "PENDING, Priority",
+        "JobState=PENDING Reason=(null)": "PENDING",
+    },
+    JobPhase.running: {
+        "JobState=RUNNING Reason=None": "RUNNING",
+        "JobState=COMPLETING Reason=None": "COMPLETING",  # as squeue: not gone yet
+    },
+    JobPhase.ended: {
+        "JobState=COMPLETED": "COMPLETED",
+        "JobState=CANCELLED": "CANCELLED",
+        "": "UNKNOWN",
+    },
+}
+SCONTROL_FILES = {  # scontrol show job, whole, in tests/fixtures
+    JobPhase.pending: {"slurm/scontrol_pending.txt": "PENDING, Priority"},
+    JobPhase.running: {"slurm/scontrol_running.txt": "RUNNING"},
+    JobPhase.ended: {
+        "slurm/scontrol_completed.txt": "COMPLETED",
+        "slurm/scontrol_cancelled.txt": "CANCELLED",
+        "slurm/scontrol_invalid_job.txt": "UNKNOWN",
+    },
+}
 PARSERS = {"squeue": (parse_squeue, SQUEUE_LINES), "scontrol": (parse_scontrol, SCONTROL_TEXTS),
            "scontrol-file": (lambda name: parse_scontrol(fixture(name)), SCONTROL_FILES)}
 
 
 @pytest.mark.parametrize("reader,given,phase,detail",
-                         [(reader, *case) for reader, (_, cases) in PARSERS.items() for case in cases],
+                         [(reader, given, phase, detail) for reader, (_, by_phase) in PARSERS.items()
+                          for phase, details in by_phase.items() for given, detail in details.items()],
                          ids=lambda value: value if isinstance(value, str) else None)
 def test_job_state_read(reader, given, phase, detail):
     state = PARSERS[reader][0](given)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Characters Slurm and PBS accept in account, partition, qos and queue names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", re.ASCII)
@@ -58,6 +58,21 @@ def pattern_field(default: Any, title: str, description: str, pattern: str) -> A
 def name_field(title: str, description: str) -> Any:
     """A scheduler name (account, partition, queue, QOS): empty, or what Slurm and PBS accept."""
     return pattern_field("", title, description, "^$|" + NAME_RE.pattern)
+
+
+def walltime_field(description: str, walltime_re: re.Pattern[str]) -> Any:
+    """The job's walltime, an hour unless set, in the scheduler's own form (walltime_re)."""
+    return pattern_field("01:00:00", "Walltime", description, walltime_re.pattern)
+
+
+def nodes_field(description: str) -> Any:
+    """How many nodes the job asks for: one Ray node on each."""
+    return Field(1, ge=1, le=10000, title="Nodes", description=description)
+
+
+def directives_field(description: str) -> Any:
+    """More directive lines, none unless set: JobOptions checks them through the group's policy."""
+    return Field("", title="Extra directives", description=description)
 
 
 class DirectiveRefused(ValueError):
@@ -180,10 +195,19 @@ class JobOptions(BaseModel):
     partition, qos and queue the group has), the walltime in the scheduler's own form, and the
     extra directive lines through the scheduler's policy. Each group names its own."""
 
+    # a key the group does not have is a typo the user should hear of, not one to drop
+    model_config = ConfigDict(extra="forbid")
+    # Each group sets these; the last three beside the field they check.
     group: ClassVar[str]  # as the settings name it: "slurm", "pbs"
     walltime_re: ClassVar[re.Pattern[str]]
     walltime_is: ClassVar[str]  # what a walltime is, for the message: "a PBS walltime: use ..."
     directive_policy: ClassVar[DirectivePolicy]
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        # every group's fields take their places in the form, so none can forget to
+        super().__pydantic_init_subclass__(**kwargs)
+        positioned(cls)
 
     @field_validator("account", "partition", "qos", "queue", check_fields=False)
     @classmethod

@@ -9,7 +9,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, field_validator, model_validator
 
 from tasks.schedulers.base import JOB_SCRIPT, JobPhase, JobState, Scheduler, mem_mb
 from tasks.schedulers.options import (
@@ -20,9 +20,11 @@ from tasks.schedulers.options import (
     DirectivePolicy,
     DirectiveRefused,
     JobOptions,
+    directives_field,
     name_field,
+    nodes_field,
     pattern_field,
-    positioned,
+    walltime_field,
 )
 
 if TYPE_CHECKING:
@@ -153,33 +155,28 @@ PBS_DIRECTIVES = DirectivePolicy(
 )
 
 
-@positioned
 class PbsOptions(JobOptions):
     """Where and how long the PBS job runs."""
 
-    model_config = ConfigDict(extra="forbid", title="PBS")
+    model_config = ConfigDict(title="PBS")
     group = "pbs"
-    walltime_re = PBS_WALLTIME_RE
-    walltime_is = "a PBS walltime: use HH:MM:SS, MM:SS or seconds"
-    # Also refused: -l select= and a place= without scatter (one chunk per host, one Ray
-    # node per chunk; see PBS_RESOURCE_REFUSED).
-    directive_policy = PBS_DIRECTIVES
 
     account: str = name_field("Account", "-A account (empty: your default)")
     queue: str = name_field("Queue", "-q queue (empty: the server default)")
-    walltime: str = pattern_field("01:00:00", "Walltime", "-l walltime=: HH:MM:SS, MM:SS or seconds, e.g. 01:00:00",
-                                  PBS_WALLTIME_RE.pattern)
-    nodes: int = Field(
-        1, ge=1, le=10000, title="Nodes",
-        description="Chunks (nodes): one Ray node on each (with a select statement: its chunk count, leave this out)",
-    )
+    walltime_re = PBS_WALLTIME_RE
+    walltime_is = "a PBS walltime: use HH:MM:SS, MM:SS or seconds"
+    walltime: str = walltime_field("-l walltime=: HH:MM:SS, MM:SS or seconds, e.g. 01:00:00", walltime_re)
+    nodes: int = nodes_field(
+        "Chunks (nodes): one Ray node on each (with a select statement: its chunk count, leave this out)")
     select: str = pattern_field(
         "", "Select", "Your own -l select= statement, e.g. 2:ncpus=8:mem=32gb; its chunks are the nodes "
         "(empty: built from nodes, CPUs, memory, GPUs)", "^$|" + PBS_SELECT_RE.pattern)
-    extra_directives: str = Field(
-        "", title="Extra directives", description="More '#PBS -option value' lines, one per line: resources and placement "
-        "(-l name=value, -q, -A, -P, -m, -M, -W depend=, ...); others are refused with the reason"
-    )
+    # Also refused: -l select= and a place= without scatter (one chunk per host, one Ray
+    # node per chunk; see PBS_RESOURCE_REFUSED).
+    directive_policy = PBS_DIRECTIVES
+    extra_directives: str = directives_field(
+        "More '#PBS -option value' lines, one per line: resources and placement "
+        "(-l name=value, -q, -A, -P, -m, -M, -W depend=, ...); others are refused with the reason")
 
     @field_validator("select")
     @classmethod

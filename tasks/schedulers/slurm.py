@@ -7,7 +7,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict
 
 from tasks.schedulers.base import JobPhase, JobState, Scheduler, mem_mb
 from tasks.schedulers.options import (
@@ -18,9 +18,10 @@ from tasks.schedulers.options import (
     VALUE,
     DirectivePolicy,
     JobOptions,
+    directives_field,
     name_field,
-    pattern_field,
-    positioned,
+    nodes_field,
+    walltime_field,
 )
 
 if TYPE_CHECKING:
@@ -104,27 +105,24 @@ SLURM_DIRECTIVES = DirectivePolicy(
 )
 
 
-@positioned
 class SlurmOptions(JobOptions):
     """Where and how long the SLURM job runs."""
 
-    model_config = ConfigDict(extra="forbid", title="SLURM")
+    model_config = ConfigDict(title="SLURM")
     group = "slurm"
-    walltime_re = SLURM_WALLTIME_RE
-    walltime_is = "a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
-    directive_policy = SLURM_DIRECTIVES
 
     account: str = name_field("Account", "--account to charge (empty: your default)")
     partition: str = name_field("Partition", "--partition (empty: the cluster default)")
     qos: str = name_field("QOS", "--qos (empty: the default)")
-    walltime: str = pattern_field(
-        "01:00:00", "Walltime", "--time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 30, 01:00:00 or 1-12:00:00",
-        SLURM_WALLTIME_RE.pattern)
-    nodes: int = Field(1, ge=1, le=10000, title="Nodes", description="Nodes in the allocation: one Ray node on each")
-    extra_directives: str = Field(
-        "", title="Extra directives", description="More '#SBATCH --option=value' lines, one per line: resource and placement options "
-        "(--constraint, --gres, --exclusive, --mail-type, ...); others are refused with the reason"
-    )
+    walltime_re = SLURM_WALLTIME_RE
+    walltime_is = "a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+    walltime: str = walltime_field(
+        "--time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 30, 01:00:00 or 1-12:00:00", walltime_re)
+    nodes: int = nodes_field("Nodes in the allocation: one Ray node on each")
+    directive_policy = SLURM_DIRECTIVES
+    extra_directives: str = directives_field(
+        "More '#SBATCH --option=value' lines, one per line: resource and placement options "
+        "(--constraint, --gres, --exclusive, --mail-type, ...); others are refused with the reason")
 
 
 
