@@ -95,10 +95,16 @@ check_space() {
 }
 
 check_limits() {
-    local nofile nproc
+    local nofile nproc head_needs
     nofile="$(ulimit -n)"
     nproc="$(ulimit -u)"
-    if [ "$nofile" != unlimited ] && [ "$nofile" -lt 1024 ]; then
+    # the head's GCS holds connections to every node's raylet and workers: a few dozen
+    # descriptors per node (1,024 nodes: about 33,000; the usual 1,024 covers 32 nodes)
+    head_needs=$((32 * ${AR_EXPECTED_NODES:-1}))
+    if [ "${AR_CHECK_NODE:-}" = head ] && [ "$nofile" != unlimited ] && [ "$nofile" -lt "$head_needs" ]; then
+        row "open files" fail "ulimit -n is $nofile on the head ($host): a cluster of ${AR_EXPECTED_NODES:-1} nodes needs about $head_needs there" \
+            "\`ulimit -n 65536\` in setup_commands (or the site's hard limit, at least $head_needs)"
+    elif [ "$nofile" != unlimited ] && [ "$nofile" -lt 1024 ]; then
         row "open files" fail "ulimit -n is $nofile on $host: Ray's raylet and workers run out of file descriptors" \
             "\`ulimit -n 65536\` in setup_commands (or the site's limit; not lower than 1024)"
     elif [ "$nofile" != unlimited ] && [ "$nofile" -lt 65536 ]; then

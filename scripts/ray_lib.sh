@@ -187,7 +187,7 @@ ar_node_checks() {
     local name="$1" rows status=0 _tag check verdict found fix
     mkdir -p "$AR_CLUSTER_DIR/checks"
     rows="$AR_CLUSTER_DIR/checks/$name.rows"
-    bash "$AR_CLUSTER_DIR/bin/node_check.sh" >"$rows" 2>&1 || status=$?
+    AR_CHECK_NODE="$name" bash "$AR_CLUSTER_DIR/bin/node_check.sh" >"$rows" 2>&1 || status=$?
     while IFS=$'\t' read -r _tag check verdict found fix; do
         [ "$_tag" = AR_CHECK ] || continue
         case "$verdict" in

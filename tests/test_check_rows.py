@@ -12,15 +12,19 @@ from tasks.settings import NODE_TMP_MAX_LEN
 from tasks.shipped import SCRIPTS_DIR
 
 
-def node_check(tmp_path, node_tmp: str, **env) -> subprocess.CompletedProcess:
+def node_check_env(tmp_path, node_tmp: str | None = None) -> dict:
+    """node_check.sh's environment (cluster.env's values) for a cluster dir under tmp_path."""
     cluster = tmp_path / "w" / "clusters" / "ar-x"
-    (cluster / "bin").mkdir(parents=True)
+    (cluster / "bin").mkdir(parents=True, exist_ok=True)
     (cluster / "bin" / "node_ip.py").write_text((SCRIPTS_DIR / "node_ip.py").read_text())
-    values = {"AR_NODE_TMP": node_tmp, "AR_NODE_TMP_MAX_LEN": str(NODE_TMP_MAX_LEN), "AR_PYTHON": sys.executable,
-              "AR_RAY": "ray", "AR_RAY_VERSION": "0.0.1", "AR_CLIENT_PYTHON": "", "AR_OBJECT_STORE": "",
-              "AR_NETWORK_INTERFACE": "", "AR_CLUSTER_DIR": str(cluster), "AR_SCHEDULER": "slurm", **env}
+    return {"AR_NODE_TMP": node_tmp or str(tmp_path), "AR_NODE_TMP_MAX_LEN": str(NODE_TMP_MAX_LEN),
+            "AR_PYTHON": sys.executable, "AR_RAY": "ray", "AR_RAY_VERSION": "0.0.1", "AR_CLIENT_PYTHON": "",
+            "AR_OBJECT_STORE": "", "AR_NETWORK_INTERFACE": "", "AR_CLUSTER_DIR": str(cluster), "AR_SCHEDULER": "slurm"}
+
+
+def node_check(tmp_path, node_tmp: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPTS_DIR / "node_check.sh")], capture_output=True, text=True,
-                          env={**os.environ, **values}, timeout=60)
+                          env={**os.environ, **node_check_env(tmp_path, node_tmp), **env}, timeout=60)
 
 
 def test_a_node_says_the_socket_paths_row_in_the_login_hosts_words(tmp_path):
@@ -49,3 +53,19 @@ def test_table_and_markdown_name_every_failing_rows_fix():
     table = render_table(rows)
     assert "FAIL  open files" in table and "fix: `ulimit -n 65536`" in table and "1 failed" in table
     assert "ulimit -n is 256 \\| x" in render_markdown(rows)
+
+
+def test_the_heads_open_file_limit_is_checked_against_the_node_count(tmp_path):
+    """The head's GCS needs descriptors for every node: a limit fine for 16 nodes fails 1,024 on
+    the head, and a worker is held to the usual floor only."""
+    def open_files(node: str, nodes: int, limit: int) -> CheckRow:
+        script = f"ulimit -n {limit} && exec bash {SCRIPTS_DIR / 'node_check.sh'}"
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **node_check_env(tmp_path), "AR_CHECK_NODE": node,
+                                   "AR_EXPECTED_NODES": str(nodes)})
+        return [row for row in rows_in(done.stdout, node) if row.check == "open files"][0]
+
+    assert open_files("head", 16, 4096).status == "warn"  # below Ray's 65536, enough for 16 nodes
+    big = open_files("head", 1024, 4096)
+    assert big.status == "fail" and "1024 nodes needs about 32768" in big.found and "ulimit -n 65536" in big.fix
+    assert open_files("node7", 1024, 4096).status == "warn"
