@@ -395,6 +395,8 @@ async def run_cluster(settings: RayClusterSettings) -> dict:
                 except Exception as failure:
                     following = await _next_cluster(scheduler, failure, plan, retried, work_dir, ends)
                     if following is None:
+                        # none left queued behind a run that ends (a teardown that failed kept them)
+                        await cancel_successors(target, scheduler, plan)
                         raise
                     retried = retried + 1 if following.allocation == plan.allocation else 0
                     plan = following
