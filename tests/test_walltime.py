@@ -99,9 +99,9 @@ def test_openpbs_walltime_stops_the_job_with_a_checkpoint_and_ends_walltime_reac
         flow.kill()
 
 
-# Steps of 0.5 s: the first allocation works at most 75 s (2 minutes less the margin, less the
-# start), at most 150 steps less the start's; the second, with the same 75 s, does the rest.
-CHAIN_STEPS = ["--steps", "140", "--step-seconds", "0.5"]
+# 80 s of steps of 0.5 s: more than the first allocation can do (at most 75 s: 2 minutes less
+# the margin, less its start; 120 to 130 steps on the bed), the rest well within the second's.
+CHAIN_STEPS = ["--steps", "160", "--step-seconds", "0.5"]
 
 
 def _chain_flow(bed, work, api, scheduler: str, walltime: str, env=None) -> BackgroundFlow:
@@ -117,16 +117,16 @@ def _check_the_second_allocation_finishes(bed, work, flow: BackgroundFlow, first
     assert rc == 0, output[-6000:]
     assert "reached its walltime: going on in allocation 2" in output, output[-5000:]
     written = re.search(r"CHECKPOINT_WRITTEN step=(\d+)", output)
-    assert written and 0 < int(written.group(1)) < 140, output[-5000:]
+    assert written and 0 < int(written.group(1)) < 160, output[-5000:]
     resumed = re.search(r"CHECKPOINT_EXAMPLE ACTIVATE_RAY_ATTEMPT=2 ACTIVATE_RAY_DEADLINE=(\d+) .*resuming_at_step=(\d+)",
                         output)
     assert resumed and resumed.group(2) == written.group(1), output[-5000:]
-    assert "CHECKPOINT_EXAMPLE_DONE steps=140" in output and "ACTIVATE_RAY_ATTEMPT=2" in output, output[-5000:]
+    assert "CHECKPOINT_EXAMPLE_DONE steps=160" in output and "ACTIVATE_RAY_ATTEMPT=2" in output, output[-5000:]
     second = json.loads(flow.info_file.read_text())
     assert second["allocation"] == 2 and second["allocations"] == 2, second
     assert second["cluster_id"] != first["cluster_id"] and second["job_id"] != first["job_id"], (first, second)
     assert int(resumed.group(1)) == second["deadline"] > first["deadline"], (resumed.group(1), first, second)
-    assert json.loads((work / "ckpt" / "state.json").read_text())["step"] == 140
+    assert json.loads((work / "ckpt" / "state.json").read_text())["step"] == 160
     clusters = set(CLUSTER_ID_RE.findall(output))
     assert clusters == {first["cluster_id"], second["cluster_id"]}, clusters
     for cluster_id in clusters:
