@@ -244,3 +244,11 @@ def test_without_successors_nothing_more_is_submitted(monkeypatch, tmp_path):
     assert [e for e in run.events if e[0] != "job"] == [("submit", 1, "101", ""), ("teardown", 1, "101")]
     assert run.ends is None  # no allocations artifact for a run without successors
     assert run.states[0].count("cluster_id=") == 1
+
+
+def test_a_cancelled_run_cancels_every_successor_before_its_cluster(monkeypatch, tmp_path):
+    run = Run(monkeypatch, tmp_path, [asyncio.CancelledError()], continue_after_walltime=2)
+    with pytest.raises(asyncio.CancelledError):
+        run()
+    assert [e for e in run.events if e[0] == "teardown"] == [("teardown", 3, "103"), ("teardown", 2, "102"),
+                                                             ("teardown", 1, "101")]
