@@ -3,7 +3,9 @@ gets SIGTERM, and resumes from its checkpoint when run again.
 
 activate-ray stops the job walltime_margin seconds before the allocation's end as
 `ray job stop` does (SIGTERM to the driver, SIGKILL after a grace of up to 60 s), and tells
-the driver the end in advance: ACTIVATE_RAY_DEADLINE (Unix seconds) and ACTIVATE_RAY_ATTEMPT.
+the driver the end in advance: ACTIVATE_RAY_DEADLINE (Unix seconds) and ACTIVATE_RAY_ATTEMPT
+(which allocation this is: with continue_after_walltime the next allocation runs this job
+again, with 2, 3, ..., and it goes on from its checkpoint until --steps are done).
 
     python examples/checkpoint_on_sigterm.py [CHECKPOINT_DIR] [--steps N] [--step-seconds S]
 
@@ -58,9 +60,11 @@ def main() -> int:
     path = os.path.join(args.checkpoint_dir, "state.json")
     state = load(path)
     deadline = int(os.environ.get("ACTIVATE_RAY_DEADLINE", "0") or 0)
-    print(f"CHECKPOINT_EXAMPLE attempt={os.environ.get('ACTIVATE_RAY_ATTEMPT', '?')} "
+    attempt = os.environ.get("ACTIVATE_RAY_ATTEMPT", "?")
+    resumed_from = state["step"]
+    print(f"CHECKPOINT_EXAMPLE ACTIVATE_RAY_ATTEMPT={attempt} "
           f"ACTIVATE_RAY_DEADLINE={deadline} started_at={time.time():.1f} "
-          f"resuming_at_step={state['step']}", flush=True)
+          f"resuming_at_step={resumed_from}", flush=True)
     if deadline:
         print(f"the allocation ends in {deadline - time.time():.0f}s", flush=True)
 
@@ -83,7 +87,8 @@ def main() -> int:
               f"CHECKPOINT_WRITTEN step={state['step']} to {path}", flush=True)
         return 143
     save(path, state)
-    print(f"CHECKPOINT_EXAMPLE_DONE steps={state['step']} total={state['total']}", flush=True)
+    print(f"CHECKPOINT_EXAMPLE_DONE steps={state['step']} total={state['total']} resumed_from={resumed_from} "
+          f"ACTIVATE_RAY_ATTEMPT={attempt}", flush=True)
     return 0
 
 

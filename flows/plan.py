@@ -42,6 +42,16 @@ def _describe_worker_jobs(settings: RayClusterSettings, scheduler: Scheduler, pl
             scheduler.render_worker(plan.cluster_id, plan.cluster_dir).rstrip()]
 
 
+def _describe_successors(settings: RayClusterSettings, scheduler: Scheduler) -> list[str]:
+    count = settings.continue_after_walltime
+    if not count:
+        return []
+    return [f"# 4b. continue_after_walltime={count}: {count} successor allocation(s), each a fresh cluster dir "
+            "like this one, submitted at once, each waiting for the job before it:",
+            f"#     {shlex.join(scheduler.dependency_option('<job id before>'))} "
+            "(cancelled once an allocation ends otherwise than 'walltime reached')"]
+
+
 def render_plan(settings: RayClusterSettings) -> str:
     """What a run would do, for --dry-run: no connection is made, nothing starts."""
     scheduler: Scheduler = scheduler_for(settings)
@@ -64,6 +74,7 @@ def render_plan(settings: RayClusterSettings) -> str:
             scheduler.submit_command(plan.cluster_dir),
             *([f"{scheduler.submit_command(plan.cluster_dir, WORKER_JOB_SCRIPT)}   # x{settings.scale.worker_jobs}"]
               if settings.scale.worker_jobs else []),
+            *_describe_successors(settings, scheduler),
             f"# 5. wait for {settings.ready_nodes} node(s) alive (readiness timeout {settings.readiness_timeout}s)",
             f"# 6. user job: {_describe_job(settings)}",
             f"# 7. teardown: cancel the job, bash {plan.cluster_dir}/bin/shutdown_ray.sh {plan.cluster_dir}",

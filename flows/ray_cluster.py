@@ -26,7 +26,7 @@ import inspect
 import json
 import re
 import shlex
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Annotated
 
 from prefect import flow
@@ -121,9 +121,11 @@ def refuse_token_block_without_a_server(settings: RayClusterSettings) -> None:
 
 
 def write_state_file(path: str, plan: ClusterPlan, scheduler: Scheduler) -> None:
-    """What a cleanup step needs when the flow could not tear down: one KEY=value per line."""
+    """What a cleanup step needs when the flow could not tear down: one KEY=value per line,
+    the cluster's, then each queued successor allocation's, in order (cleanup: the last first)."""
     if path:
-        text = f"cluster_id={plan.cluster_id}\nscheduler={scheduler.name}\njob_id={plan.job_id}\n"
+        text = "".join(f"cluster_id={each.cluster_id}\nscheduler={scheduler.name}\njob_id={each.job_id}\n"
+                       for each in (plan, *plan.successors))
         write_text_atomic(path, text, 0o600)
 
 
@@ -211,8 +213,10 @@ async def bring_up(
     building = asyncio.create_task(prepare_environment(target, plan.settings, work_dir))
     try:
         await prune_old_logs(target, plan.settings, work_dir)
-        await start_cluster(target, scheduler, plan)
+        if not plan.job_id:  # a successor allocation's job was queued with the first one's
+            await start_cluster(target, scheduler, plan)
         remember(plan, scheduler)
+        await queue_successors(target, scheduler, plan, work_dir)
         background.append(asyncio.create_task(beat(target, plan)))
         if plan.settings.scale.worker_jobs:  # queued beside the head job; readiness waits for them too
             await add_worker_jobs(target, scheduler, plan, plan.settings.scale.worker_jobs)
@@ -288,15 +292,95 @@ def start_adapting(target: Transport, scheduler: Scheduler, plan: ClusterPlan, r
 
 def remember(plan: ClusterPlan, scheduler: Scheduler) -> None:
     """Save what a teardown needs if this process dies: for the crash/cancel hooks (under
-    this flow run's id) and for the workflow's cleanup step (settings.state_file)."""
-    save_cluster_state(plan, str(current_flow_run.id or ""))
+    this flow run's id) and for the workflow's cleanup step (settings.state_file); the
+    queued successor allocations with the cluster."""
+    for each in (plan, *plan.successors):
+        save_cluster_state(each, str(current_flow_run.id or ""))
     write_state_file(plan.settings.state_file, plan, scheduler)
+
+
+# --- continue_after_walltime: successor allocations, queued while the first one runs ----------
+
+async def queue_successors(target: Transport, scheduler: Scheduler, plan: ClusterPlan, work_dir: str) -> None:
+    """continue_after_walltime: the successor allocations, each a whole cluster of its own whose
+    job waits (afterany) for the one before it, submitted now so they queue while this one
+    runs. Only those missing (a retry's fresh cluster queues again what the failed one had);
+    one the scheduler refuses leaves the run to go on with those queued so far."""
+    wanted = plan.settings.continue_after_walltime - (plan.allocation - 1)
+    while len(plan.successors) < wanted:
+        before = plan.successors[-1] if plan.successors else plan
+        successor = ClusterPlan.new(plan.settings, work_dir, allocation=before.allocation + 1)
+        plan.successors.append(successor)
+        remember(plan, scheduler)  # before its submission: a crash hook or a cleanup finds it too
+        try:
+            await start_cluster(target, scheduler, successor, after=before.job_id)
+        except Exception as exc:
+            get_run_logger().warning("allocation %d not queued (%s): the run goes on with %d successor allocation(s)",
+                                     successor.allocation, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                                     len(plan.successors) - 1)
+            plan.successors.remove(successor)
+            await teardown_cluster(target, scheduler, successor)
+            remember(plan, scheduler)
+            return
+        remember(plan, scheduler)
+
+
+async def cancel_successors(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> None:
+    """The successor allocations still queued, when the run does not go on in them: the last
+    first, so none starts when the job it waits for ends. One that cannot be torn down now is
+    left to the crash hooks and the cleanup (its state is kept), never to block this one's."""
+    if not plan.successors:
+        return
+    get_run_logger().info("cancelling the successor allocation(s) still queued: %s",
+                          ", ".join(f"{each.allocation} (job {each.job_id or 'not submitted'})" for each in plan.successors))
+    left = []
+    for successor in reversed(plan.successors):
+        try:
+            await teardown_cluster(target, scheduler, successor)
+        except Exception as exc:
+            get_run_logger().warning("successor allocation %d (cluster %s) not torn down: %s",
+                                     successor.allocation, successor.cluster_id, exc)
+            left.insert(0, successor)
+    plan.successors = left
+    remember(plan, scheduler)
+
+
+def _reached_walltime(up: asyncio.Future) -> bool:
+    """The cluster's work ended 'walltime reached' (its queued successors, if any, go on)."""
+    return (up.done() and not up.cancelled() and up.exception() is not None
+            and reason_of(up.exception()) is FailureReason.walltime_reached)
+
+
+@dataclass
+class AllocationEnd:
+    """How one allocation of the run ended, for the run's report."""
+
+    allocation: int
+    cluster_id: str
+    job_id: str
+    ended: str
+
+
+async def report_allocations(ends: list[AllocationEnd], allocations: int) -> None:
+    """The `ray-cluster-allocations` artifact: every allocation of a run that may go on after
+    its walltime (continue_after_walltime), how each ended."""
+    rows = "".join(f"| {end.allocation} | `{end.cluster_id}` | {end.job_id or '-'} | {end.ended} |\n" for end in ends)
+    try:
+        await create_markdown_artifact(
+            key="ray-cluster-allocations", description="The run's allocations (continue_after_walltime)",
+            markdown=f"# Allocations: {len(ends)} of at most {allocations}\n\n"
+                     f"| allocation | cluster | job | ended |\n|---|---|---|---|\n{rows}")
+    except Exception as exc:  # the artifact is a courtesy; the log says the same
+        get_run_logger().debug("no allocations artifact: %s", exc)
 
 
 async def run_cluster(settings: RayClusterSettings) -> dict:
     """The pipeline, whichever entry point: a cluster from start to teardown, and a fresh
-    one (without the nodes that failed) while one fails to come up and retries are left.
+    one (without the nodes that failed) while one fails to come up and retries are left; one
+    that reaches its walltime with a successor allocation queued (continue_after_walltime)
+    is followed by the successor's fresh cluster, until one ends otherwise.
     A failure is reported with its reason (tasks/failures.py) before it ends the run."""
+    ends: list[AllocationEnd] = []
     try:
         refuse_token_block_without_a_server(settings)
         scheduler = scheduler_for(settings)
@@ -304,17 +388,50 @@ async def run_cluster(settings: RayClusterSettings) -> dict:
             work_dir = await target_work_dir(target, settings)
             warn_about_insecure_choices(settings, get_run_logger())
             await refuse_what_fails_the_fast_checks(target, settings)
-            for attempt in range(1, settings.retries + 2):
+            plan, retried = ClusterPlan.new(settings, work_dir), 0
+            while True:
                 try:
-                    return await _one_cluster(target, scheduler, settings, work_dir)
-                except ClusterFailed as failure:
-                    if not failure.retryable or attempt > settings.retries:
+                    result = await _one_cluster(target, scheduler, plan, work_dir)
+                except Exception as failure:
+                    following = await _next_cluster(scheduler, failure, plan, retried, work_dir, ends)
+                    if following is None:
+                        # none left queued behind a run that ends (a teardown that failed kept them)
+                        await cancel_successors(target, scheduler, plan)
                         raise
-                    await _before_retry(scheduler, failure, attempt, settings.retries)
-        raise AssertionError("unreachable")
+                    retried = retried + 1 if following.allocation == plan.allocation else 0
+                    plan = following
+                    continue
+                ends.append(AllocationEnd(plan.allocation, plan.cluster_id, plan.job_id,
+                                          "finished" if isinstance(result, dict) else "cancelled"))
+                return result
     except BaseException as failure:
         await report_failure(failure)
         raise
+    finally:
+        if settings.continue_after_walltime:
+            await report_allocations(ends, 1 + settings.continue_after_walltime)
+
+
+async def _next_cluster(scheduler: Scheduler, failure: Exception, plan: ClusterPlan, retried: int, work_dir: str,
+                        ends: list[AllocationEnd]) -> ClusterPlan | None:
+    """After a cluster that failed: a fresh one for the same allocation (a retry), the next
+    allocation's queued one (walltime reached), or None: the run ends with the failure."""
+    settings = plan.settings
+    reason = reason_of(failure)
+    if isinstance(failure, ClusterFailed) and failure.retryable and retried < settings.retries:
+        ends.append(AllocationEnd(plan.allocation, plan.cluster_id, plan.job_id, f"{reason.value}: retried"))
+        await _before_retry(scheduler, failure, retried + 1, settings.retries)
+        return ClusterPlan.new(settings, work_dir, allocation=plan.allocation)
+    ends.append(AllocationEnd(plan.allocation, plan.cluster_id, plan.job_id, reason.value))
+    if reason is not FailureReason.walltime_reached or not plan.successors:
+        return None
+    successor, successor.successors = plan.successors[0], plan.successors[1:]
+    get_run_logger().warning(
+        "allocation %d of at most %d (cluster %s, job %s) reached its walltime: going on in allocation %d "
+        "(cluster %s, job %s, queued since the first), the job with ACTIVATE_RAY_ATTEMPT=%d",
+        plan.allocation, 1 + settings.continue_after_walltime, plan.cluster_id, plan.job_id, successor.allocation,
+        successor.cluster_id, successor.job_id, successor.allocation)
+    return successor
 
 
 async def refuse_what_fails_the_fast_checks(target: Transport, settings: RayClusterSettings) -> None:
@@ -342,10 +459,12 @@ async def report_failure(failure: BaseException) -> None:
         pass
 
 
-async def _one_cluster(target: Transport, scheduler: Scheduler, settings: RayClusterSettings, work_dir: str):
+async def _one_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan, work_dir: str):
     logger = get_run_logger()
-    plan = ClusterPlan.new(settings, work_dir)
-    logger.info("cluster %s on %s (%s, %d node(s))", plan.cluster_id, target.label, scheduler.name, settings.nodes)
+    settings = plan.settings
+    logger.info("cluster %s on %s (%s, %d node(s)%s)", plan.cluster_id, target.label, scheduler.name, settings.nodes,
+                f", allocation {plan.allocation} of at most {1 + settings.continue_after_walltime}"
+                if settings.continue_after_walltime else "")
     remember(plan, scheduler)
     background: list[asyncio.Task] = []
     # Bring-up and hold run in a task of their own: a stop cancels that task and
@@ -363,7 +482,11 @@ async def _one_cluster(target: Transport, scheduler: Scheduler, settings: RayClu
             await _settle(up)
             for job in background:
                 job.cancel()
-            await teardown_cluster(target, scheduler, plan)
+            try:
+                if not _reached_walltime(up):  # before this job ends: the successor waits for that
+                    await cancel_successors(target, scheduler, plan)
+            finally:
+                await teardown_cluster(target, scheduler, plan)
     except StoppedOnPurpose as stop:
         # on purpose, and torn down: Cancelled, not Crashed (a failure stays Failed)
         return Cancelled(message=f"{FailureReason.cancelled.value}: {stop}; cluster {plan.cluster_id} torn down")

@@ -658,8 +658,13 @@ ar_supervise() {
 # The job's own output (the job script's, the supervisor's, the workers' launch) to
 # <work_dir>/logs/<cluster id>/job/, gzip'd, before the cluster dir is removed.
 ar_collect_job_logs() {
-    local dest file
+    local dest file found=""
     [ "${AR_KEEP_LOGS:-1}" = 1 ] && [ -n "${AR_LOGS_DIR:-}" ] || return 0
+    for file in "$AR_CLUSTER_DIR"/logs/*; do
+        if [ -f "$file" ]; then found=1; break; fi
+    done
+    # a job that never ran (a queued successor allocation, cancelled) has no output: no logs dir
+    [ -n "$found" ] || [ -d "$AR_LOGS_DIR" ] || return 0
     dest="$AR_LOGS_DIR/job"
     mkdir -p "$dest" 2>/dev/null || return 0
     chmod 700 "$AR_LOGS_DIR" "$dest" 2>/dev/null || true

@@ -68,11 +68,18 @@ class ClusterPlan:
     nodes: list[str] = field(default_factory=list)  # the Ray nodes' names once the cluster is ready
     worker_jobs: list[str] = field(default_factory=list)  # worker jobs this flow submitted (tasks/scaling.py)
     deadline: int = 0  # the allocation's end, Unix seconds, once the job runs (head.env's RAY_DEADLINE; 0: none)
+    # Which allocation of the run this cluster is (the job's ACTIVATE_RAY_ATTEMPT): 2, 3, ... for
+    # the successors continue_after_walltime queues behind the first
+    allocation: int = 1
+    # The successor allocations queued behind this one's job, next first: each a whole cluster
+    # of its own (dir, token, job script), its job submitted with a dependency on the one before
+    successors: list[ClusterPlan] = field(default_factory=list, repr=False)
 
     @classmethod
-    def new(cls, settings: RayClusterSettings, work_dir: str) -> ClusterPlan:
+    def new(cls, settings: RayClusterSettings, work_dir: str, allocation: int = 1) -> ClusterPlan:
         cluster_id = "ar-" + secrets.token_hex(16)
-        return cls(cluster_id, f"{work_dir}/clusters/{cluster_id}", settings, SecretStr(secrets.token_hex(32)))
+        return cls(cluster_id, f"{work_dir}/clusters/{cluster_id}", settings, SecretStr(secrets.token_hex(32)),
+                   allocation=allocation)
 
     @property
     def token_path(self) -> str:
@@ -232,8 +239,9 @@ async def prune_old_logs(target: Transport, settings: RayClusterSettings, work_d
 
 
 @task(name="start-ray-cluster", cache_policy=NO_CACHE)
-async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan) -> str:
-    """Upload the cluster's scripts, env and token, then submit the job. Returns the job id."""
+async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPlan, after: str = "") -> str:
+    """Upload the cluster's scripts, env and token, then submit the job. Returns the job id.
+    after: the job id a successor allocation's job waits for (dependency afterany)."""
     logger = get_run_logger()
     bin_dir = f"{plan.cluster_dir}/bin"
     # A plain mkdir of the cluster dir: an id collision (or a dir made in advance) fails, never shared.
@@ -253,10 +261,11 @@ async def start_cluster(target: Transport, scheduler: Scheduler, plan: ClusterPl
         worker_job = scheduler.render_worker(plan.cluster_id, plan.cluster_dir)
         await target.write_text(f"{plan.cluster_dir}/{WORKER_JOB_SCRIPT}", worker_job, 0o700)
     await target.run(f"touch {shlex.quote(plan.cluster_dir + '/heartbeat')}")
-    plan.job_id = await scheduler.submit(target, plan.cluster_dir)
+    plan.job_id = await scheduler.submit(target, plan.cluster_dir, after=after)
     # for `scale`, whose worker job submissions must never take the head job for one of theirs
     await target.write_text(f"{plan.cluster_dir}/job_id", plan.job_id + "\n", 0o600)
-    logger.info("cluster %s submitted to %s: job %s", plan.cluster_id, scheduler.name, plan.job_id)
+    logger.info("cluster %s submitted to %s: job %s%s", plan.cluster_id, scheduler.name, plan.job_id,
+                f" (allocation {plan.allocation}, queued after job {after})" if after else "")
     return plan.job_id
 
 
@@ -270,6 +279,7 @@ def save_cluster_state(plan: ClusterPlan, flow_run_id: str) -> Path:
         "cluster_dir": plan.cluster_dir,
         "job_id": plan.job_id,
         "worker_jobs": plan.worker_jobs,
+        "allocation": plan.allocation,
         "settings": plan.settings.model_dump(mode="json"),
     }
     return write_text_atomic(RUNS_DIR / f"{plan.cluster_id}.json", json.dumps(state), 0o600)
@@ -308,11 +318,17 @@ def checked_cluster_state(path: Path, data: dict) -> ClusterPlan:
     if not isinstance(worker_jobs, list) or not all(
             isinstance(j, str) and scheduler_class.job_id_re.fullmatch(j) for j in worker_jobs):
         raise StateRefused(f"{path}: worker jobs {str(worker_jobs)[:60]!r} are not {scheduler_class.name} job ids")
-    return ClusterPlan(cluster_id, cluster_dir, settings, SecretStr(""), job_id=job_id, worker_jobs=worker_jobs)
+    allocation = data.get("allocation", 1)
+    if not isinstance(allocation, int) or isinstance(allocation, bool) or allocation < 1:
+        raise StateRefused(f"{path}: allocation {str(allocation)[:20]!r} is not a number from 1")
+    return ClusterPlan(cluster_id, cluster_dir, settings, SecretStr(""), job_id=job_id, worker_jobs=worker_jobs,
+                       allocation=allocation)
 
 
 def load_cluster_states(flow_run_id: str) -> list[ClusterPlan]:
-    """The clusters a flow run saved; a state file that fails the checks is reported, never acted on."""
+    """The clusters a flow run saved, the last allocation first (a queued successor is cancelled
+    before the job it waits for ends, so it never starts); a state file that fails the checks
+    is reported, never acted on."""
     plans = []
     for path in RUNS_DIR.glob("ar-*.json"):
         try:
@@ -325,7 +341,7 @@ def load_cluster_states(flow_run_id: str) -> list[ClusterPlan]:
             plans.append(checked_cluster_state(path, data))
         except (StateRefused, ValueError) as exc:
             get_run_logger().error("not tearing down from a state file that fails its checks: %s", exc)
-    return plans
+    return sorted(plans, key=lambda plan: -plan.allocation)
 
 
 def forget_cluster_state(plan: ClusterPlan) -> None:

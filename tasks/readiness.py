@@ -77,6 +77,8 @@ class ConnectionInfo:
     logs_dir: str  # where every node's logs are copied before teardown ("" with keep_logs off)
     nodes: list[dict] = field(default_factory=list)
     deadline: int = 0  # the allocation's end, Unix seconds, as the scheduler has it (0: none or unknown)
+    allocation: int = 1  # which allocation of the run (ACTIVATE_RAY_ATTEMPT)
+    allocations: int = 1  # at most this many: 1 + continue_after_walltime
 
     def as_text(self) -> str:
         return "\n".join(
@@ -95,6 +97,8 @@ class ConnectionInfo:
             + ([f"  logs (after)   : {self.logs_dir}"] if self.logs_dir else [])
             + ([f"  allocation end : {_when(self.deadline)} (ACTIVATE_RAY_DEADLINE={self.deadline})"]
                if self.deadline else [])
+            + ([f"  allocation     : {self.allocation} of at most {self.allocations} (ACTIVATE_RAY_ATTEMPT={self.allocation})"]
+               if self.allocations > 1 else [])
             + ([f"  Ray token      : {self.token_file} (0600)"
                 + (f" or Prefect Secret block '{self.token_block}'" if self.token_block else "")]
                if self.token_file else ["  Ray token      : OFF (token_auth disabled)"])
@@ -375,6 +379,8 @@ async def publish_connection_info(
         token_block=token_block_name(plan) if settings.token_auth and settings.publish_token_block else "",
         logs_dir=plan.logs_dir if settings.keep_logs else "",
         deadline=plan.deadline,
+        allocation=plan.allocation,
+        allocations=1 + settings.continue_after_walltime,
         nodes=[
             {
                 "node": node_name(n),
@@ -415,6 +421,7 @@ async def publish_connection_info(
                 f"| tunnel | `{info.tunnel_command}` |",
                 f"| submit | `{info.job_submit_example}` |",
                 *([f"| allocation ends | {_when(info.deadline)} (`{info.deadline}`) |"] if info.deadline else []),
+                *([f"| allocation | {info.allocation} of at most {info.allocations} |"] if info.allocations > 1 else []),
             ]
         ),
     )

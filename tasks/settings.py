@@ -127,6 +127,8 @@ def check_local_file(value: str, what: str) -> str:
 
 # Seconds before the allocation's end that the job is stopped and the cluster torn down.
 DEFAULT_WALLTIME_MARGIN = 300
+# continue_after_walltime's bound: each successor is a queued job of the user's from the run's start
+MAX_SUCCESSOR_ALLOCATIONS = 20
 
 
 @positioned
@@ -168,6 +170,13 @@ class ClusterOptions(BaseModel):
         description="SLURM/PBS: this long before the allocation's end (ACTIVATE_RAY_DEADLINE) the user job gets "
         "SIGTERM (Ray's job stop: time to write a checkpoint), then the cluster is torn down and the run ends "
         "'walltime reached'. Must be smaller than the walltime",
+    )
+    continue_after_walltime: int = Field(
+        0, ge=0, le=MAX_SUCCESSOR_ALLOCATIONS, title="Allocations after the walltime",
+        description="SLURM/PBS: up to this many successor allocations, queued when the run's first job is "
+        "submitted (dependency afterany); an allocation that ends 'walltime reached' is followed by a fresh "
+        "cluster in the next one, running the same job with ACTIVATE_RAY_ATTEMPT=2, 3, ... (it resumes from "
+        "its own checkpoint); the ones left are cancelled once the job ends otherwise. 0: none",
     )
     node_failure: NodeFailure = Field(
         NodeFailure.continue_,
@@ -756,6 +765,11 @@ class RayClusterSettings(BaseModel):
             raise ValueError(
                 f"walltime_margin={self.walltime_margin}s is not smaller than the {self.scheduler.value} walltime "
                 f"({walltime}s): the job would be stopped before it began; give a smaller walltime_margin or a longer walltime"
+            )
+        if self.continue_after_walltime and self.scheduler is SchedulerKind.none:
+            raise ValueError(
+                f"continue_after_walltime={self.continue_after_walltime} needs a scheduler (slurm or pbs): without one "
+                "there is no allocation that ends, nor a queue to wait in; leave it 0 or set scheduler=slurm or pbs"
             )
         if self.cluster.direct_workers and self.scheduler is not SchedulerKind.none:
             raise ValueError(

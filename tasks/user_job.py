@@ -185,17 +185,19 @@ def walltime_message(plan: ClusterPlan, what: str) -> str:
             f"{plan.settings.margin_seconds}s before it (walltime_margin) {what}")
 
 
-def with_allocation_env(runtime_env: dict | None, plan: ClusterPlan, attempt: int = 1) -> dict:
+def with_allocation_env(runtime_env: dict | None, plan: ClusterPlan) -> dict:
     """The job's runtime_env with what its driver should know of the allocation:
-    ACTIVATE_RAY_DEADLINE (its end, Unix seconds; absent without one), ACTIVATE_RAY_ATTEMPT,
-    and Ray's grace between the SIGTERM of a stop and the SIGKILL (RAY_JOB_STOP_WAIT_TIME_S,
-    unless the user set it): the driver's time to write its checkpoint."""
+    ACTIVATE_RAY_DEADLINE (its end, Unix seconds; absent without one), ACTIVATE_RAY_ATTEMPT
+    (which allocation of the run: 2, 3, ... after a walltime, continue_after_walltime), both
+    ours whatever env_vars says, and Ray's grace between the SIGTERM of a stop and the SIGKILL
+    (RAY_JOB_STOP_WAIT_TIME_S, unless the user set it): the driver's time to write its checkpoint."""
     runtime_env = dict(runtime_env or {})
-    env = {"ACTIVATE_RAY_ATTEMPT": str(attempt)}
+    ours = {"ACTIVATE_RAY_ATTEMPT": str(plan.allocation)}
+    defaults = {}
     if plan.deadline:
-        env["ACTIVATE_RAY_DEADLINE"] = str(plan.deadline)
-        env["RAY_JOB_STOP_WAIT_TIME_S"] = str(walltime_grace(plan))
-    runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+        ours["ACTIVATE_RAY_DEADLINE"] = str(plan.deadline)
+        defaults["RAY_JOB_STOP_WAIT_TIME_S"] = str(walltime_grace(plan))
+    runtime_env["env_vars"] = {**defaults, **(runtime_env.get("env_vars") or {}), **ours}
     return runtime_env
 
 

@@ -394,6 +394,26 @@ def test_cleanup_tears_down_the_cluster_named_in_the_state_file(tmp_path, job_id
             node.kill()
 
 
+def test_cleanup_tears_down_every_cluster_of_the_state_file_the_last_first(tmp_path):
+    """continue_after_walltime: the run's cluster, then its queued successor allocations; the
+    last is torn down first, so none starts when the job it waits for ends."""
+    (tmp_path / "job").mkdir()
+    ids = [new_cluster_id(), new_cluster_id(), new_cluster_id()]
+    clusters = [fake_cluster(tmp_path / "work", tmp_path / "nodetmp", cluster_id) for cluster_id in ids]
+    write_state(tmp_path / "job", "".join(f"cluster_id={cluster_id}\nscheduler=none\njob_id=\n" for cluster_id in ids))
+    try:
+        result = run_script(CLEANUP, cleanup_env(tmp_path, "~/work"), tmp_path / "job")
+        assert result.returncode == 0, result.stdout + result.stderr
+        order = [result.stdout.index(f"cluster {cluster_id} torn down") for cluster_id in ids]
+        assert order == sorted(order, reverse=True), result.stdout
+        for cluster_dir, node in clusters:
+            assert node.wait(timeout=10) is not None and not cluster_dir.exists()
+    finally:
+        for _, node in clusters:
+            if node.poll() is None:
+                node.kill()
+
+
 def test_cleanup_never_takes_a_cluster_from_the_log_or_the_connection_info(tmp_path):
     """Both can hold text a job wrote (its output is logged): without the flow's own state file, nothing is done."""
     (tmp_path / "job").mkdir()

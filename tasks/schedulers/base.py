@@ -86,10 +86,26 @@ class Scheduler(ABC):
         walltime and GPUs, named as the cluster so every tool of the site sees it as one of its jobs."""
         raise NotImplementedError(f"{self.name}: no worker jobs (they are scheduler jobs of their own)")
 
-    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT) -> str:
+    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT, after: str = "") -> str:
         """The command line that submits <cluster_dir>/<script>, from the cluster dir:
-        anything the scheduler drops in the submit dir is removed with it."""
-        return f"cd {shlex.quote(cluster_dir)} && {shlex.join([self.submit_program, *self.submit_flags, script])}"
+        anything the scheduler drops in the submit dir is removed with it. after: a job id
+        this job waits for (dependency_option), for a successor allocation."""
+        words = [self.submit_program, *self.submit_flags, *self.waiting_for(after), script]
+        return f"cd {shlex.quote(cluster_dir)} && {shlex.join(words)}"
+
+    def dependency_option(self, job_id: str) -> list[str]:
+        """The submit command's words that hold the job until job_id has ended, however it
+        ended (afterany): a successor allocation queues while the one before it runs."""
+        raise NotImplementedError(f"{self.name}: no job dependencies (no queue to wait in)")
+
+    def waiting_for(self, job_id: str) -> list[str]:
+        """The dependency option's words for job_id ([] without one); only for a job id of this
+        scheduler's own form, as it goes into a command line."""
+        if not job_id:
+            return []
+        if not self.job_id_re.fullmatch(job_id):
+            raise ValueError(f"{job_id[:60]!r} is not a {self.name} job id")
+        return self.dependency_option(job_id)
 
     def job_id_in(self, stdout: str) -> str:
         """Where the submit command's answer has the job id: all of it, unless a scheduler says otherwise."""
@@ -117,15 +133,16 @@ class Scheduler(ABC):
     submit_flags: ClassVar[tuple[str, ...]] = ()
 
     async def submit(self, target: Transport, cluster_dir: str, script: str = JOB_SCRIPT,
-                     known: frozenset[str] = frozenset()) -> str:
+                     known: frozenset[str] = frozenset(), after: str = "") -> str:
         """Submit, retrying with backoff on errors that pass (a busy controller, a timeout),
         never twice: before each new try the job is looked up by its name, the cluster id,
         since a timed-out answer can come after the scheduler took the job. known: the
-        cluster's jobs already submitted (a worker job's lookup must not find them)."""
+        cluster's jobs already submitted (a worker job's lookup must not find them).
+        after: a job id the new job waits for (a successor allocation)."""
         job_name = cluster_dir.rstrip("/").rsplit("/", 1)[-1]
         delay = self.submit_backoff
         for attempt in range(1, self.submit_attempts + 1):
-            result = await target.run(self.submit_command(cluster_dir, script), check=False)
+            result = await target.run(self.submit_command(cluster_dir, script, after), check=False)
             if result.returncode == 0:
                 return self.parse_job_id(result.stdout)
             said = (result.stderr or result.stdout).strip()

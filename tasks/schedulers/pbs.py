@@ -280,14 +280,19 @@ class PbsScheduler(Scheduler):
     def walltime_seconds(self) -> int | None:
         return pbs_seconds(self.settings.pbs.walltime)
 
-    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT) -> str:
+    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT, after: str = "") -> str:
         # OpenPBS/PBS Pro's qsub leaves a background qsub of the user's running on the login
         # host (a submission cache) unless given -f; Torque's qsub wrappers refuse -f. OpenPBS
         # is told by its qstat --version ("pbs_version = 23.06.06").
-        plain = shlex.join([self.submit_program, script])
-        foreground = shlex.join([self.submit_program, "-f", script])
+        depend = self.waiting_for(after)
+        plain = shlex.join([self.submit_program, *depend, script])
+        foreground = shlex.join([self.submit_program, "-f", *depend, script])
         return (f"cd {shlex.quote(cluster_dir)} && if qstat --version 2>/dev/null | grep -q '^pbs_version'; "
                 f"then {foreground}; else {plain}; fi")
+
+    def dependency_option(self, job_id: str) -> list[str]:
+        # OpenPBS, PBS Pro and Torque alike (Slurm's qsub wrapper turns it into --dependency)
+        return ["-W", f"depend=afterany:{job_id}"]
 
     def find_job_command(self, job_name: str) -> str:
         # qselect is OpenPBS/Torque's; where it is missing (some wrappers), nobody can tell

@@ -199,6 +199,10 @@ class SlurmScheduler(Scheduler):
     def job_id_in(self, stdout: str) -> str:
         return stdout.strip().split(";")[0]  # --parsable: id[;cluster]
 
+    def dependency_option(self, job_id: str) -> list[str]:
+        # on the command line, over any --dependency of extra_directives (sbatch's rule)
+        return [f"--dependency=afterany:{job_id}"]
+
     def find_job_command(self, job_name: str) -> str:
         return f'squeue -h -u "$(id -un)" --name={shlex.quote(job_name)} -o %i'
 
