@@ -242,14 +242,15 @@ ar_run_node() {
             return 1
         fi
         ar_log "worker $name: Ray ended while starting (try $attempt of $AR_START_TRIES): starting it again"
+        # spread out, more each time: the nodes that failed together do not all start again together
+        sleep "$((attempt + RANDOM % (2 * attempt + 1)))"
         attempt=$((attempt + 1))
-        sleep "$((RANDOM % 3 + 1))"
     done
 }
 
 # How many times a worker starts Ray before its node is said to have failed, and the status
 # ar_start_and_watch_ray returns when Ray ended while starting (nothing said in the status yet)
-AR_START_TRIES="${AR_START_TRIES:-3}"
+AR_START_TRIES="${AR_START_TRIES:-5}"
 AR_ENDED_WHILE_STARTING=75
 
 # One start of Ray on this node, watched until it ends or is told to stop, then stopped and
@@ -456,6 +457,10 @@ ar_collect_node_logs() {
 # Stop one node of this host and remove its temp dir; record that it stopped.
 ar_stop_node() {
     local name="$1" pgid="$2" tmp="$3" reason="$4"
+    ar_stop_group "$pgid"
+    # again: a process the group forked while it was being killed (a raylet starting its
+    # agent as it ended) is in the same group and would outlive the node
+    sleep 0.2
     ar_stop_group "$pgid"
     [ -z "${AR_CONTAINER_IMAGE:-}" ] || ar_container_stop "$name" "$tmp"
     ar_collect_node_logs "$name" "$tmp"

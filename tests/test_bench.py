@@ -16,7 +16,7 @@ from bench.slurm import BARE_JOB, TEMPLATE_JOB
 from tests.helpers import REPO
 
 KEYS = dict(tag="arbench-x", nodes=3, mem=2560, dir="/tmp/x", env="export A=1", poller="true", tmp="/tmp/arbench",
-            resources="--num-cpus=1", head_ports="--port=6379", ports="--min-worker-port=12000")
+            resources="--num-cpus=1", head_ports="--port=6379", ports="--min-worker-port=12000", partition="debug")
 
 
 @pytest.mark.parametrize("template", [TEMPLATE_JOB, BARE_JOB], ids=["ray-docs-template", "bare-parallel"])
@@ -35,9 +35,9 @@ def test_help(capsys):
 
 
 # every benchmark of bench/ runnable alone, and the whole (`python -m bench`, its __main__)
-MODULES = ["benchmark", "common", "local", "openpbs", "report", "runner", "setup", "slurm"]
+MODULES = ["benchmark", "common", "local", "openpbs", "report", "runner", "scale", "setup", "slurm"]
 PROGRAMS = {"bench": "--sections", "bench.local": "--reps", "bench.setup": "--sections", "bench.slurm": "--nodes",
-            "bench.openpbs": "--reps"}
+            "bench.openpbs": "--reps", "bench.scale": "--nodes"}
 
 
 def test_every_module_is_listed():
