@@ -10,6 +10,7 @@ these than of the 3-node tests: each costs about a minute of the bed."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,12 @@ def _check_sixteen(bed, run, work, expected_hosts: list[str]) -> None:
     assert seen and int(seen.group(1)) == NODES, run.output[-4000:]
     assert sorted(seen.group(2).split(",")) == sorted(expected_hosts), seen.group(2)
     assert len(run.info["nodes"]) == NODES, run.info["nodes"]
+    # every node's logs kept, each within the per-node cap (--log-cap-mb, 50 MB)
+    logs = Path(run.info["logs_dir"])
+    kept = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in logs.iterdir() if d.is_dir()}
+    workers = {h for h in expected_hosts if h != run.info["head_node"]}
+    assert workers <= set(kept) and "head" in kept, sorted(kept)
+    assert max(kept.values()) <= 50 * 1024**2, kept
     assert_nothing_left(bed, run.cluster_id, work / "w", settle=30)
 
 
