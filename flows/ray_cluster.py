@@ -77,6 +77,7 @@ from tasks.readiness import (
 )
 from tasks.scaling import adapt_worker_jobs, add_worker_jobs
 from tasks.schedulers import JobPhase, Scheduler, scheduler_for
+from tasks.schedulers.base import SchedulerRejected
 from tasks.settings import (
     AdvancedOptions,
     BatchClusterOptions,
@@ -388,17 +389,21 @@ async def run_cluster(settings: RayClusterSettings) -> dict:
             work_dir = await target_work_dir(target, settings)
             warn_about_insecure_choices(settings, get_run_logger())
             await refuse_what_fails_the_fast_checks(target, settings)
-            plan, retried = ClusterPlan.new(settings, work_dir), 0
+            plan, retried, previous = ClusterPlan.new(settings, work_dir), 0, ""
             while True:
                 try:
                     result = await _one_cluster(target, scheduler, plan, work_dir)
                 except Exception as failure:
-                    following = await _next_cluster(scheduler, failure, plan, retried, work_dir, ends)
+                    ending = _said_with_the_excluded_nodes(failure, scheduler, previous) if retried else failure
+                    following = await _next_cluster(scheduler, ending, plan, retried, work_dir, ends)
                     if following is None:
                         # none left queued behind a run that ends (a teardown that failed kept them)
                         await cancel_successors(target, scheduler, plan)
-                        raise
+                        if ending is failure:
+                            raise
+                        raise ending from failure
                     retried = retried + 1 if following.allocation == plan.allocation else 0
+                    previous = str(failure).splitlines()[0]
                     plan = following
                     continue
                 ends.append(AllocationEnd(plan.allocation, plan.cluster_id, plan.job_id,
@@ -410,6 +415,16 @@ async def run_cluster(settings: RayClusterSettings) -> dict:
     finally:
         if settings.continue_after_walltime:
             await report_allocations(ends, 1 + settings.continue_after_walltime)
+
+
+def _said_with_the_excluded_nodes(failure: Exception, scheduler: Scheduler, previous: str) -> Exception:
+    """A retry's job refused once nodes were left out of it: the scheduler's words alone
+    ("Requested node configuration is not available") hide why, so the nodes and the
+    failure that had them left out are said with them."""
+    if not (isinstance(failure, SchedulerRejected) and scheduler.exclude_nodes):
+        return failure
+    return SchedulerRejected(f"{failure} (the retry left out {', '.join(scheduler.exclude_nodes)}, which failed "
+                             f"before: {previous}; the site may have no other nodes to take their place)")
 
 
 async def _next_cluster(scheduler: Scheduler, failure: Exception, plan: ClusterPlan, retried: int, work_dir: str,

@@ -242,15 +242,16 @@ ar_run_node() {
             return 1
         fi
         ar_log "worker $name: Ray ended while starting (try $attempt of $AR_START_TRIES): starting it again"
-        # spread out, more each time: the nodes that failed together do not all start again together
-        sleep "$((attempt + RANDOM % (2 * attempt + 1)))"
+        # spread out over more time the bigger the cluster and the more tries: the nodes that
+        # failed together (a cluster's whole first wave, on busy cores) start again a few at a time
+        sleep "$((attempt + RANDOM % (${AR_EXPECTED_NODES:-1} / 2 + 2 * attempt + 1)))"
         attempt=$((attempt + 1))
     done
 }
 
 # How many times a worker starts Ray before its node is said to have failed, and the status
 # ar_start_and_watch_ray returns when Ray ended while starting (nothing said in the status yet)
-AR_START_TRIES="${AR_START_TRIES:-5}"
+AR_START_TRIES="${AR_START_TRIES:-6}"
 AR_ENDED_WHILE_STARTING=75
 
 # One start of Ray on this node, watched until it ends or is told to stop, then stopped and

@@ -103,3 +103,18 @@ def test_the_nodes_blamed_for_a_failed_start(plan, message, joined, blamed):
     plan.job_id = "42"
     failure = ClusterFailed(message, reason=FailureReason.start_failed, retryable=True, joined=joined)
     assert asyncio.run(failed_nodes(None, Allocation(), plan, failure)) == blamed
+
+
+def test_a_retrys_job_refused_without_the_failed_nodes_says_which_and_why():
+    from flows.ray_cluster import _said_with_the_excluded_nodes
+    from tasks.schedulers import scheduler_for
+    from tasks.schedulers.base import SchedulerRejected
+
+    scheduler = scheduler_for(RayClusterSettings(scheduler="slurm"))
+    refused = SchedulerRejected("sbatch refused the job: Requested node configuration is not available")
+    assert _said_with_the_excluded_nodes(refused, scheduler, "worker node4 failed") is refused  # none left out
+    scheduler.exclude_nodes += ["node4"]
+    said = str(_said_with_the_excluded_nodes(refused, scheduler, "worker node4 on node4: Ray ended while starting"))
+    assert "left out node4, which failed before: worker node4 on node4" in said and "not available" in said
+    other = RuntimeError("boom")
+    assert _said_with_the_excluded_nodes(other, scheduler, "x") is other
