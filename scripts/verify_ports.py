@@ -107,10 +107,12 @@ def strangers(ports: dict[str, range], table, ours: set[int]) -> list[str]:
             for address, owner, inode in table.get(port, []):
                 if inode in ours:
                     continue
-                who = "another user" if owner != uid else "another process of this user (not this cluster's node)"
+                who = "another user" if owner != uid else SAME_USER
                 found.append(f"port {port} ({name}) is held by {who}: it listens on {address}:{port}")
     return found
 
+
+SAME_USER = "another process of this user (not this cluster's node)"
 
 # The exit status when Ray's own processes ended before they listened: a start that failed
 # (ar_run_node starts a worker again), not a stranger on a port.
@@ -145,7 +147,9 @@ def main(argv: list[str]) -> int:
         # said once seen twice in a row: not a process that was just ending or starting
         if any(line in suspect for line in found) or (found and not alive):
             print(f"{host}: {found[0]}; this node stops and nothing is sent there", flush=True)
-            return 1
+            # only this user's own processes (a previous start's, still ending): a start that
+            # failed, which a worker makes again on fresh ports; another user's: never again
+            return RAY_ENDED if all(SAME_USER in line for line in found) else 1
         suspect = set(found)
         missing = [f"{port[0]} ({name})" for name, port in required.items()
                    if not any(inode in ours for _, _, inode in table.get(port[0], []))]

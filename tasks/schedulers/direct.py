@@ -24,7 +24,8 @@ class DirectScheduler(Scheduler):
     def submit_command(self, cluster_dir: str) -> str:
         return shlex.join(["bash", f"{cluster_dir}/bin/start_ray_ssh.sh", cluster_dir])
 
-    async def submit(self, target: Transport, cluster_dir: str) -> str:
+    async def submit(self, target: Transport, cluster_dir: str, after: str = "") -> str:
+        # after: the job to queue behind, which only a batch system has (continue_after_walltime needs one)
         out = (await target.run(self.submit_command(cluster_dir))).stdout
         match = re.search(r"^RAY_SUPERVISOR_PID=(\d+)$", out, re.M)
         if not match:
