@@ -14,12 +14,13 @@ import argparse
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import BENCH, REPO, log, median, record_failure
+from bench.common import BENCH, FLOW_SIZE, REPO, log, median, record_failure
 from tests.helpers import PrefectServer
 
 BEGIN, END = "<!-- scale: written by python -m bench.scale -->", "<!-- /scale -->"
@@ -54,8 +55,7 @@ def steady_state(bed, server: PrefectServer, nodes: int = 4) -> dict:
     try:
         flow = BackgroundFlow(bed, ["--scheduler", "slurm", "--slurm.nodes", str(nodes), "--slurm.partition", "wide",
                                     "--slurm.walltime", "00:10:00", "--work-dir", str(work / "w"), "--keep-alive",
-                                    "--num-cpus-per-node", "1", "--ray-memory-gb", "0.5",
-                                    "--object-store-memory-gb", "0.25", "--readiness-timeout", "300"],
+                                    "--num-cpus-per-node", "1", *FLOW_SIZE, "--readiness-timeout", "300"],
                               work, server.url)
         try:
             info = flow.wait_ready(420)
@@ -64,7 +64,7 @@ def steady_state(bed, server: PrefectServer, nodes: int = 4) -> dict:
             cluster_dir = info.get("cluster_dir") or str(work / "w" / "clusters" / info["cluster_id"])
             result.update(strace_metadata_ops(bed, cluster_dir, node), ok=True)
         finally:
-            flow.send_signal(2)
+            flow.send_signal(signal.SIGINT)
             flow.wait(120)
             flow.kill()
     except Exception as exc:  # recorded: the rest of the report still gets written

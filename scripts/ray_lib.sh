@@ -231,13 +231,15 @@ ar_run_node() {
     # A worker whose Ray ended while starting starts again, a few times: Ray's raylet waits a
     # fixed 15 s for its dashboard agent and aborts, which many nodes starting at once on busy
     # cores miss (issue 34). A node that fails each time is said in the status, as before.
-    local attempt=1 status
+    local attempt=1 status stop
     while :; do
         status=0
         ar_start_and_watch_ray "$role" "$name" "$ip" "$runtime" "$attempt" || status=$?
         [ "$status" = "$AR_ENDED_WHILE_STARTING" ] || return "$status"
-        if [ "$attempt" -ge "$AR_START_TRIES" ] || [ -n "$(ar_stop_reason)" ]; then
-            [ -n "$(ar_stop_reason)" ] || printf 'RAY_FAILED=worker %s on %s: Ray ended while starting, %s times; see %s\n' \
+        stop="$(ar_stop_reason)"
+        [ -z "$stop" ] || return 1
+        if [ "$attempt" -ge "$AR_START_TRIES" ]; then
+            printf 'RAY_FAILED=worker %s on %s: Ray ended while starting, %s times; see %s\n' \
                 "$name" "$host" "$attempt" "$AR_CLUSTER_DIR/logs/ray-$name.log" >>"$AR_CLUSTER_DIR/status"
             return 1
         fi

@@ -99,6 +99,10 @@ def parse_ports(specs: list[str]) -> dict[str, range]:
     return ports
 
 
+# Who holds a port, when it is this user's own process (a previous start's, still ending)
+SAME_USER = "another process of this user (not this cluster's node)"
+
+
 def strangers(ports: dict[str, range], table, ours: set[int]) -> list[str]:
     """What another process listens on among these ports: one line each, no owner named."""
     uid, found = os.getuid(), []
@@ -111,8 +115,6 @@ def strangers(ports: dict[str, range], table, ours: set[int]) -> list[str]:
                 found.append(f"port {port} ({name}) is held by {who}: it listens on {address}:{port}")
     return found
 
-
-SAME_USER = "another process of this user (not this cluster's node)"
 
 # The exit status when Ray's own processes ended before they listened: a start that failed
 # (ar_run_node starts a worker again), not a stranger on a port.
