@@ -36,8 +36,11 @@ wheel-demo: setup
 	$(VENV)/bin/uv venv --quiet --python $(PY) $(WHEEL_VENV)/venv
 	$(VENV)/bin/uv pip install --quiet -p $(WHEEL_VENV)/venv/bin/python $(WHEEL_VENV)/dist/*.whl
 	mkdir $(WHEEL_VENV)/cwd
-	cd $(WHEEL_VENV)/cwd && env -u PYTHONPATH -u PYTHONDONTWRITEBYTECODE \
-		$(WHEEL_VENV)/venv/bin/python -m flows.ray_cluster --user-script examples/hello_ray.py
+	# its default Prefect server in the demo's dir, stopped after (a user's own stays up, idle-timed)
+	cd $(WHEEL_VENV)/cwd && export AR_DEFAULT_SERVER_DIR=$(WHEEL_VENV)/default-server \
+		&& status=0 && env -u PYTHONPATH -u PYTHONDONTWRITEBYTECODE \
+		$(WHEEL_VENV)/venv/bin/python -m flows.ray_cluster --user-script examples/hello_ray.py || status=$$?; \
+		$(WHEEL_VENV)/venv/bin/python -m flows.user_server stop >/dev/null; exit $$status
 
 # a lasting Prefect server of yours (loopback, a free port, a secret), set in your Prefect profile
 server: setup

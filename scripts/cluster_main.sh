@@ -32,11 +32,14 @@ ar_cancel_worker_jobs() {
 ar_cleanup() {
     local status="$1" _
     trap - EXIT TERM INT HUP USR1
-    touch "$AR_CLUSTER_DIR/stop" 2>/dev/null || true
+    ar_request_stop
+    ar_wake_workers
     [ "$status" = 0 ] || ar_cancel_worker_jobs
     ar_stop_cluster_here
-    # the worker launch (srun step, pbsdsh, ssh clients) ends once its nodes stopped
-    for _ in $(seq 1 100); do
+    # the worker launch (srun step, pbsdsh, ssh clients) ends once its nodes stopped: at
+    # their next glance at the latest (a scheduler that ends the job kills what is left,
+    # OpenPBS's sister MoMs with KILL, so the nodes get the time to stop themselves)
+    for _ in $(seq 1 $(((AR_LOOK_EVERY + 5) * 10))); do
         [ -z "$(jobs -pr)" ] && break
         sleep 0.1
     done
@@ -81,7 +84,8 @@ for _ in $(seq 1 $(((${AR_PORTS_WAIT:-180} + 30) * 10))); do
 done
 [ -e "$AR_CLUSTER_DIR/head.env" ] || { echo "RAY_FAILED=head not up after $((${AR_PORTS_WAIT:-180} + 30))s" >>"$AR_CLUSTER_DIR/status"; exit 1; }
 [ -z "$AR_DEADLINE" ] || ar_log "the allocation ends at $(date -d "@$AR_DEADLINE" '+%F %T %Z') ($AR_DEADLINE)"
-# the launchers ignore the "look now" signal (USR2) for life, as Ray does (ar_run_node)
+# the launchers ignore the "look now" signal (USR2) for life, as Ray does (ar_run_node); the job
+# script ignored it from its first line, and ar_supervise hears it from here on
 trap '' USR2
 ar_launch_workers
 ar_supervise "$head_pid"

@@ -155,8 +155,9 @@ ar_make_node_tmp() {
 
 # Why this node should stop now (empty: keep going). Every node checks for itself,
 # so a node stops from its own host even when nothing can reach it from outside.
-# Each look costs the shared filesystem two metadata operations (three for a worker job):
-# the heartbeat's stat (which also fails once the cluster dir is gone) and the stop file.
+# Costs the shared filesystem two or three metadata operations (the heartbeat's stat, which
+# also fails once the cluster dir is gone; the stop file; a worker job's removal): for a
+# node that starts, or was told to look now; a running node glances (ar_stop_glance).
 ar_stop_reason() {
     local beat now
     if ! beat="$(stat -c %Y "$AR_CLUSTER_DIR/heartbeat" 2>/dev/null)"; then
@@ -171,13 +172,33 @@ ar_stop_reason() {
     fi
 }
 
-# How often (seconds) a running node looks at the shared cluster dir (stop, removal,
-# heartbeat) beyond its 0.5 s loop: a metadata server (NFS, Lustre, GPFS) hears 2 operations
-# per look per node (4 per second at the default 0; 11.6 before). AR_LOOK_EVERY=15 makes it
-# 0.13 per second, but is not the default: with it a flow's SIGTERM teardown on the bed left
-# the nodes' temp dirs (docs/scale.md). USR2 ("look now", e.g. `scancel --batch -s USR2`)
-# wakes a node's shell at once.
-AR_LOOK_EVERY="${AR_LOOK_EVERY:-0}"
+# A running node's periodic look: one metadata operation, the heartbeat's stat. A stop
+# request removes the heartbeat (ar_request_stop), so one stat sees a stop, a removed
+# cluster dir and a silent flow; only then (or when told to look now, USR2) the full
+# ar_stop_reason runs. A worker job's own removal comes with USR2 (the flow's
+# end_worker_jobs), or with its job's cancel.
+ar_stop_glance() {
+    local beat now
+    if beat="$(stat -c %Y "$AR_CLUSTER_DIR/heartbeat" 2>/dev/null)" && printf -v now '%(%s)T' -1 \
+        && [ $((now - beat)) -le "$AR_HEARTBEAT_TIMEOUT" ]; then
+        return 0
+    fi
+    ar_stop_reason
+}
+
+# Ask every node of the cluster to stop: the stop file, and the heartbeat gone (what a
+# running node's glance sees). The flow's teardown does the same (tasks/cluster.py).
+ar_request_stop() {
+    touch "$AR_CLUSTER_DIR/stop" 2>/dev/null || true
+    rm -f "$AR_CLUSTER_DIR/heartbeat" 2>/dev/null || true
+}
+
+# How often (seconds) a running node glances at the shared cluster dir, beyond its 0.5 s
+# loop (which watches its own Ray without the filesystem): one metadata operation per
+# glance, 0.17 per second per node at 6 s (issue 34 asks for at most 0.2; 11.6 once). A stop
+# reaches a node at its next glance, or at once with USR2 ("look now"), which the flow's
+# teardown sends through the scheduler where it can (`scancel --full`, `qsig`).
+AR_LOOK_EVERY="${AR_LOOK_EVERY:-6}"
 
 # This node's checks (node_check.sh: Ray and Python, temp dir, space, limits, network), before
 # `ray start`: every row to <cluster dir>/checks/NAME.rows (`check --on-nodes` reads them); a row
@@ -381,12 +402,15 @@ ar_start_and_watch_ray() {
     trap 'ar_look_now=1' USR2
     # the process, not its group: the group exists only once setsid has run
     while kill -0 "$pgid" 2>/dev/null; do
-        # Ray's own end is seen at once (no filesystem involved); the shared dir every
-        # AR_LOOK_EVERY seconds, or at once when signalled
-        if [ "$ar_look_now" = 1 ] || [ "$SECONDS" -ge "$next_look" ]; then
+        # Ray's own end is seen at once (no filesystem involved); the shared dir at a glance
+        # every AR_LOOK_EVERY seconds, all of it at once when signalled
+        if [ "$ar_look_now" = 1 ]; then
             ar_look_now=0
-            next_look=$((SECONDS + AR_LOOK_EVERY))
             reason="$(ar_stop_reason)"
+            [ -z "$reason" ] || break
+        elif [ "$SECONDS" -ge "$next_look" ]; then
+            next_look=$((SECONDS + AR_LOOK_EVERY))
+            reason="$(ar_stop_glance)"
             [ -z "$reason" ] || break
         fi
         # sleep in the background: a signal's trap runs at once, not after the sleep
@@ -398,7 +422,7 @@ ar_start_and_watch_ray() {
         reason="Ray ended (exit $status)"
         # before the flow found the cluster ready (its `ready` file): a start that failed
         if [ "$role" = worker ] && [ ! -e "$AR_CLUSTER_DIR/ready" ]; then
-            trap - TERM INT HUP USR1 USR2
+            trap - TERM INT HUP USR1; trap '' USR2
             ar_stop_node "$name" "$pgid" "$tmp" "Ray ended while starting (exit $status)"
             return "$AR_ENDED_WHILE_STARTING"
         fi
@@ -407,7 +431,7 @@ ar_start_and_watch_ray() {
         [ "$role" = head ] || printf 'RAY_FAILED=worker %s on %s: Ray ended by itself (exit %s), see %s\n' \
             "$name" "$host" "$status" "$AR_CLUSTER_DIR/logs/ray-$name.log" >>"$AR_CLUSTER_DIR/status"
     fi
-    trap - TERM INT HUP USR1 USR2
+    trap - TERM INT HUP USR1; trap '' USR2
     ar_stop_node "$name" "$pgid" "$tmp" "$reason"
     return "$status"
 }
@@ -460,6 +484,9 @@ ar_collect_node_logs() {
 # Stop one node of this host and remove its temp dir; record that it stopped.
 ar_stop_node() {
     local name="$1" pgid="$2" tmp="$3" reason="$4"
+    # a stop once begun is finished: a scheduler's TERM to every task of the job (its end)
+    # arriving now must not cut the temp dir's removal short (its KILL still can, later)
+    trap '' TERM INT HUP USR1 USR2
     ar_stop_group "$pgid"
     # again: a process the group forked while it was being killed (a raylet starting its
     # agent as it ended) is in the same group and would outlive the node
@@ -635,10 +662,13 @@ ar_supervise() {
     ar_look_now=0
     trap 'ar_look_now=1' USR2  # the flow's teardown: look at the stop file now
     while :; do
-        if [ "$ar_look_now" = 1 ] || [ "$SECONDS" -ge "$next_look" ]; then
+        if [ "$ar_look_now" = 1 ]; then
             ar_look_now=0
-            next_look=$((SECONDS + AR_LOOK_EVERY))
             reason="$(ar_stop_reason)"
+            [ -z "$reason" ] || break
+        elif [ "$SECONDS" -ge "$next_look" ]; then
+            next_look=$((SECONDS + AR_LOOK_EVERY))
+            reason="$(ar_stop_glance)"
             [ -z "$reason" ] || break
         fi
         if ! kill -0 "$head_pid" 2>/dev/null; then reason="head node's Ray ended"; break; fi

@@ -2,6 +2,7 @@
 # One worker node, started on every non-head node by the scheduler's single
 # parallel launch (one srun step, pbs_tmrsh/pbsdsh, or ssh fan-out). Blocks while Ray runs.
 set -euo pipefail
+trap '' USR2  # the teardown's "look now": heard once the node watches (ar_start_and_watch_ray)
 # shellcheck disable=SC1091
 . "$AR_CLUSTER_DIR/cluster.env"
 # shellcheck disable=SC1091

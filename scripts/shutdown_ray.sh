@@ -12,7 +12,7 @@ cluster_dir="$1"
 . "$cluster_dir/cluster.env"
 # shellcheck disable=SC1091
 . "$cluster_dir/bin/ray_lib.sh"
-touch "$AR_CLUSTER_DIR/stop"
+ar_request_stop
 if [ -e "$AR_CLUSTER_DIR/supervisor.pid" ]; then
     read -r host pgid <"$AR_CLUSTER_DIR/supervisor.pid"
     if [ "$host" = "$(ar_host)" ]; then

@@ -350,6 +350,16 @@ def forget_cluster_state(plan: ClusterPlan) -> None:
 
 # How long the nodes get to stop themselves once asked, before the scheduler is told to kill.
 GRACEFUL_STOP_SECONDS = 20
+# ... when the scheduler could not tell them to look now (Slurm's Torque wrappers have no
+# qsig): a short wait, then the cancel, whose TERM each node's trap turns into its stop.
+NOT_WOKEN_STOP_SECONDS = 2
+
+
+def request_stop_command(cluster_dir: str) -> str:
+    """Ask every node to stop: the stop file, and the heartbeat gone, which a running node's
+    glance sees (ar_request_stop in scripts/ray_lib.sh; the beat never makes it again)."""
+    quoted = shlex.quote(cluster_dir)
+    return f"[ ! -d {quoted} ] || {{ touch {quoted}/stop; rm -f {quoted}/heartbeat; }}"
 
 
 async def _wait_ended(target: Transport, scheduler: Scheduler, job_id: str, seconds: float, *,
@@ -394,19 +404,24 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     end, cancel it if it did not, then stop what remains on this host and remove the files."""
     logger = get_run_logger()
     cluster_dir = shlex.quote(plan.cluster_dir)
-    await target.run(f"[ ! -d {cluster_dir} ] || touch {cluster_dir}/stop", check=False, timeout=30)
+    await target.run(request_stop_command(plan.cluster_dir), check=False, timeout=30)
     # worker jobs (queued ones too), beside the head job's end: every one the cluster dir or the flow knows
     worker_jobs = [] if plan.settings.scheduler.value == "none" else await worker_job_ids_left(
         target, scheduler, plan.cluster_dir, plan.worker_jobs)
     ending_workers = asyncio.ensure_future(
         end_worker_jobs(target, scheduler, plan.cluster_dir, worker_jobs, grace=GRACEFUL_STOP_SECONDS))
     if plan.job_id:
-        state = await _wait_ended(target, scheduler, plan.job_id, GRACEFUL_STOP_SECONDS, or_queued=True)
+        # a running job's nodes told to look now; where the scheduler cannot tell them, the
+        # cancel comes at once (each node's trap stops it as well, only less gently)
+        state = await scheduler.state(target, plan.job_id)
+        woke = state.phase is JobPhase.running and await scheduler.wake(target, plan.job_id, plan.cluster_dir)
+        grace = GRACEFUL_STOP_SECONDS if woke else NOT_WOKEN_STOP_SECONDS
+        state = await _wait_ended(target, scheduler, plan.job_id, grace, or_queued=True)
         if state.phase is JobPhase.pending:
             logger.info("job %s still queued (%s): cancelling it", plan.job_id, state)
         elif state.phase is not JobPhase.ended:
-            logger.warning("job %s still %s %ds after the stop request: cancelling it", plan.job_id, state,
-                           GRACEFUL_STOP_SECONDS)
+            (logger.warning if woke else logger.info)("job %s still %s %ds after the stop request: cancelling it",
+                                                      plan.job_id, state, grace)
         if state.phase is not JobPhase.ended:
             await scheduler.cancel(target, plan.job_id, plan.cluster_dir)
             state = await _wait_ended(target, scheduler, plan.job_id, 120)
@@ -470,6 +485,7 @@ async def beat(target: Transport, plan: ClusterPlan) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            await target.run(f"[ ! -d {shlex.quote(plan.cluster_dir)} ] || touch {path}", check=False, timeout=30)
+            # -c: never made again once a stop removed it (a stop's sign to every node)
+            await target.run(f"touch -c {path}", check=False, timeout=30)
         except Exception as exc:  # a blip must not kill the flow; the switch has slack
             get_run_logger().warning("heartbeat failed: %s", exc)

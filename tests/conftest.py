@@ -27,6 +27,22 @@ def _clean_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_default_server(tmp_path_factory):
+    """A run with no server configured starts the user's default Prefect server (flows/user_server.py),
+    which would outlive the session in this user's home: the tests' own is under the session's
+    temp dir, and stopped at the end."""
+    state = tmp_path_factory.mktemp("default-server")
+    os.environ["AR_DEFAULT_SERVER_DIR"] = str(state)
+    yield
+    os.environ.pop("AR_DEFAULT_SERVER_DIR", None)
+    if (state / "pid").exists():
+        import subprocess
+
+        subprocess.run([PYTHON, "-m", "flows.user_server", "stop"], cwd=REPO, timeout=60, capture_output=True,
+                       env={**os.environ, "AR_DEFAULT_SERVER_DIR": str(state)})
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A real Prefect server on loopback for every flow the tests run, started once."""

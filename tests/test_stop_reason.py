@@ -51,3 +51,44 @@ def test_each_reason_to_stop(cluster, node_name):
 def test_a_removed_cluster_dir_stops_every_node(tmp_path):
     done = stop_reason(tmp_path / "gone", "node2")
     assert (done.stdout, done.stderr) == ("cluster dir removed\nEND\n", "")
+
+
+def glance(cluster_dir, node_name: str = "node2", trace: bool = False) -> subprocess.CompletedProcess:
+    """ar_stop_glance, as a running node's periodic look runs it (under strace when asked)."""
+    env = {"PATH": os.environ["PATH"], "AR_CLUSTER_DIR": str(cluster_dir), "AR_HEARTBEAT_TIMEOUT": "60",
+           "AR_NODE_NAME": node_name}
+    command = ["bash", "-c", f"set -euo pipefail; . {LIB}; ar_stop_glance; echo END"]
+    if trace:
+        command = ["strace", "-f", "-qq", "-e", "trace=%file,%stat", "-o", str(cluster_dir.parent / "trace"), *command]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
+
+
+def test_a_glance_is_one_metadata_operation_on_the_cluster_dir(cluster):
+    """Issue 34: a running node costs the shared filesystem one operation per look."""
+    if subprocess.run(["strace", "-V"], capture_output=True).returncode != 0:
+        pytest.skip("no strace")
+    done = glance(cluster, trace=True)
+    assert (done.returncode, done.stdout) == (0, "END\n"), done.stderr
+    touched = [line for line in (cluster.parent / "trace").read_text().splitlines() if str(cluster) in line]
+    assert len(touched) == 1 and "heartbeat" in touched[0], touched
+
+
+def test_a_glance_sees_a_stop_request_a_removed_dir_and_a_silent_flow(cluster):
+    # a stop request removes the heartbeat beside writing the stop file (ar_request_stop)
+    env = {"PATH": os.environ["PATH"], "AR_CLUSTER_DIR": str(cluster)}
+    subprocess.run(["bash", "-c", f". {LIB}; ar_request_stop"], env=env, check=True, timeout=10)
+    assert not (cluster / "heartbeat").exists() and (cluster / "stop").exists()
+    assert glance(cluster).stdout == "stop requested\nEND\n"
+    (cluster / "stop").unlink()
+    old = time.time() - 61
+    (cluster / "heartbeat").touch()
+    os.utime(cluster / "heartbeat", (old, old))
+    assert "dead-man switch" in glance(cluster).stdout
+    assert glance(cluster.parent / "gone").stdout == "cluster dir removed\nEND\n"
+
+
+def test_a_worker_job_s_removal_waits_for_the_full_look(cluster):
+    """The removal file is read when the node is told to look now (USR2), not at every glance."""
+    (cluster / "nodes" / "wjob-42.remove").touch()
+    assert glance(cluster, "wjob-42").stdout == "END\n"
+    assert "removed from the cluster" in stop_reason(cluster, "wjob-42").stdout

@@ -175,6 +175,20 @@ class Scheduler(ABC):
         """End the job. cluster_dir: the cluster's dir on the target, for a scheduler whose job
         id is a process group of the host (it signals only a group of that cluster's)."""
 
+    def wake_command(self, job_id: str) -> str:
+        """A command that sends USR2 ("look at the cluster dir now") to the running job's
+        supervisors, or "" where this scheduler cannot signal a job: the nodes then see a stop
+        at their next glance (AR_LOOK_EVERY), and a teardown cancels at once instead."""
+        return ""
+
+    async def wake(self, target: Transport, job_id: str, cluster_dir: str = "") -> bool:
+        """Tell a running job to look at its cluster dir now; whether the scheduler took it.
+        Only for a running job: a queued one has nobody to look, and is cancelled."""
+        command = self.wake_command(job_id) if self.job_id_re.match(job_id) else ""
+        if not command:
+            return False
+        return (await target.query(command)).returncode == 0
+
     @property
     def walltime_seconds(self) -> int | None:
         return None
@@ -208,6 +222,7 @@ class Scheduler(ABC):
         lines += [
             f"# activate-ray {what} ({self.name})",
             "set -euo pipefail",
+            "trap '' USR2  # the teardown's \"look now\": heard once the cluster watches (ray_lib.sh)",
             f"export AR_CLUSTER_DIR={shlex.quote(cluster_dir)}",
             '. "$AR_CLUSTER_DIR/cluster.env"',
         ]

@@ -45,6 +45,13 @@ class DirectScheduler(Scheduler):
         return (f"[ -e {lib} ] && [ -e {env} ] && ( . {env} && . {lib} && ar_group_is_ours {job_id} "
                 f"&& kill -{signal} -- -{job_id} ) >/dev/null 2>&1 || true")
 
+    async def wake(self, target: Transport, job_id: str, cluster_dir: str = "") -> bool:
+        # the supervisor's group holds every node's shell (Ray's own groups ignore USR2)
+        if command := self._to_own_group(job_id, cluster_dir, "USR2"):
+            await target.query(command)
+            return True
+        return False
+
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         # The supervisor's trap stops every node; shutdown_ray.sh then sweeps. The id was read
         # back from files (the cluster's, the run's state file): TERM goes to the group only

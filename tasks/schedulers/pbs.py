@@ -325,6 +325,12 @@ class PbsScheduler(Scheduler):
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"qdel {shlex.quote(job_id)}")
 
+    def wake_command(self, job_id: str) -> str:
+        # OpenPBS's qsig reaches the tasks on the job's first host (the head's supervisor),
+        # not the sister MoMs' (the workers glance; the head's end waits for them). Slurm's
+        # Torque wrappers have no qsig: exit 127, the teardown cancels at once.
+        return f"qsig -s USR2 {shlex.quote(job_id)}"
+
 
 # OpenPBS/Torque job_state letters.
 PBS_PHASES = {

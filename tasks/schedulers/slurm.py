@@ -236,6 +236,10 @@ class SlurmScheduler(Scheduler):
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"scancel {shlex.quote(job_id)}")
 
+    def wake_command(self, job_id: str) -> str:
+        # --full: the batch shell (the head's supervisor) and every step's tasks (the workers)
+        return f"scancel --full --signal=USR2 {shlex.quote(job_id)}"
+
 
 SLURM_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
