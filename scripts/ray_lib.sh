@@ -175,12 +175,13 @@ ar_stop_reason() {
 # A running node's periodic look: one metadata operation, the heartbeat's stat. A stop
 # request removes the heartbeat (ar_request_stop), so one stat sees a stop, a removed
 # cluster dir and a silent flow; only then (or when told to look now, USR2) the full
-# ar_stop_reason runs. A worker job's own removal comes with USR2 (the flow's
-# end_worker_jobs), or with its job's cancel.
+# ar_stop_reason runs. A worker job's node also looks for its own removal file (two
+# operations, so it glances half as often: ar_glance_every).
 ar_stop_glance() {
     local beat now
     if beat="$(stat -c %Y "$AR_CLUSTER_DIR/heartbeat" 2>/dev/null)" && printf -v now '%(%s)T' -1 \
-        && [ $((now - beat)) -le "$AR_HEARTBEAT_TIMEOUT" ]; then
+        && [ $((now - beat)) -le "$AR_HEARTBEAT_TIMEOUT" ] \
+        && { [[ "${AR_NODE_NAME:-}" != wjob-* ]] || [ ! -e "$AR_CLUSTER_DIR/nodes/$AR_NODE_NAME.remove" ]; }; then
         return 0
     fi
     ar_stop_reason
@@ -197,8 +198,14 @@ ar_request_stop() {
 # loop (which watches its own Ray without the filesystem): one metadata operation per
 # glance, 0.17 per second per node at 6 s (issue 34 asks for at most 0.2; 11.6 once). A stop
 # reaches a node at its next glance, or at once with USR2 ("look now"), which the flow's
-# teardown sends through the scheduler where it can (`scancel --full`, `qsig`).
+# teardown sends where it can (SLURM's `scancel --full`; the supervisor's group without one).
 AR_LOOK_EVERY="${AR_LOOK_EVERY:-6}"
+
+# Seconds between this node's glances: a worker job's costs two operations (ar_stop_glance),
+# so it glances half as often. usage: ar_glance_every NAME
+ar_glance_every() {
+    case "$1" in wjob-*) echo $((2 * AR_LOOK_EVERY)) ;; *) echo "$AR_LOOK_EVERY" ;; esac
+}
 
 # This node's checks (node_check.sh: Ray and Python, temp dir, space, limits, network), before
 # `ray start`: every row to <cluster dir>/checks/NAME.rows (`check --on-nodes` reads them); a row
@@ -338,7 +345,7 @@ ar_start_and_watch_ray() {
     # when this supervisor is SIGKILLed.
     # USR2 ignored by Ray for life (an ignored signal stays ignored across exec): it is the
     # "look now" signal to this node's shells, which a scheduler may deliver to every process
-    # of the job (OpenPBS's qsig signals the job's sessions)
+    # of the job (SLURM's `scancel --full`)
     trap '' USR2
     set -m
     [ "$attempt" = 1 ] || printf '\n--- start %s ---\n' "$attempt" >>"$AR_CLUSTER_DIR/logs/ray-$name.log"
@@ -397,7 +404,8 @@ ar_start_and_watch_ray() {
         ar_write_head_env "$host" "$ip" "${ports[0]}" "${ports[1]}" "${ports[2]}" all
         cat "$AR_CLUSTER_DIR/head.env"
     fi
-    local status=0 reason="" next_look=0
+    local status=0 reason="" next_look=0 every
+    every="$(ar_glance_every "$name")"
     ar_look_now=0
     trap 'ar_look_now=1' USR2
     # the process, not its group: the group exists only once setsid has run
@@ -409,7 +417,7 @@ ar_start_and_watch_ray() {
             reason="$(ar_stop_reason)"
             [ -z "$reason" ] || break
         elif [ "$SECONDS" -ge "$next_look" ]; then
-            next_look=$((SECONDS + AR_LOOK_EVERY))
+            next_look=$((SECONDS + every))
             reason="$(ar_stop_glance)"
             [ -z "$reason" ] || break
         fi

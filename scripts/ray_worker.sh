@@ -3,6 +3,9 @@
 # parallel launch (one srun step, pbs_tmrsh/pbsdsh, or ssh fan-out). Blocks while Ray runs.
 set -euo pipefail
 trap '' USR2  # the teardown's "look now": heard once the node watches (ar_start_and_watch_ray)
+# started over ssh, its output may be gone (the head's job ended first): a failed write must
+# not kill the node's own stop (SIGPIPE) before it removed its temp dir
+trap '' PIPE
 # shellcheck disable=SC1091
 . "$AR_CLUSTER_DIR/cluster.env"
 # shellcheck disable=SC1091

@@ -349,10 +349,9 @@ def forget_cluster_state(plan: ClusterPlan) -> None:
 
 
 # How long the nodes get to stop themselves once asked, before the scheduler is told to kill.
+# Told to look now they stop in a second or two; where the scheduler cannot tell them (PBS:
+# tasks/schedulers/pbs.py) they see the stop at their next glance (6 s).
 GRACEFUL_STOP_SECONDS = 20
-# ... when the scheduler could not tell them to look now (Slurm's Torque wrappers have no
-# qsig): a short wait, then the cancel, whose TERM each node's trap turns into its stop.
-NOT_WOKEN_STOP_SECONDS = 2
 
 
 def request_stop_command(cluster_dir: str) -> str:
@@ -411,17 +410,16 @@ async def teardown_cluster(target: Transport, scheduler: Scheduler, plan: Cluste
     ending_workers = asyncio.ensure_future(
         end_worker_jobs(target, scheduler, plan.cluster_dir, worker_jobs, grace=GRACEFUL_STOP_SECONDS))
     if plan.job_id:
-        # a running job's nodes told to look now; where the scheduler cannot tell them, the
-        # cancel comes at once (each node's trap stops it as well, only less gently)
+        # a running job's nodes told to look now (a queued one has nobody to tell: cancelled)
         state = await scheduler.state(target, plan.job_id)
-        woke = state.phase is JobPhase.running and await scheduler.wake(target, plan.job_id, plan.cluster_dir)
-        grace = GRACEFUL_STOP_SECONDS if woke else NOT_WOKEN_STOP_SECONDS
-        state = await _wait_ended(target, scheduler, plan.job_id, grace, or_queued=True)
+        if state.phase is JobPhase.running:
+            await scheduler.wake(target, plan.job_id, plan.cluster_dir)
+        state = await _wait_ended(target, scheduler, plan.job_id, GRACEFUL_STOP_SECONDS, or_queued=True)
         if state.phase is JobPhase.pending:
             logger.info("job %s still queued (%s): cancelling it", plan.job_id, state)
         elif state.phase is not JobPhase.ended:
-            (logger.warning if woke else logger.info)("job %s still %s %ds after the stop request: cancelling it",
-                                                      plan.job_id, state, grace)
+            logger.warning("job %s still %s %ds after the stop request: cancelling it", plan.job_id, state,
+                           GRACEFUL_STOP_SECONDS)
         if state.phase is not JobPhase.ended:
             await scheduler.cancel(target, plan.job_id, plan.cluster_dir)
             state = await _wait_ended(target, scheduler, plan.job_id, 120)

@@ -87,8 +87,14 @@ def test_a_glance_sees_a_stop_request_a_removed_dir_and_a_silent_flow(cluster):
     assert glance(cluster.parent / "gone").stdout == "cluster dir removed\nEND\n"
 
 
-def test_a_worker_job_s_removal_waits_for_the_full_look(cluster):
-    """The removal file is read when the node is told to look now (USR2), not at every glance."""
-    (cluster / "nodes" / "wjob-42.remove").touch()
+def test_a_worker_job_s_glance_also_sees_its_own_removal(cluster):
+    """A worker job's node glances at its removal file too (scale --remove, the adaptive loop,
+    where no scheduler can tell it to look now): two operations, so it glances half as often."""
     assert glance(cluster, "wjob-42").stdout == "END\n"
-    assert "removed from the cluster" in stop_reason(cluster, "wjob-42").stdout
+    (cluster / "nodes" / "wjob-42.remove").touch()
+    assert "removed from the cluster" in glance(cluster, "wjob-42").stdout
+    assert glance(cluster, "node2").stdout == "END\n"  # only a worker job is removed by a file
+    env = {"PATH": os.environ["PATH"], "AR_CLUSTER_DIR": str(cluster)}
+    every = subprocess.run(["bash", "-c", f". {LIB}; ar_glance_every wjob-42; ar_glance_every node2"], env=env,
+                           capture_output=True, text=True, timeout=10).stdout.split()
+    assert every == ["12", "6"], every

@@ -325,11 +325,10 @@ class PbsScheduler(Scheduler):
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"qdel {shlex.quote(job_id)}")
 
-    def wake_command(self, job_id: str) -> str:
-        # OpenPBS's qsig reaches the tasks on the job's first host (the head's supervisor),
-        # not the sister MoMs' (the workers glance; the head's end waits for them). Slurm's
-        # Torque wrappers have no qsig: exit 127, the teardown cancels at once.
-        return f"qsig -s USR2 {shlex.quote(job_id)}"
+    # No wake_command: OpenPBS's `qsig` signals every process of the job on its first host,
+    # the user's login shell that MoM starts to run the job script included, which USR2 kills
+    # (Exit_status 268, seen on the bed); Slurm's Torque wrappers have no qsig at all. A PBS
+    # cluster's nodes see a stop at their next glance (AR_LOOK_EVERY).
 
 
 # OpenPBS/Torque job_state letters.
