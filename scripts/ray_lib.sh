@@ -679,7 +679,12 @@ ar_supervise() {
             reason="$(ar_stop_glance)"
             [ -z "$reason" ] || break
         fi
-        if ! kill -0 "$head_pid" 2>/dev/null; then reason="head node's Ray ended"; break; fi
+        if ! kill -0 "$head_pid" 2>/dev/null; then
+            # the head node itself may have seen the stop first (each glances on its own)
+            reason="$(ar_stop_reason)"
+            [ -n "$reason" ] || reason="head node's Ray ended"
+            break
+        fi
         # the allocation's end (AR_DEADLINE, cluster_main.sh): the flow stops the job and the
         # cluster walltime_margin before it; this stops the cluster if the flow did not
         printf -v now '%(%s)T' -1

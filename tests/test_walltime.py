@@ -199,8 +199,8 @@ def test_slurm_keep_alive_cluster_ends_walltime_reached(work, prefect_api, bed):
 
 
 def test_ctrl_c_cancels_the_queued_successor_allocations_too(work, prefect_api, bed):
-    """continue_after_walltime 2 queues two successors beside the running job; Ctrl-C to the
-    run's process group cancels all three (the last queued first) and leaves nothing."""
+    """continue_after_walltime 2 queues two successors beside the running job; Ctrl-C cancels
+    all three (the last queued first) and leaves nothing."""
     flow = BackgroundFlow(bed, ["--scheduler", "slurm", "--work-dir", str(work / "w"), "--slurm.walltime", "10",
                                 "--continue-after-walltime", "2", "--readiness-timeout", "120", "--keep-alive",
                                 *SMALL], work, prefect_api)
@@ -208,8 +208,8 @@ def test_ctrl_c_cancels_the_queued_successor_allocations_too(work, prefect_api, 
         info = flow.wait_ready(timeout=180)
         jobs = {line.split()[0]: line.split()[1] for line in bed.live_jobs()}
         assert len(jobs) == 3 and list(jobs.values()).count("PENDING") == 2, jobs
-        flow.signal_group(signal.SIGINT)
-        assert flow.wait(timeout=30) == 130, flow.output[-3000:]
+        flow.send_signal(signal.SIGINT)
+        assert flow.wait(timeout=60) == 130, flow.output[-3000:]
         assert "cancelling the successor allocation(s) still queued: 2 (job" in flow.output, flow.output[-3000:]
         for job_id in jobs:
             bed.wait_job(job_id, timeout=60)
