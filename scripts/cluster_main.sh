@@ -84,8 +84,5 @@ for _ in $(seq 1 $(((${AR_PORTS_WAIT:-180} + 30) * 10))); do
 done
 [ -e "$AR_CLUSTER_DIR/head.env" ] || { echo "RAY_FAILED=head not up after $((${AR_PORTS_WAIT:-180} + 30))s" >>"$AR_CLUSTER_DIR/status"; exit 1; }
 [ -z "$AR_DEADLINE" ] || ar_log "the allocation ends at $(date -d "@$AR_DEADLINE" '+%F %T %Z') ($AR_DEADLINE)"
-# the launchers ignore the "look now" signal (USR2) for life, as Ray does (ar_run_node); the job
-# script ignored it from its first line, and ar_supervise hears it from here on
-trap '' USR2
 ar_launch_workers
 ar_supervise "$head_pid"

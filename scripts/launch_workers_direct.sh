@@ -3,10 +3,10 @@
 # once. Sourced by the job script (which has sourced cluster.env and ray_lib.sh's users).
 # No worker jobs without a scheduler (scale options need one).
 ar_cancel_job() { :; }
-# The workers are this shell's background jobs: USR2 ("look now") to each.
+# The workers are this shell's background jobs: WINCH ("look now") to each.
 ar_wake_workers() {
     # shellcheck disable=SC2046 # one word per job pid
-    kill -USR2 -- $(jobs -pr) 2>/dev/null || true
+    kill -WINCH -- $(jobs -pr) 2>/dev/null || true
 }
 # No allocation, no end.
 ar_job_deadline() { :; }

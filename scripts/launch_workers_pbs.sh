@@ -21,8 +21,8 @@ ar_pbs_command() {
 
 # Cancel one of the cluster's worker jobs (cluster_main.sh, when the cluster ends without the flow).
 ar_cancel_job() { "$(ar_pbs_command qdel)" -- "$1" 2>/dev/null || true; }
-# The workers see a stop at their next glance (no PBS signal reaches them safely: tasks/schedulers/pbs.py);
-# the head's end waits for them (cluster_main.sh).
+# The workers see a stop at their next glance: qsig reaches only the job's first host
+# (tasks/schedulers/pbs.py); the head's end waits for them (cluster_main.sh).
 ar_wake_workers() { :; }
 
 # The allocation's end, Unix seconds: the job's start (qstat's stime, else when this script

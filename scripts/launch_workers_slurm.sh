@@ -4,8 +4,8 @@
 # Cancel one of the cluster's worker jobs (cluster_main.sh, when the cluster ends without the flow).
 ar_cancel_job() { scancel -- "$1" 2>/dev/null || true; }
 # Tell every worker to look at the cluster dir now (cluster_main.sh, when the cluster stops):
-# USR2 to the job's steps (the workers' supervisors; Ray ignores it).
-ar_wake_workers() { scancel --signal=USR2 -- "$SLURM_JOB_ID" 2>/dev/null || true; }
+# WINCH to the job's steps (the workers' supervisors; every other process ignores it).
+ar_wake_workers() { scancel --signal=WINCH -- "$SLURM_JOB_ID" 2>/dev/null || true; }
 
 # The allocation's end, Unix seconds, as the controller has it (empty if it can not be read):
 # Slurm's own SLURM_JOB_END_TIME (23.02+), else squeue's %e, a local time of this host's zone.

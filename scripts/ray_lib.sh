@@ -174,7 +174,7 @@ ar_stop_reason() {
 
 # A running node's periodic look: one metadata operation, the heartbeat's stat. A stop
 # request removes the heartbeat (ar_request_stop), so one stat sees a stop, a removed
-# cluster dir and a silent flow; only then (or when told to look now, USR2) the full
+# cluster dir and a silent flow; only then (or when told to look now, WINCH) the full
 # ar_stop_reason runs. A worker job's node also looks for its own removal file (two
 # operations, so it glances half as often: ar_glance_every).
 ar_stop_glance() {
@@ -197,8 +197,11 @@ ar_request_stop() {
 # How often (seconds) a running node glances at the shared cluster dir, beyond its 0.5 s
 # loop (which watches its own Ray without the filesystem): one metadata operation per
 # glance, 0.17 per second per node at 6 s (issue 34 asks for at most 0.2; 11.6 once). A stop
-# reaches a node at its next glance, or at once with USR2 ("look now"), which the flow's
-# teardown sends where it can (SLURM's `scancel --full`; the supervisor's group without one).
+# reaches a node at its next glance, or at once with WINCH ("look now"), which the flow's
+# teardown sends through the scheduler (`scancel --full`, `qsig`; the supervisor's group
+# without one). WINCH because its default action is to be ignored: every other process of
+# the job that the scheduler signals with it (the user's login shell OpenPBS runs the job
+# script under, Ray, sleep) carries on.
 AR_LOOK_EVERY="${AR_LOOK_EVERY:-6}"
 
 # Seconds between this node's glances: a worker job's costs two operations (ar_stop_glance),
@@ -343,10 +346,6 @@ ar_start_and_watch_ray() {
     # that group; but not a session of its own (setsid): a batch system ends a job by its
     # sessions (OpenPBS's MoM kills each task's session), and Ray must end with the job even
     # when this supervisor is SIGKILLed.
-    # USR2 ignored by Ray for life (an ignored signal stays ignored across exec): it is the
-    # "look now" signal to this node's shells, which a scheduler may deliver to every process
-    # of the job (SLURM's `scancel --full`)
-    trap '' USR2
     set -m
     [ "$attempt" = 1 ] || printf '\n--- start %s ---\n' "$attempt" >>"$AR_CLUSTER_DIR/logs/ray-$name.log"
     "${launch[@]}" "${args[@]}" >>"$AR_CLUSTER_DIR/logs/ray-$name.log" 2>&1 </dev/null &
@@ -407,7 +406,7 @@ ar_start_and_watch_ray() {
     local status=0 reason="" next_look=0 every
     every="$(ar_glance_every "$name")"
     ar_look_now=0
-    trap 'ar_look_now=1' USR2
+    trap 'ar_look_now=1' WINCH
     # the process, not its group: the group exists only once setsid has run
     while kill -0 "$pgid" 2>/dev/null; do
         # Ray's own end is seen at once (no filesystem involved); the shared dir at a glance
@@ -430,7 +429,7 @@ ar_start_and_watch_ray() {
         reason="Ray ended (exit $status)"
         # before the flow found the cluster ready (its `ready` file): a start that failed
         if [ "$role" = worker ] && [ ! -e "$AR_CLUSTER_DIR/ready" ]; then
-            trap - TERM INT HUP USR1; trap '' USR2
+            trap - TERM INT HUP USR1 WINCH
             ar_stop_node "$name" "$pgid" "$tmp" "Ray ended while starting (exit $status)"
             return "$AR_ENDED_WHILE_STARTING"
         fi
@@ -439,7 +438,7 @@ ar_start_and_watch_ray() {
         [ "$role" = head ] || printf 'RAY_FAILED=worker %s on %s: Ray ended by itself (exit %s), see %s\n' \
             "$name" "$host" "$status" "$AR_CLUSTER_DIR/logs/ray-$name.log" >>"$AR_CLUSTER_DIR/status"
     fi
-    trap - TERM INT HUP USR1; trap '' USR2
+    trap - TERM INT HUP USR1 WINCH
     ar_stop_node "$name" "$pgid" "$tmp" "$reason"
     return "$status"
 }
@@ -494,7 +493,7 @@ ar_stop_node() {
     local name="$1" pgid="$2" tmp="$3" reason="$4"
     # a stop once begun is finished: a scheduler's TERM to every task of the job (its end)
     # arriving now must not cut the temp dir's removal short (its KILL still can, later)
-    trap '' TERM INT HUP USR1 USR2
+    trap '' TERM INT HUP USR1
     ar_stop_group "$pgid"
     # again: a process the group forked while it was being killed (a raylet starting its
     # agent as it ended) is in the same group and would outlive the node
@@ -668,7 +667,7 @@ ar_launcher_ended() {
 ar_supervise() {
     local head_pid="$1" reason="" next_look=0 now
     ar_look_now=0
-    trap 'ar_look_now=1' USR2  # the flow's teardown: look at the stop file now
+    trap 'ar_look_now=1' WINCH  # the flow's teardown: look at the stop file now
     while :; do
         if [ "$ar_look_now" = 1 ]; then
             ar_look_now=0

@@ -2,7 +2,6 @@
 # One worker node, started on every non-head node by the scheduler's single
 # parallel launch (one srun step, pbs_tmrsh/pbsdsh, or ssh fan-out). Blocks while Ray runs.
 set -euo pipefail
-trap '' USR2  # the teardown's "look now": heard once the node watches (ar_start_and_watch_ray)
 # started over ssh, its output may be gone (the head's job ended first): a failed write must
 # not kill the node's own stop (SIGPIPE) before it removed its temp dir
 trap '' PIPE

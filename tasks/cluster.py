@@ -349,8 +349,8 @@ def forget_cluster_state(plan: ClusterPlan) -> None:
 
 
 # How long the nodes get to stop themselves once asked, before the scheduler is told to kill.
-# Told to look now they stop in a second or two; where the scheduler cannot tell them (PBS:
-# tasks/schedulers/pbs.py) they see the stop at their next glance (6 s).
+# Told to look now they stop in a second or two; where the scheduler cannot tell them (Torque's
+# wrappers, PBS's sister hosts: tasks/schedulers/pbs.py) they see the stop at their next glance (6 s).
 GRACEFUL_STOP_SECONDS = 20
 
 

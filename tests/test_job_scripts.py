@@ -128,12 +128,12 @@ def test_worker_job_script_is_the_reviewed_one(name):
 
 
 @pytest.mark.parametrize(("name", "job_id", "command"), [
-    ("slurm", "123", "scancel --full --signal=USR2 123"),
-    # qsig would kill the login shell OpenPBS runs the job script under: PBS nodes glance
-    ("pbs", "12.login.example.org", ""),
+    ("slurm", "123", "scancel --full --signal=WINCH 123"),
+    # WINCH: ignored by default, so the login shell OpenPBS runs the job script under lives
+    ("pbs", "12.login.example.org", "command -v qsig >/dev/null && qsig -s WINCH 12.login.example.org"),
 ])
 def test_a_running_job_is_told_to_look_now_through_its_scheduler(name, job_id, command):
-    """The teardown's "look now" (USR2) to a running job's supervisors, where the scheduler can
+    """The teardown's "look now" (WINCH) to a running job's supervisors, where the scheduler can
     send it; an id of another shape is never signalled."""
     scheduler = scheduler_for(settings(**GOLDEN_SETTINGS[name]))
     assert scheduler.wake_command(job_id) == command

@@ -176,7 +176,7 @@ class Scheduler(ABC):
         id is a process group of the host (it signals only a group of that cluster's)."""
 
     def wake_command(self, job_id: str) -> str:
-        """A command that sends USR2 ("look at the cluster dir now") to the running job's
+        """A command that sends WINCH ("look at the cluster dir now") to the running job's
         supervisors, or "" where this scheduler cannot signal a job: the nodes then see a stop
         at their next glance (AR_LOOK_EVERY), and a teardown cancels at once instead."""
         return ""
@@ -222,7 +222,6 @@ class Scheduler(ABC):
         lines += [
             f"# activate-ray {what} ({self.name})",
             "set -euo pipefail",
-            "trap '' USR2  # the teardown's \"look now\": heard once the cluster watches (ray_lib.sh)",
             f"export AR_CLUSTER_DIR={shlex.quote(cluster_dir)}",
             '. "$AR_CLUSTER_DIR/cluster.env"',
         ]

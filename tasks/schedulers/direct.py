@@ -46,8 +46,8 @@ class DirectScheduler(Scheduler):
                 f"&& kill -{signal} -- -{job_id} ) >/dev/null 2>&1 || true")
 
     async def wake(self, target: Transport, job_id: str, cluster_dir: str = "") -> bool:
-        # the supervisor's group holds every node's shell (Ray's own groups ignore USR2)
-        if command := self._to_own_group(job_id, cluster_dir, "USR2"):
+        # the supervisor's group holds every node's shell (WINCH: ignored by every other process)
+        if command := self._to_own_group(job_id, cluster_dir, "WINCH"):
             await target.query(command)
             return True
         return False

@@ -325,10 +325,13 @@ class PbsScheduler(Scheduler):
     async def cancel(self, target: Transport, job_id: str, cluster_dir: str = "") -> None:
         await target.query(f"qdel {shlex.quote(job_id)}")
 
-    # No wake_command: OpenPBS's `qsig` signals every process of the job on its first host,
-    # the user's login shell that MoM starts to run the job script included, which USR2 kills
-    # (Exit_status 268, seen on the bed); Slurm's Torque wrappers have no qsig at all. A PBS
-    # cluster's nodes see a stop at their next glance (AR_LOOK_EVERY).
+    def wake_command(self, job_id: str) -> str:
+        # qsig signals every process of the job on its first host (the head's supervisor, and
+        # the user's login shell that MoM runs the job script under: WINCH, ignored by default,
+        # leaves it alone where USR2 killed it, Exit_status 268); not the sister hosts' tasks,
+        # which see the stop at their next glance. Slurm's Torque wrappers have no qsig: exit
+        # 127, and the nodes glance.
+        return f"command -v qsig >/dev/null && qsig -s WINCH {shlex.quote(job_id)}"
 
 
 # OpenPBS/Torque job_state letters.

@@ -238,7 +238,7 @@ class SlurmScheduler(Scheduler):
 
     def wake_command(self, job_id: str) -> str:
         # --full: the batch shell (the head's supervisor) and every step's tasks (the workers)
-        return f"scancel --full --signal=USR2 {shlex.quote(job_id)}"
+        return f"scancel --full --signal=WINCH {shlex.quote(job_id)}"
 
 
 SLURM_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}

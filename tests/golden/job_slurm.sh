@@ -13,7 +13,6 @@
 #SBATCH --constraint=a100
 # activate-ray cluster ar-0123abcd (slurm)
 set -euo pipefail
-trap '' USR2  # the teardown's "look now": heard once the cluster watches (ray_lib.sh)
 export AR_CLUSTER_DIR=/scratch/alice/activate-ray/clusters/ar-0123abcd
 . "$AR_CLUSTER_DIR/cluster.env"
 . "$AR_CLUSTER_DIR/bin/launch_workers_slurm.sh"

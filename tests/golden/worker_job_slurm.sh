@@ -12,7 +12,6 @@
 #SBATCH --partition=gpu-short
 # activate-ray worker job of cluster ar-0123abcd (slurm)
 set -euo pipefail
-trap '' USR2  # the teardown's "look now": heard once the cluster watches (ray_lib.sh)
 export AR_CLUSTER_DIR=/scratch/alice/activate-ray/clusters/ar-0123abcd
 . "$AR_CLUSTER_DIR/cluster.env"
 export AR_NUM_CPUS=16
