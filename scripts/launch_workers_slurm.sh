@@ -5,7 +5,8 @@
 ar_cancel_job() { scancel -- "$1" 2>/dev/null || true; }
 # Tell every worker to look at the cluster dir now (cluster_main.sh, when the cluster stops):
 # WINCH to the job's steps (the workers' supervisors; every other process ignores it).
-ar_wake_workers() { scancel --signal=WINCH -- "$SLURM_JOB_ID" 2>/dev/null || true; }
+# (by number: scancel knows no name WINCH)
+ar_wake_workers() { scancel --signal="$(kill -l WINCH)" -- "$SLURM_JOB_ID" 2>/dev/null || true; }
 
 # The allocation's end, Unix seconds, as the controller has it (empty if it can not be read):
 # Slurm's own SLURM_JOB_END_TIME (23.02+), else squeue's %e, a local time of this host's zone.

@@ -128,7 +128,7 @@ def test_worker_job_script_is_the_reviewed_one(name):
 
 
 @pytest.mark.parametrize(("name", "job_id", "command"), [
-    ("slurm", "123", "scancel --full --signal=WINCH 123"),
+    ("slurm", "123", "scancel --full --signal=28 123"),
     # WINCH: ignored by default, so the login shell OpenPBS runs the job script under lives
     ("pbs", "12.login.example.org", "command -v qsig >/dev/null && qsig -s WINCH 12.login.example.org"),
 ])

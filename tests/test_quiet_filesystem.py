@@ -3,7 +3,7 @@ at once: as the bed's user, a 3-node SLURM keep-alive cluster; one worker's supe
 everything it runs) straced for 30 s at steady state, counting operations on the cluster
 dir: at most 0.2 per second (one glance at the heartbeat every AR_LOOK_EVERY=6 s). Then
 Ctrl-C to the flow's process group: the nodes are told to look now through the scheduler
-(`scancel --full --signal=WINCH`), and nothing of the cluster is left on any host within 10 s."""
+(`scancel --full --signal=28`, WINCH), and nothing of the cluster is left on any host within 10 s."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 from typing import TYPE_CHECKING
 
 from pydantic import ConfigDict
@@ -237,8 +238,9 @@ class SlurmScheduler(Scheduler):
         await target.query(f"scancel {shlex.quote(job_id)}")
 
     def wake_command(self, job_id: str) -> str:
-        # --full: the batch shell (the head's supervisor) and every step's tasks (the workers)
-        return f"scancel --full --signal=WINCH {shlex.quote(job_id)}"
+        # --full: the batch shell (the head's supervisor) and every step's tasks (the workers).
+        # By number: scancel knows no name WINCH (28 on every Linux a site runs: x86, ARM, POWER)
+        return f"scancel --full --signal={int(signal.SIGWINCH)} {shlex.quote(job_id)}"
 
 
 SLURM_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
