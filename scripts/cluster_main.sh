@@ -27,15 +27,18 @@ ar_cancel_worker_jobs() {
     done
 }
 
-# Every node stops itself once the stop file exists (ar_run_node): workers
-# started over ssh included, which a signal here would not reach.
+# Every node stops itself once asked (ar_run_node: its logs kept, its temp dir removed):
+# workers started over ssh included, which a signal here would not reach. What did not,
+# on this host, is swept after.
 ar_cleanup() {
     local status="$1" _
     trap - EXIT TERM INT HUP USR1
     ar_request_stop
+    # told to look now: this shell's own nodes (the head's; every node without a scheduler)
+    # shellcheck disable=SC2046 # one word per job pid
+    kill -WINCH $(jobs -pr) 2>/dev/null || true
     ar_wake_workers
     [ "$status" = 0 ] || ar_cancel_worker_jobs
-    ar_stop_cluster_here
     # the worker launch (srun step, pbsdsh, ssh clients) ends once its nodes stopped: at
     # their next glance at the latest (a scheduler that ends the job kills what is left,
     # OpenPBS's sister MoMs with KILL, so the nodes get the time to stop themselves)
@@ -43,6 +46,7 @@ ar_cleanup() {
         [ -z "$(jobs -pr)" ] && break
         sleep 0.1
     done
+    ar_stop_cluster_here
     # shellcheck disable=SC2046 # one word per job pid
     kill -- $(jobs -pr) 2>/dev/null || true
     wait 2>/dev/null || true

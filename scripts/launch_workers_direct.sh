@@ -3,11 +3,8 @@
 # once. Sourced by the job script (which has sourced cluster.env and ray_lib.sh's users).
 # No worker jobs without a scheduler (scale options need one).
 ar_cancel_job() { :; }
-# The workers are this shell's background jobs: WINCH ("look now") to each.
-ar_wake_workers() {
-    # shellcheck disable=SC2046 # one word per job pid
-    kill -WINCH -- $(jobs -pr) 2>/dev/null || true
-}
+# The workers are this shell's background jobs, told to look now with the head (cluster_main.sh).
+ar_wake_workers() { :; }
 # No allocation, no end.
 ar_job_deadline() { :; }
 
