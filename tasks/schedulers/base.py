@@ -178,7 +178,7 @@ class Scheduler(ABC):
     def wake_command(self, job_id: str) -> str:
         """A command that sends WINCH ("look at the cluster dir now") to the running job's
         supervisors, or "" where this scheduler cannot signal a job: the nodes then see a stop
-        at their next glance (AR_LOOK_EVERY), and a teardown cancels at once instead."""
+        at their next glance (AR_LOOK_EVERY in scripts/ray_lib.sh)."""
         return ""
 
     async def wake(self, target: Transport, job_id: str, cluster_dir: str = "") -> bool:
