@@ -46,7 +46,7 @@ ar_cleanup() {
         [ -z "$(jobs -pr)" ] && break
         sleep 0.1
     done
-    ar_stop_cluster_here
+    ar_stop_cluster_here allocation
     # shellcheck disable=SC2046 # one word per job pid
     kill -- $(jobs -pr) 2>/dev/null || true
     wait 2>/dev/null || true

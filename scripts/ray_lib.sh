@@ -540,12 +540,14 @@ ar_group_is_ours() {
 # still running when the cluster stops. They lead their own process group and carry the
 # cluster's environment (AR_CLUSTER_ID=<id>, from the node's `ray start`). The launchers
 # (srun, pbs_tmrsh, ssh) carry it too but lead no group: they end with their workers.
+# usage: ar_stop_cluster_env_processes [SPARED_GROUP...] (groups left to their own node's stop)
 ar_stop_cluster_env_processes() {
-    local pid pids=() me
+    local pid pids=() me spared=" $* "
     [ -n "${AR_CLUSTER_ID:-}" ] || return 0
     me="$(id -u)"
     for pid in $(pgrep -u "$me" -U "$me" 2>/dev/null); do
         case "$pid" in "$$" | "${BASHPID:-$$}" | "$PPID") continue ;; esac
+        case "$spared" in *" $pid "*) continue ;; esac
         [ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] || continue
         if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF -- "AR_CLUSTER_ID=$AR_CLUSTER_ID"; then
             pids+=("$pid")
@@ -583,14 +585,18 @@ ar_stop_group() {
 # other hosts recorded is never acted on here (a PID or a /tmp path means
 # nothing outside its own host).
 # Never `ray stop`: that would stop other clusters of the same user.
+# usage: ar_stop_cluster_here [allocation] (allocation: not the worker jobs' nodes, which
+# stop themselves and end with their own jobs; a job's end must not race them on their host)
 ar_stop_cluster_here() {
-    local file host pgid pids here tmp
+    local file host pgid pids here tmp skip=/ spared=()
+    [ "${1:-}" != allocation ] || skip=wjob-
     here="$(ar_host)"
     for file in "$AR_CLUSTER_DIR"/nodes/*.pgid; do
         [ -e "$file" ] || continue
         pgid=""
         read -r host pgid <"$file" || [ -n "$pgid" ] || continue
         [ "$host" = "$here" ] || continue
+        case "${file##*/}" in "$skip"*) spared+=("$pgid"); continue ;; esac
         # a record that is no number is left alone (and reported as not stopped)
         case "$pgid" in '' | *[!0-9]*) continue ;; esac
         {
@@ -600,10 +606,11 @@ ar_stop_cluster_here() {
         } &
     done
     wait
-    ar_stop_cluster_env_processes
+    ar_stop_cluster_env_processes "${spared[@]}"
     [ -z "${AR_CONTAINER_IMAGE:-}" ] || ar_container_stop_here
     for file in "$AR_CLUSTER_DIR"/nodes/*.tmp; do
         [ -e "$file" ] || continue
+        case "${file##*/}" in "$skip"*) continue ;; esac
         tmp=""
         read -r host tmp <"$file" || [ -n "$tmp" ] || continue
         [ "$host" = "$here" ] || continue
