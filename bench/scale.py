@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.common import BENCH, FLOW_SIZE, REPO, log, median, record_failure
 from tasks.shipped import SCRIPTS_DIR
-from tests.helpers import PrefectServer
+from tests.helpers import PrefectServer, supervisor_metadata_ops
 
 BEGIN, END = "<!-- scale: written by python -m bench.scale -->", "<!-- /scale -->"
 NODE_COUNTS = [1, 4, 8, 16]
@@ -32,19 +32,8 @@ AR_LOOK_EVERY = re.search(r'AR_LOOK_EVERY="\$\{AR_LOOK_EVERY:-(\d+)\}"', (SCRIPT
 
 
 def strace_metadata_ops(bed, cluster_dir: str, node: str, seconds: float = STRACE_S) -> dict:
-    """Operations on the cluster dir (stat, open, access...) by one worker's supervisor and
-    everything it runs (strace -f), per second, over `seconds` of a running cluster."""
-    found = [(pid, cmd) for host, pid, _, cmd in bed.processes(user=bed.user)
-             if host == node and "ray_worker.sh" in cmd and cmd.split(" ", 1)[0].endswith("bash")]
-    if not found:
-        raise RuntimeError(f"no worker supervisor on {node}")
-    pid = min(p for p, _ in found)  # the first: the supervisor, not a subshell of it
-    out = BENCH / f"strace-{node}.txt"
-    subprocess.run(["timeout", "-s", "INT", str(seconds), "strace", "-f", "-qq", "-e", "trace=%file,%stat",
-                    "-o", str(out), "-p", str(pid)], capture_output=True)
-    lines = out.read_text(errors="replace").splitlines() if out.exists() else []
-    on_dir = [line for line in lines if cluster_dir in line]
-    out.unlink(missing_ok=True)
+    """Operations on the cluster dir by one worker's supervisor, per second (strace -f)."""
+    on_dir = supervisor_metadata_ops(bed, node, cluster_dir, seconds, BENCH / f"strace-{node}.txt")
     return {"node": node, "seconds": seconds, "ops": len(on_dir), "per_s": len(on_dir) / seconds,
             "kinds": sorted({m.group(1) for line in on_dir if (m := re.search(r"(\w+)\(", line))})}
 

@@ -338,3 +338,18 @@ class KeepKilling(threading.Thread):
     def __exit__(self, *exc):
         self.done.set()
         self.join(35)
+
+
+def supervisor_metadata_ops(bed, node: str, cluster_dir: str, seconds: float, out: Path) -> list[str]:
+    """The calls naming the cluster dir (stat, open, access...) by the first worker supervisor on
+    `node` and everything it runs (strace -f), over `seconds` of a running cluster (issue 34)."""
+    found = [pid for host, pid, _, cmd in bed.processes(user=bed.user)
+             if host == node and "ray_worker.sh" in cmd and cmd.split(" ", 1)[0].endswith("bash")]
+    if not found:
+        raise RuntimeError(f"no worker supervisor on {node}")
+    # the first: the supervisor, not a subshell of it
+    subprocess.run(["timeout", "-s", "INT", str(seconds), "strace", "-f", "-qq", "-e", "trace=%file,%stat",
+                    "-o", str(out), "-p", str(min(found))], capture_output=True)
+    lines = out.read_text(errors="replace").splitlines() if out.exists() else []
+    out.unlink(missing_ok=True)
+    return [line for line in lines if cluster_dir in line]

@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 import time
 
 import pytest
 
-from tests.helpers import BackgroundFlow, assert_nothing_left, batch_args, wait_for
+from tests.helpers import BackgroundFlow, assert_nothing_left, batch_args, supervisor_metadata_ops, wait_for
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(300)]
 
 STRACE_S = 30
-
-
-def supervisor_operations(bed, node: str, cluster_dir: str, seconds: float, out) -> list[str]:
-    """Every file or stat call naming the cluster dir, by the worker's supervisor on `node`."""
-    found = [pid for host, pid, _, cmd in bed.processes(user=bed.user)
-             if host == node and "ray_worker.sh" in cmd and cmd.split(" ", 1)[0].endswith("bash")]
-    assert found, f"no worker supervisor on {node}"
-    subprocess.run(["timeout", "-s", "INT", str(seconds), "strace", "-f", "-qq", "-e", "trace=%file,%stat",
-                    "-o", str(out), "-p", str(min(found))], capture_output=True)
-    return [line for line in out.read_text(errors="replace").splitlines() if cluster_dir in line]
 
 
 def test_a_running_cluster_is_quiet_on_the_shared_filesystem_and_stops_at_once(work, prefect_api, bed):
@@ -38,7 +27,7 @@ def test_a_running_cluster_is_quiet_on_the_shared_filesystem_and_stops_at_once(w
         time.sleep(3)  # past the start's own writes (ports, temp-dir records)
         worker = next(n["node"] for n in info["nodes"] if n["node"] != info["head_node"])
         cluster_dir = str(work / "w" / "clusters" / info["cluster_id"])
-        ops = supervisor_operations(bed, worker, cluster_dir, STRACE_S, work / "strace.txt")
+        ops = supervisor_metadata_ops(bed, worker, cluster_dir, STRACE_S, work / "strace.txt")
         per_second = len(ops) / STRACE_S
         print(f"steady state: {len(ops)} metadata operations in {STRACE_S} s ({per_second:.2f}/s) on {worker}")
         assert per_second <= 0.2, ops
