@@ -211,6 +211,17 @@ class BackgroundFlow:
         match = CLUSTER_ID_RE.search(self.output)
         return match.group(1) if match else None
 
+    def stop(self) -> None:
+        """After a failed check: as a user stops it (SIGTERM, its teardown), so one failure
+        leaves nothing behind to fail the session-end check too; SIGKILL if that hangs."""
+        if self.process.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                self.process.wait(90)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
     def kill(self) -> None:
         if self.process.poll() is None:
             try:
@@ -304,6 +315,22 @@ def assert_nothing_left(bed, cluster_id: str | None, work: Path | None = None, s
     assert left == [], f"cluster {cluster_id} left behind:\n" + "\n".join(left)
     assert not (bed.user.home / ".ray" / "auth_token").exists(), \
         "a stray ~/.ray/auth_token would turn auth on for the user's other clusters"
+
+
+# More CPUs than the cluster's one node has: it runs only once a worker job of 2 CPUs joined.
+BIG_TASK = textwrap.dedent(
+    """
+    import socket
+    import ray
+    ray.init()
+
+    @ray.remote(num_cpus=2)
+    def big():
+        return socket.gethostname()
+
+    print("BIG_ON=" + ray.get(big.remote()))
+    """
+)
 
 
 def batch_args(work: Path, *extra, scheduler: str = "slurm", readiness: int = 120) -> list[str]:

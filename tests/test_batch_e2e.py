@@ -114,7 +114,7 @@ def test_teardown_never_signals_a_compute_nodes_pid_on_the_login_node(work, pref
         survivors = alive_on_login(bed, decoys)
         assert len(survivors) == len(decoys), f"decoys killed: {sorted(set(decoys) - set(survivors))[:20]}"
     finally:
-        flow.kill()
+        flow.stop()
         bed.run_login(["pkill", "-KILL", "-u", bed.user_name, "-x", "sleep"])
 
 

@@ -108,7 +108,7 @@ def test_the_default_server_shows_a_neighbour_nothing_and_holds_the_secret_maske
                  "the Cancelled state")
         assert secret not in json.dumps(prefect_get(f"{api}/logs/filter", auth, {}, bed=bed))
     finally:
-        flow.kill()
+        flow.stop()
         stop_default_server(bed, work)
 
 
@@ -144,4 +144,4 @@ def one_signalled_run(bed, work, run_work, path: str, prefect_api: str, sig: int
         assert state["type"] == "CANCELLED" and f"stopped by {sig.name}" in state["message"], state
         return round(exited, 1)
     finally:
-        flow.kill()
+        flow.stop()

@@ -34,7 +34,7 @@ def test_sigterm_tears_down(work, prefect_api, bed):
         assert state["type"] == "CANCELLED" and "stopped by SIGTERM" in state["message"], state
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_sigkill_fires_the_dead_man_switch(work, prefect_api, bed):
@@ -63,7 +63,7 @@ def test_sigkill_fires_the_dead_man_switch(work, prefect_api, bed):
         fields = bed.job_fields(info["job_id"])
         assert fields.get("JobState") == "FAILED", fields
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_workflow_cleanup_tears_down_after_the_flow_was_killed(work, prefect_api, bed):
@@ -93,7 +93,7 @@ def test_workflow_cleanup_tears_down_after_the_flow_was_killed(work, prefect_api
         (bed.user.home / ".activate-ray" / "runs" / f"{info['cluster_id']}.json").unlink(missing_ok=True)
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_worker_node_killed_mid_run_is_reported_and_cluster_stopped(work, prefect_api, bed):
@@ -109,7 +109,7 @@ def test_worker_node_killed_mid_run_is_reported_and_cluster_stopped(work, prefec
         assert "Ray node(s) lost" in flow.output and "node_failure=stop" in flow.output
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_login_sshd_restarted_mid_run(work, prefect_api, bed):
@@ -126,7 +126,7 @@ def test_login_sshd_restarted_mid_run(work, prefect_api, bed):
         assert "SLOW_JOB_DONE" in flow.output
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_second_cluster_on_the_same_host_survives_the_first_ones_teardown(work, prefect_api, bed):

@@ -142,7 +142,7 @@ def test_on_failure_keep_leaves_the_failed_cluster_up_for_that_long_then_nothing
         assert time.monotonic() - kept_at >= 5  # kept about 15 s, not torn down at the failure
         assert "ray-cluster failed (user job failed)" in flow.output
     finally:
-        flow.kill()
+        flow.stop()
     assert_nothing_left(bed, info["cluster_id"], work / "w")
 
 

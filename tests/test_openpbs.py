@@ -16,7 +16,16 @@ import time
 import pytest
 
 from tasks.settings import node_tmp_name
-from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_args, flow_env, run_flow, wait_for
+from tests.helpers import (
+    BIG_TASK,
+    SPREAD,
+    BackgroundFlow,
+    assert_nothing_left,
+    batch_args,
+    flow_env,
+    run_flow,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
@@ -193,7 +202,7 @@ def test_ray_ends_with_the_job_when_every_supervisor_was_sigkilled(pbs_work, pre
         job = openpbs.wait_job_finished(job_id)
         assert job.get("job_state") == "F", job
     finally:
-        flow.kill()
+        flow.stop()
     # what the killed supervisors would have removed (their temp dirs, the cluster dir, the
     # run's state file): the test removes its own fault's remains
     for path in bed.temp_dirs(node_tmp_name(cluster_id) + "*"):
@@ -236,9 +245,33 @@ def test_worker_jobs_added_and_removed_on_a_keep_alive_cluster(pbs_work, prefect
         assert flow.wait(120) == 128 + signal.SIGINT, flow.output[-3000:]
         assert f"worker jobs {added['added'][0]})" in flow.output, flow.output[-3000:]
     finally:
-        flow.kill()
+        flow.stop()
     assert "Ray node(s) lost" not in flow.output
     assert_nothing_left(bed, cluster_id, work / "w")
+
+
+def test_adaptive_worker_jobs_follow_the_demand_on_openpbs(pbs_work, prefect_api, bed, openpbs):
+    """`--scale.adapt` on OpenPBS: a task wanting 2 CPUs on a 1-CPU cluster makes the flow submit
+    one worker job (an OpenPBS id, N.login), the task runs on its node, the idle job is released
+    before teardown and nothing is left."""
+    script = pbs_work / "big.py"
+    script.write_text(BIG_TASK)
+    run = pbs_run(bed, openpbs, pbs_work, prefect_api, "--pbs.select", "1:ncpus=1", "--user-script", str(script),
+                  "--keep-alive", "--cluster-idle-timeout", "0.2", "--scale.adapt", "min=0,max=2",
+                  "--scale.worker-cpus", "2", "--scale.idle-timeout", "3", "--scale.cooldown", "1")
+    output = run.output
+    assert run.returncode == 0, output[-5000:]
+    assert "BIG_ON=node" in output, output[-4000:]
+    assert "adapt: unmet demand {'CPU': 2.0}: submitting 1 worker job(s)" in output, output[-4000:]
+    worker_jobs = re.findall(r"adapt: worker job (\S+) idle for", output)
+    assert worker_jobs and all(OPENPBS_JOB_ID.match(job) for job in worker_jobs), output[-4000:]
+    released = output.index("idle for")
+    assert "releasing it" in output[released:released + 80]
+    assert released < output.index("torn down"), "released while the cluster was still up"
+    decisions = [line for line in output.splitlines() if "adapt:" in line]
+    assert sum("submitting" in line for line in decisions) == 1, "never more than the demand needs:\n" + "\n".join(decisions)
+    assert [job for job in openpbs.live_jobs() if bed.user_name in job] == []
+    assert_nothing_left(bed, run.cluster_id, pbs_work / "w")
 
 
 def test_the_walltime_ends_the_job_and_every_ray_process(pbs_work, prefect_api, bed, openpbs):
@@ -264,7 +297,7 @@ def test_the_walltime_ends_the_job_and_every_ray_process(pbs_work, prefect_api, 
         assert "STOP_REASON=walltime reached" in status, status
         wait_for(lambda: not ray_processes_of(bed, cluster_id), 20, "every Ray process of the cluster gone")
     finally:
-        flow.kill()
+        flow.stop()
     shutil.rmtree(work / "w" / "clusters" / cluster_id, ignore_errors=True)  # the dead flow's to remove
     (bed.user.home / ".activate-ray" / "runs" / f"{cluster_id}.json").unlink(missing_ok=True)
     assert_nothing_left(bed, cluster_id, work / "w")

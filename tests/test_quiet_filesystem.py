@@ -41,4 +41,4 @@ def test_a_running_cluster_is_quiet_on_the_shared_filesystem_and_stops_at_once(w
         assert "still RUNNING" not in flow.output and "cancelling it" not in flow.output, flow.output[-3000:]
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()

@@ -4,11 +4,10 @@ teardown leaves no job, queued or running, and no process."""
 
 import json
 import signal
-import textwrap
 
 import pytest
 
-from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_args, flow_env, run_flow
+from tests.helpers import BIG_TASK, SPREAD, BackgroundFlow, assert_nothing_left, batch_args, flow_env, run_flow
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
@@ -64,25 +63,9 @@ def test_add_two_worker_jobs_spread_a_job_remove_one_then_nothing_left(work, pre
         assert flow.wait(120) == 128 + signal.SIGINT, flow.output[-3000:]
         assert f"worker jobs {added['added'][0]}, {again}, {left_queued})" in flow.output, flow.output[-3000:]
     finally:
-        flow.kill()
+        flow.stop()
     assert "Ray node(s) lost" not in flow.output, "a removed worker job is not a lost node"
     assert_nothing_left(bed, cluster_id, work / "w")
-
-
-# More CPUs than the cluster's one node has: it runs only once a worker job of 2 CPUs joined.
-BIG_TASK = textwrap.dedent(
-    """
-    import socket
-    import ray
-    ray.init()
-
-    @ray.remote(num_cpus=2)
-    def big():
-        return socket.gethostname()
-
-    print("BIG_ON=" + ray.get(big.remote()))
-    """
-)
 
 
 def test_adaptive_submits_worker_jobs_for_unmet_demand_and_releases_them_when_idle(work, prefect_api, bed):

@@ -200,7 +200,7 @@ def test_stranger_gets_nothing_from_a_local_cluster(work, prefect_api, bed):
         flow.send_signal(signal.SIGTERM)
         assert flow.wait(60) == 143
     finally:
-        flow.kill()
+        flow.stop()
     assert not (bed.node_tmp("login") / "stranger-ran-this").exists()
     assert_nothing_left(bed, info["cluster_id"], work / "w")
 
@@ -213,7 +213,7 @@ def test_stranger_gets_nothing_from_a_slurm_clusters_head_node(work, prefect_api
         flow.send_signal(signal.SIGTERM)
         assert flow.wait(60) == 143
     finally:
-        flow.kill()
+        flow.stop()
     assert_nothing_left(bed, info["cluster_id"], work / "w")
 
 
@@ -227,7 +227,7 @@ def test_the_port_probe_finds_metrics_ports_once_metrics_are_asked_for(work, pre
         flow.send_signal(signal.SIGTERM)
         assert flow.wait(60) == 143
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_a_token_block_is_refused_with_prefects_temporary_server(work, bed):

@@ -59,7 +59,7 @@ def test_job_api_refuses_requests_without_the_token(work, prefect_api, bed):
         assert not (bed.node_tmp("login") / "ar-canary-unauth").exists()
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_dashboard_is_loopback_only_on_the_head_and_reachable_through_the_tunnel(work, prefect_api, bed):
@@ -76,7 +76,7 @@ def test_dashboard_is_loopback_only_on_the_head_and_reachable_through_the_tunnel
         assert flow.wait(15) == 143
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_no_secret_in_logs_artifacts_or_files(work, prefect_api, bed):
@@ -102,7 +102,7 @@ def test_no_secret_in_logs_artifacts_or_files(work, prefect_api, bed):
         assert len(token) >= 32
         assert flow.wait(120) == 0, flow.output[-3000:]
     finally:
-        flow.kill()
+        flow.stop()
     assert "JOB_SEES_TOKEN_FILE True" in flow.output
     run_id = next(line.split("/flow-run/")[1].split()[0] for line in flow.output.splitlines() if "/flow-run/" in line)
     with httpx.Client(base_url=prefect_api, timeout=10) as api:

@@ -130,6 +130,12 @@ print("CLIENT_HOSTS=" + ",".join(sorted(set(ray.get([host.remote() for _ in rang
 """
 
 
+def client_server_logs(bed) -> str:
+    """What the head's Ray Client servers said (the proxy and the one it starts per client)."""
+    logs = sorted(bed.node_tmp("node1").glob("ar-*/**/ray_client_server*"))
+    return "".join(f"\n--- {path.name}\n{path.read_text(errors='replace')[-3000:]}" for path in logs)
+
+
 def test_ray_client_through_the_flows_own_tunnel_with_the_token(work, prefect_api, bed):
     """The ray:// address of the connection info reaches the head's Ray Client server
     through the flow's tunnel (login node -> head node over SSH): with the token it runs
@@ -144,7 +150,13 @@ def test_ray_client_through_the_flows_own_tunnel_with_the_token(work, prefect_ap
         token_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": info["token_file"]}
         client = [bed.user_python, "-c", RAY_CLIENT, address]
         used = bed.run_login(client, user=bed.user, env=token_env, timeout=120)
-        assert used.returncode == 0, used.stdout[-2000:] + used.stderr[-3000:]
+        if used.returncode != 0 and "Starting Ray client server failed" in used.stderr:
+            # Ray's client proxy failed once (CI, a loaded machine) to start the per-client
+            # server it forks for each connection: what the tunnel and the token are tested
+            # for is unchanged by a second connection, so one more is allowed, logs kept
+            print("first Ray Client connection refused by Ray's proxy:" + client_server_logs(bed))
+            used = bed.run_login(client, user=bed.user, env=token_env, timeout=120)
+        assert used.returncode == 0, used.stdout[-2000:] + used.stderr[-3000:] + client_server_logs(bed)
         assert "CLIENT_HOSTS=node1,node2" in used.stdout, used.stdout[-2000:]
         refused = bed.run_login(client, user=bed.user, env={"RAY_AUTH_MODE": "token"}, timeout=120)
         assert refused.returncode != 0 and "CLIENT_HOSTS" not in refused.stdout
@@ -152,5 +164,5 @@ def test_ray_client_through_the_flows_own_tunnel_with_the_token(work, prefect_ap
         assert flow.wait(90) == 143, flow.output[-3000:]
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
 

@@ -79,7 +79,7 @@ def test_slurm_walltime_stops_the_job_with_a_checkpoint_and_ends_walltime_reache
         final = bed.job_fields(job_id)
         assert final.get("JobState") in (None, "COMPLETED"), final  # ended by our hand, not TIMEOUT
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_openpbs_walltime_stops_the_job_with_a_checkpoint_and_ends_walltime_reached(pbs_work, prefect_api, bed,
@@ -97,7 +97,7 @@ def test_openpbs_walltime_stops_the_job_with_a_checkpoint_and_ends_walltime_reac
         final = openpbs.wait_job_finished(job_id, timeout=60)
         assert final.get("Exit_status") != -29, final  # not PBS's walltime kill
     finally:
-        flow.kill()
+        flow.stop()
 
 
 # 80 s of steps of 0.5 s: more than the first allocation can do (at most 75 s: 2 minutes less
@@ -151,7 +151,7 @@ def test_slurm_continue_after_walltime_resumes_in_the_second_allocation(work, pr
             bed.wait_job(job_id, timeout=60)
             assert bed.job_fields(job_id).get("JobState") in (None, "COMPLETED"), bed.job_fields(job_id)
     finally:
-        flow.kill()
+        flow.stop()
 
 
 @pytest.mark.timeout(600)
@@ -171,7 +171,7 @@ def test_openpbs_continue_after_walltime_resumes_in_the_second_allocation(pbs_wo
             final = openpbs.wait_job_finished(job_id, timeout=60)
             assert final.get("Exit_status") != -29, final  # not PBS's walltime kill
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_slurm_keep_alive_cluster_ends_walltime_reached(work, prefect_api, bed):
@@ -195,7 +195,7 @@ def test_slurm_keep_alive_cluster_ends_walltime_reached(work, prefect_api, bed):
         assert bed.job_fields(job_id).get("JobState") in (None, "COMPLETED"), bed.job_fields(job_id)
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
 
 
 def test_ctrl_c_cancels_the_queued_successor_allocations_too(work, prefect_api, bed):
@@ -216,4 +216,4 @@ def test_ctrl_c_cancels_the_queued_successor_allocations_too(work, prefect_api, 
         assert bed.live_jobs() == [], bed.live_jobs()
         assert_nothing_left(bed, info["cluster_id"], work / "w")
     finally:
-        flow.kill()
+        flow.stop()
