@@ -134,8 +134,7 @@ def test_openpbs_on_the_bed_as_it_is_nothing_fails(pbs_work, prefect_api, bed, o
 
 
 PBS_BROKEN = {
-    "ulimit -n 256": BROKEN["ulimit -n 256"],
-    "missing interface": BROKEN["missing interface"],
+    **{name: case for name, case in BROKEN.items() if name != "rejected partition"},
     "rejected queue": (["--pbs.queue", "nosuchqueue"], "job script", "qsub refuses the job", "queue"),
 }
 
@@ -143,6 +142,11 @@ PBS_BROKEN = {
 @pytest.mark.parametrize("broken", list(PBS_BROKEN))
 def test_openpbs_each_check_broken_once_fails_its_row(pbs_work, prefect_api, bed, openpbs, broken):
     args, name, found, fix = PBS_BROKEN[broken]
-    rc, rows, output = check(bed, pbs_work, prefect_api, "--pbs.nodes", "2", *args, scheduler="pbs", env=openpbs.env())
+    args = [fake_pythons(bed, arg[1:]) if arg.startswith("@") else arg for arg in args]
+    try:
+        rc, rows, output = check(bed, pbs_work, prefect_api, "--pbs.nodes", "2", *args, scheduler="pbs",
+                                 env=openpbs.env())
+    finally:
+        remove_fake_pythons(bed)
     assert_fails(rc, rows, output, name, found, fix)
     nothing_left(bed, pbs_work, openpbs)
