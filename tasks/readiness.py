@@ -287,14 +287,17 @@ async def _fail_on_node_status(target: Transport, plan: ClusterPlan, joined: lis
                             reason=FailureReason.start_failed, retryable=_mendable(status), joined=joined)
 
 
-# How the cluster's launcher (ar_launcher_ended) says that it failed before a worker began:
-# pbsdsh, srun, pbs_tmrsh or ssh refusing; a fresh cluster would fail the same way.
+# Failures a fresh cluster with the same inputs would meet again: the cluster's launcher
+# (ar_launcher_ended: pbsdsh, srun, pbs_tmrsh or ssh refusing before a worker began), and a
+# node's own checks before `ray start` (ar_node_checks: a Ray version, temp dir, limit or
+# interface the inputs chose; the line names the fix, so a retry would only queue again).
 LAUNCHER_FAILED = "RAY_FAILED=launcher: "
+NODE_CHECK_FAILED = "RAY_FAILED=node check on "
 
 
 def _mendable(status: str) -> bool:
     """Whether a fresh cluster may not fail as this one did (its status's RAY_FAILED lines)."""
-    return not any(line.startswith(LAUNCHER_FAILED) for line in status.splitlines())
+    return not any(line.startswith((LAUNCHER_FAILED, NODE_CHECK_FAILED)) for line in status.splitlines())
 
 
 async def _log_tail(target: Transport, plan: ClusterPlan) -> str:

@@ -193,7 +193,7 @@ class ClusterOptions(BaseModel):
         1, ge=0, le=5, title="Retries",
         description="Fresh clusters tried after one that failed to come up (a node that never joined, a job that "
         "ended while starting), each without the nodes that failed (SLURM --exclude). Never after invalid input, "
-        "a job the scheduler refused or can never run, or a failing user job",
+        "a job the scheduler refused or can never run, a launcher or node check that failed, or a failing user job",
     )
 
     @field_validator("on_failure")

@@ -525,11 +525,13 @@ def test_openpbs_can_never_run_is_hopeless():
     assert state.phase is JobPhase.pending and state.hopeless
 
 
-def test_a_launcher_failure_is_not_retried_but_a_node_failure_is():
+def test_launcher_and_node_check_failures_are_not_retried_but_a_nodes_missing_address_is():
     from tasks.readiness import _mendable
 
     assert not _mendable("RAY_FAILED=launcher: pbsdsh -u exited 1 before the worker on node2 began: invalid option\n")
     assert _mendable("RAY_FAILED=network_interface: node3: no address in 10.0.0.0/8\n")
+    # a node's own check names an input to change: the same inputs would fail it again
+    assert not _mendable("RAY_FAILED=node check on node2: open files: ulimit -n is 256 on node2: ...; fix: x\n")
 
 
 def test_qstat_text_of_slurms_torque_wrappers_indents_with_tabs():
