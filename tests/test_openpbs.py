@@ -128,6 +128,23 @@ def test_a_held_job_waits_in_pbs_words_and_the_queue_timeout_ends_it(pbs_work, p
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 
+def test_a_launcher_that_fails_fails_the_run_at_once_in_its_own_words(pbs_work, prefect_api, bed, openpbs):
+    """OpenPBS's own pbs_tmrsh refuses (the job's task cookie unset in setup_commands, so its
+    tm_init fails): the run fails at once with pbs_tmrsh's words and the node named, not at
+    the readiness timeout, and is not retried; nothing left."""
+    work = pbs_work
+    started = time.monotonic()
+    run = pbs_run(bed, openpbs, work, prefect_api, "--pbs.select", "2:ncpus=1",
+                  "--setup-commands", "unset PBS_JOBCOOKIE", "--user-script", never_runs(work))
+    assert run.returncode == 1, run.output[-3000:]
+    assert "launcher: pbs_tmrsh node2 exited 255 before the worker on node2 began: pbs_tmrsh: tm_init: " \
+        in run.output, run.output[-3000:]
+    assert "not ready after" not in run.output and "NEVER_RUNS" not in run.output
+    assert len(set(SUBMITTED_RE.findall(run.output))) == 1, "a launcher failure is not retried"
+    assert time.monotonic() - started < 90
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
 def test_a_head_that_cannot_start_fails_and_pbs_records_its_exit_code(pbs_work, prefect_api, bed, openpbs):
     """The head's temp dir cannot be made: the job script exits 1, which OpenPBS keeps as
     Exit_status 1, and the run's failure says how the job ended in words."""
