@@ -104,6 +104,21 @@ def test_a_failing_setup_command_is_reported_with_the_host_and_cancels_the_job(w
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 
+def test_a_launcher_that_fails_fails_the_run_at_once_in_its_own_words(work, prefect_api, bed):
+    """Slurm's own srun refuses the workers' step (setup_commands point the job's environment
+    at a job that does not exist): the run fails at once with srun's words, not at the
+    readiness timeout, and is not retried; nothing left."""
+    run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "2", "--setup-commands",
+                                   "export SLURM_JOB_ID=999999 SLURM_JOBID=999999", "--user-script", never_runs(work)),
+                   work=work, api=prefect_api)
+    assert run.returncode == 1, run.output[-3000:]
+    assert "launcher: srun exited 1 before the worker on node2 began: srun: error: " in run.output \
+        and "Invalid job id specified" in run.output, run.output[-3000:]
+    assert "not ready after" not in run.output and "NEVER_RUNS" not in run.output
+    assert len(set(re.findall(r"cluster (ar-[0-9a-f]+) submitted to slurm", run.output))) == 1, "not retried"
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
 def test_a_node_without_the_chosen_network_fails_naming_the_node(work, prefect_api, bed):
     """node3 has no ib0: the run fails at once with the node named (not after the
     readiness timeout), and everything started on node1 and node2 is gone."""
