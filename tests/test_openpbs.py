@@ -157,6 +157,20 @@ def test_a_head_that_cannot_start_fails_and_pbs_records_its_exit_code(pbs_work, 
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 
+def test_a_job_killed_while_starting_is_said_in_pbs_words(pbs_work, prefect_api, bed, openpbs):
+    """The job's own shell is SIGKILLed as the job starts (setup_commands, inside the job only):
+    OpenPBS records the MoM shell's Exit_status 137, and the run's failure says it in words."""
+    work = pbs_work
+    kill_in_job = '[ -z "${PBS_JOBID:-}" ] || kill -9 $$'
+    run = pbs_run(bed, openpbs, work, prefect_api, "--setup-commands", kill_in_job, "--retries", "0",
+                  "--user-script", never_runs(work), readiness=60)
+    assert run.returncode == 1, run.output[-3000:]
+    job = openpbs.wait_job_finished(submitted_job(run.output))
+    assert job.get("job_state") == "F" and job.get("Exit_status") == 137, job
+    assert "exit code 137 (128 + SIGKILL: the job script was killed)" in run.output, run.output[-3000:]
+    assert_nothing_left(bed, run.cluster_id, work / "w")
+
+
 def supervisors(bed) -> list[int]:
     """The user's shells on the compute nodes: the job script and each node's supervising loop
     (their environment names no cluster: it was exported after they started)."""
@@ -288,6 +302,9 @@ def test_adaptive_worker_jobs_follow_the_demand_on_openpbs(pbs_work, prefect_api
     decisions = [line for line in output.splitlines() if "adapt:" in line]
     assert sum("submitting" in line for line in decisions) == 1, "never more than the demand needs:\n" + "\n".join(decisions)
     assert [job for job in openpbs.live_jobs() if bed.user_name in job] == []
+    # the worker job asked PBS for the CPUs its Ray node offers (a site's cgroup holds it to them)
+    job = openpbs.wait_job_finished(worker_jobs[0])
+    assert job.get("Resource_List", {}).get("ncpus") == 2, job
     assert_nothing_left(bed, run.cluster_id, pbs_work / "w")
 
 

@@ -490,6 +490,7 @@ def test_pbs_submit_not_retried_where_qselect_cannot_tell(no_backoff):
 @pytest.mark.parametrize("exit_status,substate,comment,words", [
     (0, 92, "Job run at ... and finished", "exit code 0"),
     (1, 92, "Job run at ... and finished", "exit code 1"),
+    (137, 92, "Job run at ... and failed", "exit code 137 (128 + SIGKILL: the job script was killed)"),
     (271, 91, "Job run at ... and terminated by aruser@login", "deleted (qdel), Exit_status 271"),
     # the job's shell exited 128+15 itself before the MoM's kill: still a deletion, by substate
     (143, 91, "Job run at ... and finished", "deleted (qdel), Exit_status 143"),

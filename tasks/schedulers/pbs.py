@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 from typing import TYPE_CHECKING
 
 from pydantic import ConfigDict, field_validator, model_validator
@@ -405,7 +406,17 @@ def describe_pbs_end(exit_status: str | int | None, substate: str | int | None =
         return f"deleted (qdel), Exit_status {code}"
     if code >= 256:
         return f"killed by signal {code - 256}, Exit_status {code}"
+    if 128 < code < 128 + 65:
+        # the MoM's shell says a job script killed by a signal as 128 + N (SIGKILL: 137)
+        return f"exit code {code} (128 + {_signal_name(code - 128)}: the job script was killed)"
     return f"exit code {code}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def parse_qstat_json(text: str, job_id: str) -> JobState:
