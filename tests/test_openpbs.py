@@ -88,6 +88,9 @@ def test_a_sites_select_with_several_chunk_kinds_and_mpiprocs_and_a_site_resourc
     assert run.returncode == 0, run.output[-5000:]
     assert "HOSTS=node1,node2,node3" in run.output
     assert len(run.info["nodes"]) == 3
+    # no second Ray node on the head's host, not even one that joined after the ready check
+    assert sorted(path.name for path in (work / "w" / "logs" / run.cluster_id).iterdir()) == [
+        "head", "job", "node2", "node3"]
     job = openpbs.wait_job_finished(run.info["job_id"])
     assert job["Resource_List"]["filesystems"] == "home:eagle", job.get("Resource_List")
     assert_nothing_left(bed, run.cluster_id, work / "w")
