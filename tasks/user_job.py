@@ -165,12 +165,14 @@ async def run_user_job(target: Transport, plan: ClusterPlan, local_port: int, re
 
 
 # Seconds the driver gets between SIGTERM and SIGKILL at the walltime margin: at most this,
-# at most half the margin (the rest is the cluster's teardown).
+# at most a third of the margin. The rest is the teardown, which must reach the cluster before
+# the job script stops it itself (AR_END_MARGIN, 10 s before the end, and then exits 1: a
+# failed job in the scheduler's record); with half of a 45 s margin it had 8 s on a busy host.
 WALLTIME_GRACE_S = 60
 
 
 def walltime_grace(plan: ClusterPlan) -> int:
-    return max(1, min(WALLTIME_GRACE_S, plan.settings.margin_seconds // 2))
+    return max(1, min(WALLTIME_GRACE_S, plan.settings.margin_seconds // 3))
 
 
 def stop_time(plan: ClusterPlan) -> float | None:

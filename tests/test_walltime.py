@@ -147,9 +147,13 @@ def test_slurm_continue_after_walltime_resumes_in_the_second_allocation(work, pr
         assert f"afterany:{first['job_id']}" in bed.job_fields(successor).get("Dependency", ""), bed.job_fields(successor)
         second = _check_the_second_allocation_finishes(bed, work, flow, first)
         assert second["job_id"] == successor
-        for job_id in (first["job_id"], successor):
+        for job_id, info in ((first["job_id"], first), (successor, second)):
             bed.wait_job(job_id, timeout=60)
-            assert bed.job_fields(job_id).get("JobState") in (None, "COMPLETED"), bed.job_fields(job_id)
+            fields = bed.job_fields(job_id)
+            status = work / "w" / "clusters" / info["cluster_id"] / "status"
+            assert fields.get("JobState") in (None, "COMPLETED"), (
+                job_id, fields.get("ExitCode"), fields.get("Reason"), status.read_text() if status.exists() else "",
+                flow.output[-4000:])
     finally:
         flow.stop()
 

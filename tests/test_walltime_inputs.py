@@ -46,7 +46,7 @@ def test_the_driver_is_told_the_end_and_given_a_grace():
     env = with_allocation_env({"env_vars": {"MINE": "1"}, "pip": ["x"]}, plan(1700000000, walltime_margin=60))
     assert env["pip"] == ["x"]
     assert env["env_vars"] == {"MINE": "1", "ACTIVATE_RAY_ATTEMPT": "1", "ACTIVATE_RAY_DEADLINE": "1700000000",
-                               "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+                               "RAY_JOB_STOP_WAIT_TIME_S": "20"}
     # the user's own stop wait wins; no deadline: only the attempt
     env = with_allocation_env({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "5"}}, plan(1700000000))
     assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "5"
@@ -57,7 +57,7 @@ def test_stop_time_and_grace():
     assert stop_time(plan()) is None
     assert stop_time(plan(1000, walltime_margin=60)) == 940
     assert walltime_grace(plan(1000, walltime_margin=300)) == 60
-    assert walltime_grace(plan(1000, walltime_margin=45)) == 22
+    assert walltime_grace(plan(1000, walltime_margin=45)) == 15
 
 
 def test_walltime_reached_is_its_own_reason_and_exit_code():
