@@ -317,6 +317,21 @@ def assert_nothing_left(bed, cluster_id: str | None, work: Path | None = None, s
         "a stray ~/.ray/auth_token would turn auth on for the user's other clusters"
 
 
+def never_runs(work: Path) -> str:
+    """A user script for runs that must fail before any job runs."""
+    script = work / "never.py"
+    script.write_text("print('NEVER_RUNS')\n")
+    return str(script)
+
+
+# "cluster ar-... submitted to ...": one per cluster a run made (a retry makes a fresh one)
+SUBMITTED_CLUSTER_RE = re.compile(r"\bcluster (ar-[0-9a-f]{8,32}) submitted to ")
+
+
+def clusters_submitted(output: str) -> set[str]:
+    return set(SUBMITTED_CLUSTER_RE.findall(output))
+
+
 # More CPUs than the cluster's one node has: it runs only once a worker job of 2 CPUs joined.
 BIG_TASK = textwrap.dedent(
     """

@@ -7,7 +7,14 @@ import signal
 
 import pytest
 
-from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_args, run_flow
+from tests.helpers import (
+    SPREAD,
+    BackgroundFlow,
+    assert_nothing_left,
+    batch_args,
+    never_runs,
+    run_flow,
+)
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
@@ -20,12 +27,6 @@ THREE_NODES = {
 }
 JOB_ID_RE = re.compile(r"submitted to (?:slurm|pbs): job (\d+)")
 
-
-def never_runs(work) -> str:
-    """A user script for runs that must fail before any job runs."""
-    script = work / "never.py"
-    script.write_text("print('NEVER_RUNS')\n")
-    return str(script)
 
 
 def job_id_of(output: str) -> str:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SMALL, assert_nothing_left, batch_args, flow_env, run_flow
+from tests.helpers import SMALL, assert_nothing_left, batch_args, clusters_submitted, flow_env, never_runs, run_flow
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(600)]
 
@@ -157,14 +156,11 @@ def test_a_run_fails_on_the_node_in_the_checks_own_words(work, prefect_api, bed)
     """A run whose nodes have `ulimit -n` 256 (the login host does not check a node's limits):
     node1's own checks stop it before `ray start`, and the run fails at once with the row
     `check` gives, its fix included, no retry, nothing left."""
-    script = work / "never.py"
-    script.write_text("print('NEVER_RUNS')\n")
     run = run_flow(bed, batch_args(work / "w", "--slurm.nodes", "2", "--setup-commands", "ulimit -n 256",
-                                   "--user-script", str(script)), work=work, api=prefect_api)
+                                   "--user-script", never_runs(work)), work=work, api=prefect_api)
     assert run.returncode == 1, run.output[-3000:]
     assert "node check on node1: open files: ulimit -n is 256" in run.output, run.output[-3000:]
     assert "ulimit -n 65536" in run.output and "NEVER_RUNS" not in run.output
     assert "readiness timeout" not in run.output and "not ready after" not in run.output
-    clusters = set(re.findall(r"cluster (ar-[0-9a-f]+) submitted to slurm", run.output))
-    assert len(clusters) == 1, f"a node check failure is not retried: {clusters}"
+    assert len(clusters_submitted(run.output)) == 1, "a node check failure is not retried"
     assert_nothing_left(bed, run.cluster_id, work / "w")

@@ -8,7 +8,15 @@ import textwrap
 
 import pytest
 
-from tests.helpers import SPREAD, BackgroundFlow, assert_nothing_left, batch_args, run_flow
+from tests.helpers import (
+    SPREAD,
+    BackgroundFlow,
+    assert_nothing_left,
+    batch_args,
+    clusters_submitted,
+    never_runs,
+    run_flow,
+)
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(400)]
 
@@ -20,11 +28,6 @@ MODULE_WRAPPER = """#!/bin/sh
 exec {real} "$@"
 """
 
-
-def never_runs(work):
-    script = work / "never.py"
-    script.write_text("print('NEVER_RUNS')\n")
-    return script
 
 
 def site_module(bed, work):
@@ -115,7 +118,7 @@ def test_a_launcher_that_fails_fails_the_run_at_once_in_its_own_words(work, pref
     assert "launcher: srun exited 1 before the worker on node2 began: srun: error: " in run.output \
         and "Invalid job id specified" in run.output, run.output[-3000:]
     assert "not ready after" not in run.output and "NEVER_RUNS" not in run.output
-    assert len(set(re.findall(r"cluster (ar-[0-9a-f]+) submitted to slurm", run.output))) == 1, "not retried"
+    assert len(clusters_submitted(run.output)) == 1, "a launcher failure is not retried"
     assert_nothing_left(bed, run.cluster_id, work / "w")
 
 

@@ -147,13 +147,12 @@ def test_slurm_continue_after_walltime_resumes_in_the_second_allocation(work, pr
         assert f"afterany:{first['job_id']}" in bed.job_fields(successor).get("Dependency", ""), bed.job_fields(successor)
         second = _check_the_second_allocation_finishes(bed, work, flow, first)
         assert second["job_id"] == successor
-        for job_id, info in ((first["job_id"], first), (successor, second)):
+        for job_id in (first["job_id"], successor):
             bed.wait_job(job_id, timeout=60)
             fields = bed.job_fields(job_id)
-            status = work / "w" / "clusters" / info["cluster_id"] / "status"
+            # the cluster dir and its status are gone with the teardown: Slurm's record and the run's log say why
             assert fields.get("JobState") in (None, "COMPLETED"), (
-                job_id, fields.get("ExitCode"), fields.get("Reason"), status.read_text() if status.exists() else "",
-                flow.output[-4000:])
+                job_id, fields.get("ExitCode"), fields.get("Reason"), flow.output[-4000:])
     finally:
         flow.stop()
 
