@@ -91,6 +91,13 @@ class ClusterPlan:
         return logs_dir_of(self.cluster_dir.rsplit("/clusters/", 1)[0], self.cluster_id)
 
     @property
+    def stop_time(self) -> float | None:
+        """When (Unix seconds) the job is stopped and the cluster torn down: the allocation's
+        end less walltime_margin (None: no known end). The adaptive loop submits no worker job
+        after it."""
+        return self.deadline - self.settings.margin_seconds if self.deadline else None
+
+    @property
     def node_tmp_prefix(self) -> str:
         """What every node's temp dir of this cluster starts with (see ar_make_node_tmp)."""
         return f"{self.settings.node_tmp}/{node_tmp_name(self.cluster_id)}"

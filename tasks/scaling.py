@@ -177,6 +177,12 @@ async def adapt_worker_jobs(target: Transport, scheduler: Scheduler, plan: Clust
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{local_port}", headers=auth_headers(plan),
                                  timeout=10) as client:
         while True:
+            if plan.stop_time is not None and time.time() >= plan.stop_time:
+                # the job is being stopped and the cluster torn down: a worker job now would
+                # only wait in the queue for a cluster that is gone
+                get_run_logger().info("adapt: walltime_margin reached (the allocation ends in %.0fs): no more "
+                                      "worker jobs", plan.deadline - time.time())
+                return
             try:
                 nodes = await alive_nodes(client)
                 if adapter is None:

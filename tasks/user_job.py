@@ -175,12 +175,6 @@ def walltime_grace(plan: ClusterPlan) -> int:
     return max(1, min(WALLTIME_GRACE_S, plan.settings.margin_seconds // 3))
 
 
-def stop_time(plan: ClusterPlan) -> float | None:
-    """When (Unix seconds) the job is stopped and the cluster torn down: the allocation's end
-    less walltime_margin (None: no known end)."""
-    return plan.deadline - plan.settings.margin_seconds if plan.deadline else None
-
-
 def walltime_message(plan: ClusterPlan, what: str) -> str:
     end = time.strftime("%H:%M:%S %Z", time.localtime(plan.deadline))
     return (f"walltime reached: the allocation of job {plan.job_id} ends at {end} ({plan.deadline}); "
@@ -205,7 +199,7 @@ def with_allocation_env(runtime_env: dict | None, plan: ClusterPlan) -> dict:
 
 async def _ended_before_walltime(following: asyncio.Future, plan: ClusterPlan) -> bool:
     """Wait until the job ends (True) or its stop time comes (False)."""
-    at = stop_time(plan)
+    at = plan.stop_time
     if at is None:
         await asyncio.wait({following})
         return True
@@ -285,7 +279,7 @@ async def keep_alive(plan: ClusterPlan, local_port: int) -> str:
             if now - idle_since >= idle_limit:
                 logger.info("no Ray job for %g min: stopping the cluster", plan.settings.cluster_idle_timeout)
                 return "idle"
-            stop_at = stop_time(plan)
+            stop_at = plan.stop_time
             if stop_at is not None and time.time() >= stop_at:
                 await _stop_jobs_at_walltime(plan, client, local_port)
                 raise WalltimeReached(walltime_message(plan, "the cluster kept alive is torn down"))

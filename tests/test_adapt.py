@@ -129,3 +129,21 @@ def test_min_is_kept_and_cooldown_waits(world):
                                             ({"memory": 1e9}, 1)])
 def test_worker_jobs_for_a_demand(demand, wanted):
     assert worker_jobs_for(demand, cpus_per_worker=2, gpus_per_worker=2) == wanted
+
+
+def test_past_walltime_margin_the_loop_submits_nothing_and_ends(tmp_path):
+    """The job is being stopped and the cluster torn down: no worker job is submitted then,
+    even below min (it would wait in the queue for a cluster that is gone)."""
+    import time
+
+    from pydantic import SecretStr
+
+    from tasks.cluster import ClusterPlan
+    from tasks.scaling import adapt_worker_jobs
+
+    scheduler = QueueOfDicts(tmp_path)
+    settings = RayClusterSettings(scheduler="slurm", slurm={"walltime": "10"}, walltime_margin=60,
+                                  scale={"adapt": "min=2,max=4"})
+    plan = ClusterPlan("ar-x", str(tmp_path), settings, SecretStr("t"), job_id="1", deadline=int(time.time()) + 30)
+    asyncio.run(asyncio.wait_for(adapt_worker_jobs(LocalTransport(), scheduler, plan, 1, None, every=0.01), 5))
+    assert scheduler.jobs == {}

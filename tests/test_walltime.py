@@ -1,32 +1,43 @@
-"""The walltime, on the bed's Slurm and OpenPBS as the unprivileged user: the allocation's end
-is read from the scheduler once the job runs and given to the driver (ACTIVATE_RAY_DEADLINE);
-walltime_margin before it the driver gets SIGTERM (Ray's job stop) and writes its checkpoint
+"""The walltime, on the bed's Slurm and OpenPBS as the unprivileged user, with the issue's
+numbers: a 3-minute walltime and a 60 s margin. The allocation's end is read from the
+scheduler once the job runs and given to the driver (ACTIVATE_RAY_DEADLINE); walltime_margin
+before it the driver gets SIGTERM (Ray's job stop) and writes its checkpoint
 (examples/checkpoint_on_sigterm.py), the cluster is torn down by the flow before the
 scheduler's own kill, and the run ends "walltime reached" (exit code 3).
 
 With continue_after_walltime 1 the second allocation (queued with the first, afterany) runs
 the same job with ACTIVATE_RAY_ATTEMPT=2 on a fresh cluster: it resumes from the checkpoint
-and finishes, the run ends 0. A keep-alive cluster ends at the walltime as a job does.
+and finishes, the run ends 0. A keep-alive cluster with a 2-minute walltime ends at the
+walltime as a job does.
 
-A 2-minute walltime and a 45 s margin (not 3 minutes and 60 s): each test waits for the
-walltime, so this keeps the bed lock for about 2 minutes a test instead of 3 (4 to 5 for a
-test that goes on in a second allocation)."""
+Each run mostly waits for its walltime, so a test runs its runs at once: Slurm's and
+OpenPBS's side by side, as two users' jobs share a site (same nodes, same user's home). A
+failure names each run that failed, with its own log."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import pytest
 
 from flows.cli import EXIT_WALLTIME
 from tests.helpers import CLUSTER_ID_RE, REPO, SMALL, BackgroundFlow, assert_nothing_left
 
-pytestmark = [pytest.mark.bed, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.bed, pytest.mark.timeout(600)]
 
-MARGIN = 45
+MARGIN = 60
+WALLTIME = {"slurm": "3", "pbs": "00:03:00"}
+KEEP_ALIVE_WALLTIME = {"slurm": "2", "pbs": "00:02:00"}
 
 
 def _unix(bed, when: str) -> int:
@@ -37,18 +48,95 @@ def _unix(bed, when: str) -> int:
     return int(shown.stdout.strip())
 
 
-def _flow(bed, work, api, scheduler: str, walltime: str, env=None, steps: list[str] = ("--steps", "100000"),
-          extra: tuple[str, ...] = ()) -> BackgroundFlow:
-    checkpoints = work / "ckpt"
-    args = ["--scheduler", scheduler, "--work-dir", str(work / "w"), f"--{scheduler}.walltime", walltime,
-            "--walltime-margin", str(MARGIN), "--readiness-timeout", "120", *SMALL, *extra,
-            "--user-script", str(REPO / "examples" / "checkpoint_on_sigterm.py"),
-            "--script-args", json.dumps([str(checkpoints), *steps])]
-    return BackgroundFlow(bed, args, work, api, env=env)
+@dataclass
+class Run:
+    """One run of the flow in its own dir of the test's work dir, on one scheduler."""
+
+    bed: object
+    scheduler: str
+    dir: Path
+    flow: BackgroundFlow
+    openpbs: object = None
+
+    @classmethod
+    def start(cls, bed, work: Path, api: str, scheduler: str, name: str, args: list[str], openpbs=None) -> Run:
+        path = work / name
+        path.mkdir()
+        os.chown(path, bed.user.uid, bed.user.gid)  # the flow runs as the bed's user
+        env = openpbs.env() if scheduler == "pbs" else None
+        flow = BackgroundFlow(bed, ["--scheduler", scheduler, "--work-dir", str(path / "w"),
+                                    "--walltime-margin", str(MARGIN), "--readiness-timeout", "120", *SMALL, *args],
+                              path, api, env=env)
+        return cls(bed, scheduler, path, flow, openpbs)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dir / "ckpt"
+
+    def scheduler_end(self, job_id: str) -> int:
+        """The running job's end as its scheduler has it (Slurm's EndTime, PBS's start + walltime)."""
+        if self.scheduler == "slurm":
+            fields = self.bed.job_fields(job_id)
+            assert fields.get("JobState") == "RUNNING", fields
+            return _unix(self.bed, fields["EndTime"])
+        job = self.openpbs.job(job_id)
+        assert job.get("job_state") == "R", job
+        walltime = job["Resource_List"]["walltime"]
+        seconds = sum(int(v) * 60**i for i, v in enumerate(reversed(walltime.split(":"))))
+        return _unix(self.bed, job["stime"]) + seconds
+
+    def assert_ended_by_our_hand(self, job_id: str) -> None:
+        """The job ended before its scheduler killed it at the walltime."""
+        if self.scheduler == "slurm":
+            self.bed.wait_job(job_id, timeout=60)
+            fields = self.bed.job_fields(job_id)
+            # the cluster dir and its status are gone with the teardown: Slurm's record and the run's log say why
+            assert fields.get("JobState") in (None, "COMPLETED"), (
+                job_id, fields.get("JobState"), fields.get("ExitCode"), fields.get("Reason"), self.flow.output[-4000:])
+        else:
+            final = self.openpbs.wait_job_finished(job_id, timeout=60)
+            assert final.get("Exit_status") != -29, final  # not PBS's walltime kill
+
+    def assert_nothing_left(self, cluster_id: str) -> None:
+        assert_nothing_left(self.bed, cluster_id, self.dir / "w")
 
 
-def _check_the_walltime_end(bed, work, flow: BackgroundFlow, info: dict, scheduler_end: int) -> float:
-    """What both schedulers must show; returns when the flow ended (Unix seconds)."""
+def _job_args(run_dir: Path, steps: list[str]) -> list[str]:
+    return ["--user-script", str(REPO / "examples" / "checkpoint_on_sigterm.py"),
+            "--script-args", json.dumps([str(run_dir / "ckpt"), *steps])]
+
+
+def _start_job(bed, work, api, scheduler: str, name: str, steps: list[str], extra: tuple[str, ...] = (),
+               openpbs=None) -> Run:
+    return Run.start(bed, work, api, scheduler, name,
+                     [f"--{scheduler}.walltime", WALLTIME[scheduler], *extra, *_job_args(work / name, steps)],
+                     openpbs)
+
+
+def _all_of(checks: dict[str, Callable[[], None]]) -> None:
+    """Each check in its own thread, all at once; fails with every check that failed."""
+    with ThreadPoolExecutor(len(checks)) as pool:
+        futures = {name: pool.submit(check) for name, check in checks.items()}
+    failed = []
+    for name, future in futures.items():
+        error = future.exception()
+        if error is not None:
+            failed.append(f"--- {name} ---\n" + "".join(traceback.format_exception(error)))
+    assert not failed, "\n".join(failed)
+
+
+def _stop_all(runs: list[Run]) -> None:
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(lambda run: run.flow.stop(), runs))
+
+
+def _check_the_walltime_end(run: Run) -> None:
+    """A job at its walltime: the deadline is the scheduler's, SIGTERM came the margin before
+    it, the checkpoint was written, the run ended "walltime reached" before the scheduler's
+    kill and left nothing."""
+    flow = run.flow
+    info = flow.wait_ready(timeout=240)
+    scheduler_end = run.scheduler_end(info["job_id"])
     assert abs(info["deadline"] - scheduler_end) <= 5, (info["deadline"], scheduler_end)
     rc = flow.wait(timeout=scheduler_end - time.time() + 60)
     ended = time.time()
@@ -57,148 +145,121 @@ def _check_the_walltime_end(bed, work, flow: BackgroundFlow, info: dict, schedul
     assert "walltime reached" in output, output[-3000:]
     assert f"ACTIVATE_RAY_DEADLINE={info['deadline']}" in output, output[-3000:]
     assert "CHECKPOINT_WRITTEN" in output, output[-5000:]
-    state = json.loads((work / "ckpt" / "state.json").read_text())
+    state = json.loads((run.checkpoint / "state.json").read_text())
     assert state["step"] > 0 and state["deadline"] == info["deadline"], state
     before_end = scheduler_end - state["sigterm_at"]
     assert abs(before_end - MARGIN) <= 10, f"SIGTERM {before_end:.1f}s before the end, margin {MARGIN}s"
     assert ended < scheduler_end, f"the flow ended {ended - scheduler_end:.1f}s after the scheduler's end"
-    assert_nothing_left(bed, flow.cluster_id, work / "w")
-    return ended
+    run.assert_nothing_left(info["cluster_id"])
+    run.assert_ended_by_our_hand(info["job_id"])
 
 
-def test_slurm_walltime_stops_the_job_with_a_checkpoint_and_ends_walltime_reached(work, prefect_api, bed):
-    flow = _flow(bed, work, prefect_api, "slurm", "2")
-    try:
-        info = flow.wait_ready(timeout=180)
-        job_id = info["job_id"]
-        fields = bed.job_fields(job_id)
-        assert fields.get("JobState") == "RUNNING", fields
-        scheduler_end = _unix(bed, fields["EndTime"])
-        _check_the_walltime_end(bed, work, flow, info, scheduler_end)
-        bed.wait_job(job_id, timeout=60)
-        final = bed.job_fields(job_id)
-        assert final.get("JobState") in (None, "COMPLETED"), final  # ended by our hand, not TIMEOUT
-    finally:
-        flow.stop()
+def _check_the_keep_alive_end(run: Run) -> None:
+    """A keep-alive cluster (no script): torn down the margin before the scheduler's end, the
+    run "walltime reached" (exit 3), before the scheduler's own kill."""
+    flow = run.flow
+    info = flow.wait_ready(timeout=240)
+    scheduler_end = run.scheduler_end(info["job_id"])
+    assert abs(info["deadline"] - scheduler_end) <= 5, (info["deadline"], scheduler_end)
+    rc = flow.wait(timeout=scheduler_end - time.time() + 60)
+    ended = time.time()
+    assert rc == EXIT_WALLTIME, flow.output[-5000:]
+    assert "walltime reached" in flow.output and "the cluster kept alive is torn down" in flow.output, \
+        flow.output[-3000:]
+    assert ended < scheduler_end, f"the flow ended {ended - scheduler_end:.1f}s after the scheduler's end"
+    assert scheduler_end - ended < MARGIN + 5, f"ended {scheduler_end - ended:.0f}s before the end, margin {MARGIN}s"
+    run.assert_nothing_left(info["cluster_id"])
+    run.assert_ended_by_our_hand(info["job_id"])
 
 
-def test_openpbs_walltime_stops_the_job_with_a_checkpoint_and_ends_walltime_reached(pbs_work, prefect_api, bed,
-                                                                                      openpbs):
+def test_at_the_walltime_jobs_get_sigterm_and_clusters_end_walltime_reached_on_slurm_and_openpbs(
+        pbs_work, prefect_api, bed, openpbs):
+    """Four runs at once: a checkpointing job with a 3-minute walltime on Slurm and on
+    OpenPBS, a keep-alive cluster with a 2-minute walltime on each."""
     work = pbs_work
-    flow = _flow(bed, work, prefect_api, "pbs", "00:02:00", env=openpbs.env())
+    steps = ["--steps", "100000"]
+    runs = {
+        "slurm job": _start_job(bed, work, prefect_api, "slurm", "slurm-job", steps),
+        "openpbs job": _start_job(bed, work, prefect_api, "pbs", "pbs-job", steps, openpbs=openpbs),
+        **{f"{label} keep-alive": Run.start(bed, work, prefect_api, scheduler, f"{scheduler}-keep",
+                                            [f"--{scheduler}.walltime", KEEP_ALIVE_WALLTIME[scheduler], "--keep-alive"],
+                                            openpbs)
+           for scheduler, label in (("slurm", "slurm"), ("pbs", "openpbs"))},
+    }
+    checks = {"keep-alive": _check_the_keep_alive_end, "job": _check_the_walltime_end}
     try:
-        info = flow.wait_ready(timeout=180)
-        job_id = info["job_id"]
-        job = openpbs.job(job_id)
-        walltime = job["Resource_List"]["walltime"]
-        seconds = sum(int(v) * 60**i for i, v in enumerate(reversed(walltime.split(":"))))
-        scheduler_end = _unix(bed, job["stime"]) + seconds
-        _check_the_walltime_end(bed, work, flow, info, scheduler_end)
-        final = openpbs.wait_job_finished(job_id, timeout=60)
-        assert final.get("Exit_status") != -29, final  # not PBS's walltime kill
+        _all_of({name: partial(checks[name.split()[-1]], run) for name, run in runs.items()})
     finally:
-        flow.stop()
+        _stop_all(list(runs.values()))
 
 
-# 80 s of steps of 0.5 s: more than the first allocation can do (at most 75 s: 2 minutes less
-# the margin, less its start; 120 to 130 steps on the bed), the rest well within the second's.
-CHAIN_STEPS = ["--steps", "160", "--step-seconds", "0.5"]
+# 140 s of steps of 0.5 s: more than the first allocation can do (at most 110 s: 3 minutes
+# less the margin, less its start; about 105 s on the bed), the rest well within the second's
+# 120 s before its own margin.
+STEPS = 280
+CHAIN_STEPS = ["--steps", str(STEPS), "--step-seconds", "0.5"]
 
 
-def _chain_flow(bed, work, api, scheduler: str, walltime: str, env=None) -> BackgroundFlow:
-    return _flow(bed, work, api, scheduler, walltime, env, CHAIN_STEPS, ("--continue-after-walltime", "1"))
-
-
-def _check_the_second_allocation_finishes(bed, work, flow: BackgroundFlow, first: dict) -> dict:
+def _check_the_chain(run: Run) -> None:
     """The first allocation ended at its walltime with a checkpoint; the second, queued since
-    the start, ran the job again as attempt 2 from that checkpoint to its end. Returns the
-    second's connection info."""
-    rc = flow.wait(timeout=first["deadline"] - time.time() + 240)
+    the start with afterany on the first, ran the job again as attempt 2 from that checkpoint
+    to its end, on a fresh cluster; both jobs ended by our hand."""
+    flow = run.flow
+    first = flow.wait_ready(timeout=240)
+    successor = _queued_successor(run, first["job_id"])
+    rc = flow.wait(timeout=first["deadline"] - time.time() + 300)
     output = flow.output
     assert rc == 0, output[-6000:]
     assert "reached its walltime: going on in allocation 2" in output, output[-5000:]
     written = re.search(r"CHECKPOINT_WRITTEN step=(\d+)", output)
-    assert written and 0 < int(written.group(1)) < 160, output[-5000:]
+    assert written and 0 < int(written.group(1)) < STEPS, output[-5000:]
     resumed = re.search(r"CHECKPOINT_EXAMPLE ACTIVATE_RAY_ATTEMPT=2 ACTIVATE_RAY_DEADLINE=(\d+) .*resuming_at_step=(\d+)",
                         output)
     assert resumed and resumed.group(2) == written.group(1), output[-5000:]
-    assert "CHECKPOINT_EXAMPLE_DONE steps=160" in output and "ACTIVATE_RAY_ATTEMPT=2" in output, output[-5000:]
+    assert f"CHECKPOINT_EXAMPLE_DONE steps={STEPS}" in output and "ACTIVATE_RAY_ATTEMPT=2" in output, output[-5000:]
     second = json.loads(flow.info_file.read_text())
     assert second["allocation"] == 2 and second["allocations"] == 2, second
     assert second["cluster_id"] != first["cluster_id"] and second["job_id"] != first["job_id"], (first, second)
+    assert second["job_id"].split(".")[0] == successor.split(".")[0], (second, successor)
     assert int(resumed.group(1)) == second["deadline"] > first["deadline"], (resumed.group(1), first, second)
-    assert json.loads((work / "ckpt" / "state.json").read_text())["step"] == 160
+    assert json.loads((run.checkpoint / "state.json").read_text())["step"] == STEPS
     clusters = set(CLUSTER_ID_RE.findall(output))
     assert clusters == {first["cluster_id"], second["cluster_id"]}, clusters
     for cluster_id in clusters:
-        assert_nothing_left(bed, cluster_id, work / "w")
-    return second
+        run.assert_nothing_left(cluster_id)
+    for job_id in (first["job_id"], second["job_id"]):
+        run.assert_ended_by_our_hand(job_id)
 
 
-@pytest.mark.timeout(600)
-def test_slurm_continue_after_walltime_resumes_in_the_second_allocation(work, prefect_api, bed):
-    flow = _chain_flow(bed, work, prefect_api, "slurm", "2")
-    try:
-        first = flow.wait_ready(timeout=180)
-        # the successor is queued from the start, waiting for the first job
-        queued = [line for line in bed.live_jobs() if line.split()[0] != first["job_id"]]
-        assert len(queued) == 1 and " PENDING " in f" {queued[0]} ", bed.live_jobs()
+def _queued_successor(run: Run, first_job: str) -> str:
+    """The one successor job, queued from the start with afterany on the first job."""
+    if run.scheduler == "slurm":
+        queued = [line for line in run.bed.live_jobs() if line.split()[0] != first_job]
+        assert len(queued) == 1 and " PENDING " in f" {queued[0]} ", run.bed.live_jobs()
         successor = queued[0].split()[0]
-        assert f"afterany:{first['job_id']}" in bed.job_fields(successor).get("Dependency", ""), bed.job_fields(successor)
-        second = _check_the_second_allocation_finishes(bed, work, flow, first)
-        assert second["job_id"] == successor
-        for job_id in (first["job_id"], successor):
-            bed.wait_job(job_id, timeout=60)
-            fields = bed.job_fields(job_id)
-            # the cluster dir and its status are gone with the teardown: Slurm's record and the run's log say why
-            assert fields.get("JobState") in (None, "COMPLETED"), (
-                job_id, fields.get("ExitCode"), fields.get("Reason"), flow.output[-4000:])
-    finally:
-        flow.stop()
+        dependency = run.bed.job_fields(successor).get("Dependency", "")
+        assert f"afterany:{first_job}" in dependency, run.bed.job_fields(successor)
+        return successor
+    number = first_job.split(".")[0]  # qstat may name the server otherwise than qsub did
+    held = [line for line in run.openpbs.live_jobs() if line.split()[0].split(".")[0] != number]
+    assert len(held) == 1, run.openpbs.live_jobs()
+    successor = held[0].split()[0]
+    assert f"afterany:{number}." in str(run.openpbs.job(successor).get("depend", "")), run.openpbs.job(successor)
+    return successor
 
 
-@pytest.mark.timeout(600)
-def test_openpbs_continue_after_walltime_resumes_in_the_second_allocation(pbs_work, prefect_api, bed, openpbs):
+def test_continue_after_walltime_resumes_in_the_second_allocation_on_slurm_and_openpbs(
+        pbs_work, prefect_api, bed, openpbs):
+    """A chain of two allocations on Slurm and one on OpenPBS at once (each scheduler's queue
+    holds only its own run's jobs)."""
     work = pbs_work
-    flow = _chain_flow(bed, work, prefect_api, "pbs", "00:02:00", env=openpbs.env())
+    extra = ("--continue-after-walltime", "1")
+    runs = {"slurm": _start_job(bed, work, prefect_api, "slurm", "slurm-chain", CHAIN_STEPS, extra),
+            "openpbs": _start_job(bed, work, prefect_api, "pbs", "pbs-chain", CHAIN_STEPS, extra, openpbs)}
     try:
-        first = flow.wait_ready(timeout=180)
-        number = first["job_id"].split(".")[0]  # qstat may name the server otherwise than qsub did
-        held = [line for line in openpbs.live_jobs() if line.split()[0].split(".")[0] != number]
-        assert len(held) == 1, openpbs.live_jobs()
-        successor = held[0].split()[0]
-        assert f"afterany:{number}." in str(openpbs.job(successor).get("depend", "")), openpbs.job(successor)
-        second = _check_the_second_allocation_finishes(bed, work, flow, first)
-        assert second["job_id"].split(".")[0] == successor.split(".")[0]
-        for job_id in (first["job_id"], second["job_id"]):
-            final = openpbs.wait_job_finished(job_id, timeout=60)
-            assert final.get("Exit_status") != -29, final  # not PBS's walltime kill
+        _all_of({name: partial(_check_the_chain, run) for name, run in runs.items()})
     finally:
-        flow.stop()
-
-
-def test_slurm_keep_alive_cluster_ends_walltime_reached(work, prefect_api, bed):
-    """A keep-alive cluster (no script) with a 2-minute walltime: torn down walltime_margin
-    before the end, the run 'walltime reached' (exit 3), before Slurm's own kill."""
-    flow = BackgroundFlow(bed, ["--scheduler", "slurm", "--work-dir", str(work / "w"), "--slurm.walltime", "2",
-                                "--walltime-margin", str(MARGIN), "--readiness-timeout", "120", "--keep-alive", *SMALL],
-                          work, prefect_api)
-    try:
-        info = flow.wait_ready(timeout=180)
-        job_id = info["job_id"]
-        scheduler_end = _unix(bed, bed.job_fields(job_id)["EndTime"])
-        assert abs(info["deadline"] - scheduler_end) <= 5, (info["deadline"], scheduler_end)
-        rc = flow.wait(timeout=scheduler_end - time.time() + 60)
-        ended = time.time()
-        assert rc == EXIT_WALLTIME, flow.output[-5000:]
-        assert "walltime reached" in flow.output and "the cluster kept alive is torn down" in flow.output, flow.output[-3000:]
-        assert ended < scheduler_end, f"the flow ended {ended - scheduler_end:.1f}s after the scheduler's end"
-        assert scheduler_end - ended < MARGIN + 5, f"ended {scheduler_end - ended:.0f}s before the end, margin {MARGIN}s"
-        bed.wait_job(job_id, timeout=60)
-        assert bed.job_fields(job_id).get("JobState") in (None, "COMPLETED"), bed.job_fields(job_id)
-        assert_nothing_left(bed, info["cluster_id"], work / "w")
-    finally:
-        flow.stop()
+        _stop_all(list(runs.values()))
 
 
 def test_ctrl_c_cancels_the_queued_successor_allocations_too(work, prefect_api, bed):

@@ -12,7 +12,7 @@ from tasks.cluster import ClusterPlan
 from tasks.failures import FailureReason, WalltimeReached, reason_of
 from tasks.head_api import parse_head_env
 from tasks.settings import RayClusterSettings
-from tasks.user_job import stop_time, walltime_grace, walltime_message, with_allocation_env
+from tasks.user_job import walltime_grace, walltime_message, with_allocation_env
 
 HEAD_ENV = "RAY_HEAD_NODE=n1\nRAY_HEAD_IP=10.0.0.1\nRAY_GCS_PORT=1\nRAY_DASHBOARD_PORT=2\nRAY_CLIENT_PORT=3\n"
 
@@ -54,8 +54,8 @@ def test_the_driver_is_told_the_end_and_given_a_grace():
 
 
 def test_stop_time_and_grace():
-    assert stop_time(plan()) is None
-    assert stop_time(plan(1000, walltime_margin=60)) == 940
+    assert plan().stop_time is None
+    assert plan(1000, walltime_margin=60).stop_time == 940
     assert walltime_grace(plan(1000, walltime_margin=300)) == 60
     assert walltime_grace(plan(1000, walltime_margin=45)) == 15
 
