@@ -306,7 +306,8 @@ async def queue_successors(target: Transport, scheduler: Scheduler, plan: Cluste
     """continue_after_walltime: the successor allocations, each a whole cluster of its own whose
     job waits (afterany) for the one before it, submitted now so they queue while this one
     runs. Only those missing (a retry's fresh cluster queues again what the failed one had);
-    one the scheduler refuses leaves the run to go on with those queued so far."""
+    one the scheduler refuses is submitted when the one before reaches its walltime
+    (_next_cluster), so the run goes on all the same, after a wait in the queue."""
     wanted = plan.settings.continue_after_walltime - (plan.allocation - 1)
     while len(plan.successors) < wanted:
         before = plan.successors[-1] if plan.successors else plan
@@ -316,9 +317,9 @@ async def queue_successors(target: Transport, scheduler: Scheduler, plan: Cluste
         try:
             await start_cluster(target, scheduler, successor, after=before.job_id)
         except Exception as exc:
-            get_run_logger().warning("allocation %d not queued (%s): the run goes on with %d successor allocation(s)",
-                                     successor.allocation, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                                     len(plan.successors) - 1)
+            get_run_logger().warning("allocation %d not queued (%s): it will be submitted when allocation %d reaches "
+                                     "its walltime", successor.allocation,
+                                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__, before.allocation)
             plan.successors.remove(successor)
             await teardown_cluster(target, scheduler, successor)
             remember(plan, scheduler)
@@ -438,8 +439,17 @@ async def _next_cluster(scheduler: Scheduler, failure: Exception, plan: ClusterP
         await _before_retry(scheduler, failure, retried + 1, settings.retries)
         return ClusterPlan.new(settings, work_dir, allocation=plan.allocation)
     ends.append(AllocationEnd(plan.allocation, plan.cluster_id, plan.job_id, reason.value))
-    if reason is not FailureReason.walltime_reached or not plan.successors:
+    if reason is not FailureReason.walltime_reached or plan.allocation > settings.continue_after_walltime:
         return None
+    if not plan.successors:
+        # the scheduler would not queue it beside this one (a site's limit on queued jobs, say):
+        # submitted now, with no dependency left to wait for; it queues what follows it
+        get_run_logger().warning(
+            "allocation %d of at most %d (cluster %s, job %s) reached its walltime: going on in allocation %d, "
+            "submitted now (it could not be queued before), the job with ACTIVATE_RAY_ATTEMPT=%d",
+            plan.allocation, 1 + settings.continue_after_walltime, plan.cluster_id, plan.job_id, plan.allocation + 1,
+            plan.allocation + 1)
+        return ClusterPlan.new(settings, work_dir, allocation=plan.allocation + 1)
     successor, successor.successors = plan.successors[0], plan.successors[1:]
     get_run_logger().warning(
         "allocation %d of at most %d (cluster %s, job %s) reached its walltime: going on in allocation %d "

@@ -127,7 +127,7 @@ class Run:
     """run_cluster with every step that reaches a target replaced: each allocation's cluster
     ends as `outcomes` says (an exception raised by its job, or finished)."""
 
-    def __init__(self, monkeypatch, tmp_path, outcomes: list, **settings):
+    def __init__(self, monkeypatch, tmp_path, outcomes: list, refuse_queued: bool = False, **settings):
         self.outcomes, self.events, self.ends, self.states = list(outcomes), [], None, []
         self.settings = RayClusterSettings(scheduler="slurm", state_file=str(tmp_path / "ray-cluster.state"), **settings)
         self.state_file = tmp_path / "ray-cluster.state"
@@ -144,6 +144,9 @@ class Run:
             return "/w"
 
         async def start_cluster(target, scheduler, plan, after=""):
+            if refuse_queued and after:
+                self.events.append(("refused", plan.allocation, after))
+                raise RuntimeError("sbatch: error: QOSMaxSubmitJobPerUserLimit")
             plan.job_id = str(next(jobs))
             self.events.append(("submit", plan.allocation, plan.job_id, after))
             return plan.job_id
@@ -252,3 +255,26 @@ def test_a_cancelled_run_cancels_every_successor_before_its_cluster(monkeypatch,
         run()
     assert [e for e in run.events if e[0] == "teardown"] == [("teardown", 3, "103"), ("teardown", 2, "102"),
                                                              ("teardown", 1, "101")]
+
+
+def test_a_successor_the_scheduler_would_not_queue_early_is_submitted_at_the_walltime(monkeypatch, tmp_path):
+    """A site that allows one queued job per user refuses the early successor: the run goes on
+    all the same, the next allocation submitted once the first reached its walltime."""
+    run = Run(monkeypatch, tmp_path, [walltime(), None], refuse_queued=True, continue_after_walltime=1)
+    result = run()
+    assert result["allocation"] == 2
+    assert run.events == [
+        ("submit", 1, "101", ""), ("refused", 2, "101"), ("teardown", 2, ""),
+        ("job", 1, "1"), ("teardown", 1, "101"),
+        ("submit", 2, "102", ""),  # now: the first job is gone, nothing to wait for
+        ("job", 2, "2"), ("teardown", 2, "102"),
+    ]
+    assert run.ends == [(1, "101", "walltime reached"), (2, "102", "finished")]
+
+
+def test_a_refused_successor_is_tried_again_only_while_allocations_are_left(monkeypatch, tmp_path):
+    run = Run(monkeypatch, tmp_path, [walltime(), walltime()], refuse_queued=True, continue_after_walltime=1)
+    with pytest.raises(WalltimeReached):
+        run()
+    assert [e for e in run.events if e[0] == "submit"] == [("submit", 1, "101", ""), ("submit", 2, "102", "")]
+    assert run.ends == [(1, "101", "walltime reached"), (2, "102", "walltime reached")]

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import EXIT_WALLTIME
-from tests.helpers import CLUSTER_ID_RE, REPO, SMALL, BackgroundFlow, assert_nothing_left
+from tests.helpers import CLUSTER_ID_RE, REPO, SMALL, BackgroundFlow, assert_nothing_left, prefect_get
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(600)]
 
@@ -56,6 +56,7 @@ class Run:
     scheduler: str
     dir: Path
     flow: BackgroundFlow
+    api: str
     openpbs: object = None
 
     @classmethod
@@ -67,7 +68,7 @@ class Run:
         flow = BackgroundFlow(bed, ["--scheduler", scheduler, "--work-dir", str(path / "w"),
                                     "--walltime-margin", str(MARGIN), "--readiness-timeout", "120", *SMALL, *args],
                               path, api, env=env)
-        return cls(bed, scheduler, path, flow, openpbs)
+        return cls(bed, scheduler, path, flow, api, openpbs)
 
     @property
     def checkpoint(self) -> Path:
@@ -99,6 +100,26 @@ class Run:
 
     def assert_nothing_left(self, cluster_id: str) -> None:
         assert_nothing_left(self.bed, cluster_id, self.dir / "w")
+
+    def assert_logs_collected(self, cluster_id: str) -> None:
+        """The teardown kept the logs of the head node and of the job script."""
+        logs = self.dir / "w" / "logs" / cluster_id
+        kept = sorted(path.name for path in logs.iterdir()) if logs.is_dir() else []
+        assert {"head", "job"} <= set(kept), (logs, kept)
+
+    def artifact(self, key: str) -> str:
+        """The markdown of the run's Prefect artifact of that key."""
+        found = prefect_get(f"{self.api}/artifacts/filter", data={
+            "artifacts": {"flow_run_id": {"any_": [self.flow.run_id]}, "key": {"any_": [key]}}})
+        assert len(found) == 1, (key, found)
+        return found[0]["data"]
+
+    def assert_ended_walltime_reached(self) -> None:
+        """Prefect says it too: the run Failed with "walltime reached", its failure artifact
+        names that reason (the exit code, 3, is the command line's)."""
+        state = self.flow.run_state(self.api)
+        assert state["type"] == "FAILED" and "walltime reached" in (state.get("message") or ""), state
+        assert "walltime reached" in self.artifact("ray-cluster-failure")
 
 
 def _job_args(run_dir: Path, steps: list[str]) -> list[str]:
@@ -150,6 +171,8 @@ def _check_the_walltime_end(run: Run) -> None:
     before_end = scheduler_end - state["sigterm_at"]
     assert abs(before_end - MARGIN) <= 10, f"SIGTERM {before_end:.1f}s before the end, margin {MARGIN}s"
     assert ended < scheduler_end, f"the flow ended {ended - scheduler_end:.1f}s after the scheduler's end"
+    run.assert_ended_walltime_reached()
+    run.assert_logs_collected(info["cluster_id"])
     run.assert_nothing_left(info["cluster_id"])
     run.assert_ended_by_our_hand(info["job_id"])
 
@@ -168,6 +191,8 @@ def _check_the_keep_alive_end(run: Run) -> None:
         flow.output[-3000:]
     assert ended < scheduler_end, f"the flow ended {ended - scheduler_end:.1f}s after the scheduler's end"
     assert scheduler_end - ended < MARGIN + 5, f"ended {scheduler_end - ended:.0f}s before the end, margin {MARGIN}s"
+    run.assert_ended_walltime_reached()
+    run.assert_logs_collected(info["cluster_id"])
     run.assert_nothing_left(info["cluster_id"])
     run.assert_ended_by_our_hand(info["job_id"])
 
@@ -200,17 +225,23 @@ STEPS = 280
 CHAIN_STEPS = ["--steps", str(STEPS), "--step-seconds", "0.5"]
 
 
-def _check_the_chain(run: Run) -> None:
+def _check_the_chain(run: Run, queued_early: bool = True) -> None:
     """The first allocation ended at its walltime with a checkpoint; the second, queued since
-    the start with afterany on the first, ran the job again as attempt 2 from that checkpoint
+    the start with afterany on the first (queued_early), or submitted at the first's walltime
+    when the scheduler refused it early, ran the job again as attempt 2 from that checkpoint
     to its end, on a fresh cluster; both jobs ended by our hand."""
     flow = run.flow
     first = flow.wait_ready(timeout=240)
-    successor = _queued_successor(run, first["job_id"])
+    successors = _jobs_after(run, first["job_id"])
+    if queued_early:
+        assert len(successors) == 1, successors
+    else:
+        assert successors == [] and "allocation 2 not queued (" in flow.output, (successors, flow.output[-4000:])
     rc = flow.wait(timeout=first["deadline"] - time.time() + 300)
     output = flow.output
     assert rc == 0, output[-6000:]
-    assert "reached its walltime: going on in allocation 2" in output, output[-5000:]
+    going_on = "reached its walltime: going on in allocation 2" + ("" if queued_early else ", submitted now")
+    assert going_on in output, output[-5000:]
     written = re.search(r"CHECKPOINT_WRITTEN step=(\d+)", output)
     assert written and 0 < int(written.group(1)) < STEPS, output[-5000:]
     resumed = re.search(r"CHECKPOINT_EXAMPLE ACTIVATE_RAY_ATTEMPT=2 ACTIVATE_RAY_DEADLINE=(\d+) .*resuming_at_step=(\d+)",
@@ -220,46 +251,54 @@ def _check_the_chain(run: Run) -> None:
     second = json.loads(flow.info_file.read_text())
     assert second["allocation"] == 2 and second["allocations"] == 2, second
     assert second["cluster_id"] != first["cluster_id"] and second["job_id"] != first["job_id"], (first, second)
-    assert second["job_id"].split(".")[0] == successor.split(".")[0], (second, successor)
+    if queued_early:
+        assert second["job_id"].split(".")[0] == successors[0].split(".")[0], (second, successors)
     assert int(resumed.group(1)) == second["deadline"] > first["deadline"], (resumed.group(1), first, second)
     assert json.loads((run.checkpoint / "state.json").read_text())["step"] == STEPS
-    clusters = set(CLUSTER_ID_RE.findall(output))
-    assert clusters == {first["cluster_id"], second["cluster_id"]}, clusters
+    ran = {first["cluster_id"], second["cluster_id"]}
+    clusters = set(CLUSTER_ID_RE.findall(output))  # and the one refused early, made and removed
+    assert ran <= clusters and len(clusters) == (2 if queued_early else 3), clusters
+    # the run's report of each allocation
+    report = run.artifact("ray-cluster-allocations")
+    assert "Allocations: 2 of at most 2" in report, report
+    assert f"| 1 | `{first['cluster_id']}` | {first['job_id']} | walltime reached |" in report, report
+    assert f"| 2 | `{second['cluster_id']}` | {second['job_id']} | finished |" in report, report
+    for cluster_id in ran:
+        run.assert_logs_collected(cluster_id)
     for cluster_id in clusters:
         run.assert_nothing_left(cluster_id)
     for job_id in (first["job_id"], second["job_id"]):
         run.assert_ended_by_our_hand(job_id)
 
 
-def _queued_successor(run: Run, first_job: str) -> str:
-    """The one successor job, queued from the start with afterany on the first job."""
+def _jobs_after(run: Run, first_job: str) -> list[str]:
+    """The live jobs that wait for the first job (afterany): its queued successors. By their
+    dependency, not by who owns them: the test's other runs queue jobs of the same user."""
     if run.scheduler == "slurm":
-        queued = [line for line in run.bed.live_jobs() if line.split()[0] != first_job]
-        assert len(queued) == 1 and " PENDING " in f" {queued[0]} ", run.bed.live_jobs()
-        successor = queued[0].split()[0]
-        dependency = run.bed.job_fields(successor).get("Dependency", "")
-        assert f"afterany:{first_job}" in dependency, run.bed.job_fields(successor)
-        return successor
+        return [job for job in (line.split()[0] for line in run.bed.live_jobs())
+                if f"afterany:{first_job}" in run.bed.job_fields(job).get("Dependency", "")]
     number = first_job.split(".")[0]  # qstat may name the server otherwise than qsub did
-    held = [line for line in run.openpbs.live_jobs() if line.split()[0].split(".")[0] != number]
-    assert len(held) == 1, run.openpbs.live_jobs()
-    successor = held[0].split()[0]
-    assert f"afterany:{number}." in str(run.openpbs.job(successor).get("depend", "")), run.openpbs.job(successor)
-    return successor
+    return [job for job in (line.split()[0] for line in run.openpbs.live_jobs())
+            if f"afterany:{number}." in str(run.openpbs.job(job).get("depend", ""))]
 
 
 def test_continue_after_walltime_resumes_in_the_second_allocation_on_slurm_and_openpbs(
         pbs_work, prefect_api, bed, openpbs):
-    """A chain of two allocations on Slurm and one on OpenPBS at once (each scheduler's queue
-    holds only its own run's jobs)."""
+    """Chains of two allocations at once: on Slurm and on OpenPBS with the successor queued
+    from the start, and on an OpenPBS queue with a site's limit of one job per user, which
+    refuses the early successor: it is submitted at the first one's walltime instead."""
     work = pbs_work
     extra = ("--continue-after-walltime", "1")
-    runs = {"slurm": _start_job(bed, work, prefect_api, "slurm", "slurm-chain", CHAIN_STEPS, extra),
-            "openpbs": _start_job(bed, work, prefect_api, "pbs", "pbs-chain", CHAIN_STEPS, extra, openpbs)}
-    try:
-        _all_of({name: partial(_check_the_chain, run) for name, run in runs.items()})
-    finally:
-        _stop_all(list(runs.values()))
+    with openpbs.per_user_limit(openpbs.WIDE_QUEUE, jobs=1) as limited:
+        runs = {"slurm": _start_job(bed, work, prefect_api, "slurm", "slurm-chain", CHAIN_STEPS, extra),
+                "openpbs": _start_job(bed, work, prefect_api, "pbs", "pbs-chain", CHAIN_STEPS, extra, openpbs),
+                "openpbs, one job per user": _start_job(bed, work, prefect_api, "pbs", "pbs-limited", CHAIN_STEPS,
+                                                        (*extra, "--pbs.queue", limited), openpbs)}
+        try:
+            _all_of({name: partial(_check_the_chain, run, queued_early="one job" not in name)
+                     for name, run in runs.items()})
+        finally:
+            _stop_all(list(runs.values()))
 
 
 def test_ctrl_c_cancels_the_queued_successor_allocations_too(work, prefect_api, bed):

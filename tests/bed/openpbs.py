@@ -88,6 +88,18 @@ class OpenPBS:
             for n in self.bed.node_names:
                 self.qmgr(f"unset node {n} queue")
 
+    @contextlib.contextmanager
+    def per_user_limit(self, queue: str, jobs: int):
+        """A site's limit while inside: at most `jobs` jobs of each user in the queue, queued or
+        running (max_queued); qsub refuses one more."""
+        done = self.qmgr(f"set queue {queue} max_queued = [u:PBS_GENERIC={jobs}]")
+        if done.returncode != 0:
+            raise RuntimeError(f"qmgr max_queued: {done.stdout}{done.stderr}")
+        try:
+            yield queue
+        finally:
+            self.qmgr(f"unset queue {queue} max_queued")
+
     def down(self) -> None:
         if not (self.state / "bed.env").exists():
             return
