@@ -100,6 +100,7 @@ class Adapter:
     cpus_per_worker: float
     gpus_per_worker: float
     on_submit: object = None  # called with the new job ids (the flow records them in its saved state)
+    ends_at: int = 0  # the cluster's allocation's end (Unix seconds): no worker job outlives it
     idle_since: dict[str, float] = field(default_factory=dict)
     settle: float = 3.0
     demand_seen: int = 0
@@ -150,7 +151,8 @@ class Adapter:
 
     async def _submit(self, count: int, why: str, now: float) -> str:
         get_run_logger().info("adapt: %s: submitting %d worker job(s)", why, count)
-        ids = await submit_worker_jobs(self.target, self.scheduler, self.cluster_dir, count, self.head_job)
+        ids = await submit_worker_jobs(self.target, self.scheduler, self.cluster_dir, count, self.head_job,
+                                       self.ends_at)
         if callable(self.on_submit):
             self.on_submit(ids)
         self.last_change = time.monotonic()
@@ -161,7 +163,7 @@ class Adapter:
 @task(name="submit-worker-jobs", cache_policy=NO_CACHE)
 async def add_worker_jobs(target: Transport, scheduler: Scheduler, plan: ClusterPlan, count: int) -> list[str]:
     """Worker jobs for this cluster, recorded in its plan too (the flow's saved state)."""
-    ids = await submit_worker_jobs(target, scheduler, plan.cluster_dir, count, plan.job_id)
+    ids = await submit_worker_jobs(target, scheduler, plan.cluster_dir, count, plan.job_id, plan.deadline)
     plan.worker_jobs += ids
     return ids
 
@@ -193,7 +195,7 @@ async def adapt_worker_jobs(target: Transport, scheduler: Scheduler, plan: Clust
                         cpus_per_worker=settings.scale.worker_cpus or settings.num_cpus_per_node or biggest.get("CPU", 1),
                         gpus_per_worker=(settings.scale.worker_gpus if settings.scale.worker_gpus is not None
                                          else settings.num_gpus_per_node or biggest.get("GPU", 0)),
-                        on_submit=on_submit)
+                        on_submit=on_submit, ends_at=plan.deadline)
                     get_run_logger().info("adapt: between %d and %d worker job(s) of %s CPU(s) each, following Ray's "
                                           "pending demand", low, high, adapter.cpus_per_worker)
                 await adapter.step(client, nodes)

@@ -50,21 +50,34 @@ async def recorded_worker_jobs(target: Transport, scheduler: Scheduler, cluster_
     return [name for name in listing.stdout.split() if scheduler.job_id_re.fullmatch(name)]
 
 
+def worker_walltime(scheduler: Scheduler, ends_at: int, now: float) -> int | None:
+    """A worker job's walltime when its cluster's allocation ends sooner than the job's own
+    walltime would: the time left (None: its own). Such a job never outlives the cluster, and
+    a shorter job starts sooner where the scheduler backfills."""
+    own = scheduler.worker_walltime_seconds
+    left = int(ends_at - now)
+    return left if ends_at and (own is None or left < own) else None
+
+
 async def submit_worker_jobs(target: Transport, scheduler: Scheduler, cluster_dir: str, count: int,
-                             head_job: str = "") -> list[str]:
+                             head_job: str = "", ends_at: int = 0) -> list[str]:
     """Submit `count` worker jobs, one after the other (a retried submission looks its job up
-    by name: the ones before must be known by then); each recorded as it is taken."""
+    by name: the ones before must be known by then); each recorded as it is taken. ends_at:
+    the cluster's allocation's end (Unix seconds, 0: unknown), which no worker job outlives."""
     jobs_dir = f"{cluster_dir}/{WORKER_JOBS_DIR}"
     await target.run(f"mkdir -p {shlex.quote(jobs_dir)}")
     known = {head_job, *await recorded_worker_jobs(target, scheduler, cluster_dir)} - {""}
     submitted = []
     for _ in range(count):
-        job_id = await scheduler.submit(target, cluster_dir, WORKER_JOB_SCRIPT, known=frozenset(known))
+        walltime = worker_walltime(scheduler, ends_at, time.time())
+        job_id = await scheduler.submit(target, cluster_dir, WORKER_JOB_SCRIPT, known=frozenset(known),
+                                        walltime=walltime)
         await target.run(f"touch {shlex.quote(jobs_dir + '/' + job_id)}")
         known.add(job_id)
         submitted.append(job_id)
     if submitted:
-        get_run_logger().info("worker job(s) submitted to %s: %s", scheduler.name, ", ".join(submitted))
+        capped = f" (walltime {walltime}s: the allocation's end)" if walltime is not None else ""
+        get_run_logger().info("worker job(s) submitted to %s: %s%s", scheduler.name, ", ".join(submitted), capped)
     return submitted
 
 

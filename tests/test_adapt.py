@@ -27,12 +27,18 @@ class QueueOfDicts(Scheduler):
     def __init__(self, cluster_dir: Path):
         super().__init__(RayClusterSettings(scheduler="slurm"))
         self.jobs: dict[str, JobPhase] = {}
+        self.walltimes: dict[str, int | None] = {}
         self.cluster_dir = cluster_dir
 
-    async def submit(self, target, cluster_dir, script="bin/job.sh", known=frozenset()) -> str:
+    async def submit(self, target, cluster_dir, script="bin/job.sh", known=frozenset(), walltime=None) -> str:
         job_id = str(100 + len(self.jobs))
         self.jobs[job_id] = JobPhase.pending
+        self.walltimes[job_id] = walltime
         return job_id
+
+    @property
+    def worker_walltime_seconds(self):
+        return 3600  # the cluster's walltime, an hour
 
     async def state(self, target, job_id):
         if (self.cluster_dir / "nodes" / f"wjob-{job_id}.remove").exists():
@@ -147,3 +153,23 @@ def test_past_walltime_margin_the_loop_submits_nothing_and_ends(tmp_path):
     plan = ClusterPlan("ar-x", str(tmp_path), settings, SecretStr("t"), job_id="1", deadline=int(time.time()) + 30)
     asyncio.run(asyncio.wait_for(adapt_worker_jobs(LocalTransport(), scheduler, plan, 1, None, every=0.01), 5))
     assert scheduler.jobs == {}
+
+
+def test_a_worker_job_never_asks_for_more_than_the_allocation_has_left(tmp_path):
+    """The adaptive loop's worker jobs end with the cluster's allocation: their walltime is the
+    time left when that is less than their own (scale.worker_walltime, else the cluster's)."""
+    import time
+
+    from tasks.worker_jobs import worker_walltime
+
+    scheduler = QueueOfDicts(tmp_path)  # the cluster's walltime: an hour
+    (tmp_path / "nodes").mkdir()
+    now = time.time()
+    assert worker_walltime(scheduler, 0, now) is None  # no known end: the job's own
+    assert worker_walltime(scheduler, int(now) + 7200, now) is None  # more left than its own hour
+    assert worker_walltime(scheduler, int(now) + 600, now) in (599, 600)
+    adapter = Adapter(LocalTransport(), scheduler, str(tmp_path), "1", low=1, high=2, idle_timeout=0.0, cooldown=0.0,
+                      cpus_per_worker=2, gpus_per_worker=0, settle=0.0, ends_at=int(now) + 900)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(StateApi().handler), base_url="http://ray")
+    step(adapter, client)
+    assert list(scheduler.walltimes.values()) == [pytest.approx(900, abs=5)]

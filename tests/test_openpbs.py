@@ -305,6 +305,11 @@ def test_adaptive_worker_jobs_follow_the_demand_on_openpbs(pbs_work, prefect_api
     # the worker job asked PBS for the CPUs its Ray node offers (a site's cgroup holds it to them)
     job = openpbs.wait_job_finished(worker_jobs[0])
     assert job.get("Resource_List", {}).get("ncpus") == 2, job
+    # and no more walltime than the cluster's allocation had left (10 minutes less its start)
+    capped = re.search(r"worker job\(s\) submitted to pbs: \S+ \(walltime (\d+)s: the allocation's end\)", output)
+    assert capped and 480 < int(capped.group(1)) < 600, output[-4000:]
+    hours, minutes, seconds = (int(part) for part in job["Resource_List"]["walltime"].split(":"))
+    assert hours * 3600 + minutes * 60 + seconds == int(capped.group(1)), job["Resource_List"]
     assert_nothing_left(bed, run.cluster_id, pbs_work / "w")
 
 

@@ -542,3 +542,15 @@ def test_qstat_text_of_slurms_torque_wrappers_indents_with_tabs():
     fields = qstat_text_fields(text)
     assert fields["job_state"] == "R" and fields["Job_Name"] == "ar-e240510a", fields
     assert parse_qstat_text(text).phase is JobPhase.running
+
+
+def test_a_walltime_given_on_the_command_line_goes_to_openpbs_and_torque_alike():
+    from tasks.schedulers.pbs import PbsScheduler
+    from tasks.settings import RayClusterSettings
+
+    scheduler = PbsScheduler(RayClusterSettings(scheduler="pbs"))
+    command = scheduler.submit_command("/w/clusters/ar-x", "bin/worker_job.sh", walltime=3725)
+    assert command.count("qsub -f -l walltime=1:02:05 bin/worker_job.sh") == 1, command
+    assert command.count("qsub -l walltime=1:02:05 bin/worker_job.sh") == 1, command
+    assert "walltime" not in scheduler.submit_command("/w/clusters/ar-x", "bin/worker_job.sh")
+    assert scheduler.worker_walltime_seconds == 3600

@@ -3,6 +3,7 @@ its own (`scale --add/--remove`), and follows Ray's pending demand (`scale.adapt
 teardown leaves no job, queued or running, and no process."""
 
 import json
+import re
 import signal
 
 import pytest
@@ -80,6 +81,9 @@ def test_adaptive_submits_worker_jobs_for_unmet_demand_and_releases_them_when_id
     output = run.output
     assert "BIG_ON=node" in output, output[-4000:]
     assert "adapt: unmet demand {'CPU': 2.0}: submitting 1 worker job(s)" in output, output[-4000:]
+    # no more walltime than the cluster's allocation had left (10 minutes less its start)
+    capped = re.search(r"worker job\(s\) submitted to slurm: \S+ \(walltime (\d+)s: the allocation's end\)", output)
+    assert capped and 480 < int(capped.group(1)) < 600, output[-4000:]
     released = output.index("idle for")
     assert "releasing it" in output[released:released + 80]
     assert released < output.index("torn down"), "released while the cluster was still up"

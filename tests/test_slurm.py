@@ -369,3 +369,15 @@ def test_slurm_excluded_nodes_become_a_directive():
     scheduler = slurm()
     scheduler.exclude_nodes = ["node2", "node5"]
     assert "#SBATCH --exclude=node2,node5" in scheduler.render("ar-x", "/home/alice/c")
+
+
+@pytest.mark.parametrize(("seconds", "words"), [(125, ["--time=0-00:02:05"]), (90061, ["--time=1-01:01:01"])])
+def test_a_walltime_given_on_the_command_line_is_days_hours_minutes_seconds(seconds, words):
+    from tasks.schedulers.slurm import SlurmScheduler
+    from tasks.settings import RayClusterSettings
+
+    scheduler = SlurmScheduler(RayClusterSettings(scheduler="slurm"))
+    assert scheduler.walltime_option(seconds) == words
+    command = scheduler.submit_command("/w/clusters/ar-x", "bin/worker_job.sh", walltime=seconds)
+    assert command.endswith(f"{words[0]} bin/worker_job.sh"), command  # after the script's #SBATCH --time: it wins
+    assert "--time" not in scheduler.submit_command("/w/clusters/ar-x", "bin/worker_job.sh")

@@ -86,12 +86,23 @@ class Scheduler(ABC):
         walltime and GPUs, named as the cluster so every tool of the site sees it as one of its jobs."""
         raise NotImplementedError(f"{self.name}: no worker jobs (they are scheduler jobs of their own)")
 
-    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT, after: str = "") -> str:
+    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT, after: str = "",
+                       walltime: int | None = None) -> str:
         """The command line that submits <cluster_dir>/<script>, from the cluster dir:
         anything the scheduler drops in the submit dir is removed with it. after: a job id
-        this job waits for (dependency_option), for a successor allocation."""
-        words = [self.submit_program, *self.submit_flags, *self.waiting_for(after), script]
+        this job waits for (dependency_option), for a successor allocation. walltime:
+        seconds, over the script's own (walltime_option), for a worker job that cannot
+        outlive its cluster's allocation."""
+        words = [self.submit_program, *self.submit_flags, *self.waiting_for(after), *self.walltime_words(walltime),
+                 script]
         return f"cd {shlex.quote(cluster_dir)} && {shlex.join(words)}"
+
+    def walltime_option(self, seconds: int) -> list[str]:
+        """The submit command's words that set the job's walltime, over its script's directive."""
+        raise NotImplementedError(f"{self.name}: no walltime")
+
+    def walltime_words(self, seconds: int | None) -> list[str]:
+        return [] if seconds is None else self.walltime_option(max(1, int(seconds)))
 
     def dependency_option(self, job_id: str) -> list[str]:
         """The submit command's words that hold the job until job_id has ended, however it
@@ -133,16 +144,17 @@ class Scheduler(ABC):
     submit_flags: ClassVar[tuple[str, ...]] = ()
 
     async def submit(self, target: Transport, cluster_dir: str, script: str = JOB_SCRIPT,
-                     known: frozenset[str] = frozenset(), after: str = "") -> str:
+                     known: frozenset[str] = frozenset(), after: str = "", walltime: int | None = None) -> str:
         """Submit, retrying with backoff on errors that pass (a busy controller, a timeout),
         never twice: before each new try the job is looked up by its name, the cluster id,
         since a timed-out answer can come after the scheduler took the job. known: the
         cluster's jobs already submitted (a worker job's lookup must not find them).
-        after: a job id the new job waits for (a successor allocation)."""
+        after: a job id the new job waits for (a successor allocation). walltime: seconds,
+        over the script's own (a worker job capped at its cluster's end)."""
         job_name = cluster_dir.rstrip("/").rsplit("/", 1)[-1]
         delay = self.submit_backoff
         for attempt in range(1, self.submit_attempts + 1):
-            result = await target.run(self.submit_command(cluster_dir, script, after), check=False)
+            result = await target.run(self.submit_command(cluster_dir, script, after, walltime), check=False)
             if result.returncode == 0:
                 return self.parse_job_id(result.stdout)
             said = (result.stderr or result.stdout).strip()
@@ -191,6 +203,11 @@ class Scheduler(ABC):
 
     @property
     def walltime_seconds(self) -> int | None:
+        return None
+
+    @property
+    def worker_walltime_seconds(self) -> int | None:
+        """A worker job's own walltime (scale.worker_walltime, else the cluster's), seconds."""
         return None
 
     # --- shared lifecycle

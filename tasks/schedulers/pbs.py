@@ -281,11 +281,19 @@ class PbsScheduler(Scheduler):
     def walltime_seconds(self) -> int | None:
         return pbs_seconds(self.settings.pbs.walltime)
 
-    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT, after: str = "") -> str:
+    @property
+    def worker_walltime_seconds(self) -> int | None:
+        return pbs_seconds(self.settings.scale.worker_walltime or self.settings.pbs.walltime)
+
+    def walltime_option(self, seconds: int) -> list[str]:
+        return ["-l", f"walltime={seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"]
+
+    def submit_command(self, cluster_dir: str, script: str = JOB_SCRIPT, after: str = "",
+                       walltime: int | None = None) -> str:
         # OpenPBS/PBS Pro's qsub leaves a background qsub of the user's running on the login
         # host (a submission cache) unless given -f; Torque's qsub wrappers refuse -f. OpenPBS
         # is told by its qstat --version ("pbs_version = 23.06.06").
-        depend = self.waiting_for(after)
+        depend = [*self.waiting_for(after), *self.walltime_words(walltime)]
         plain = shlex.join([self.submit_program, *depend, script])
         foreground = shlex.join([self.submit_program, "-f", *depend, script])
         return (f"cd {shlex.quote(cluster_dir)} && if qstat --version 2>/dev/null | grep -q '^pbs_version'; "

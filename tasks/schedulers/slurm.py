@@ -197,6 +197,14 @@ class SlurmScheduler(Scheduler):
     def walltime_seconds(self) -> int | None:
         return slurm_seconds(self.settings.slurm.walltime)
 
+    @property
+    def worker_walltime_seconds(self) -> int | None:
+        return slurm_seconds(self.settings.scale.worker_walltime or self.settings.slurm.walltime)
+
+    def walltime_option(self, seconds: int) -> list[str]:
+        # D-HH:MM:SS, over the script's --time (sbatch's rule: the command line wins)
+        return [f"--time={seconds // 86400}-{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"]
+
     def job_id_in(self, stdout: str) -> str:
         return stdout.strip().split(";")[0]  # --parsable: id[;cluster]
 
