@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tasks.schedulers.pbs import pbs_seconds
 from tasks.settings import node_tmp_name
 from tests.helpers import (
     BIG_TASK,
@@ -308,8 +309,7 @@ def test_adaptive_worker_jobs_follow_the_demand_on_openpbs(pbs_work, prefect_api
     # and no more walltime than the cluster's allocation had left (10 minutes less its start)
     capped = re.search(r"worker job\(s\) submitted to pbs: \S+ \(walltime (\d+)s: the allocation's end\)", output)
     assert capped and 480 < int(capped.group(1)) < 600, output[-4000:]
-    hours, minutes, seconds = (int(part) for part in job["Resource_List"]["walltime"].split(":"))
-    assert hours * 3600 + minutes * 60 + seconds == int(capped.group(1)), job["Resource_List"]
+    assert pbs_seconds(job["Resource_List"]["walltime"]) == int(capped.group(1)), job["Resource_List"]
     assert_nothing_left(bed, run.cluster_id, pbs_work / "w")
 
 

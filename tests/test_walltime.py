@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import EXIT_WALLTIME
+from tasks.schedulers.pbs import pbs_seconds
 from tests.helpers import CLUSTER_ID_RE, REPO, SMALL, BackgroundFlow, assert_nothing_left, prefect_get
 
 pytestmark = [pytest.mark.bed, pytest.mark.timeout(600)]
@@ -38,6 +39,7 @@ pytestmark = [pytest.mark.bed, pytest.mark.timeout(600)]
 MARGIN = 60
 WALLTIME = {"slurm": "3", "pbs": "00:03:00"}
 KEEP_ALIVE_WALLTIME = {"slurm": "2", "pbs": "00:02:00"}
+CHECKPOINT_DIR = "ckpt"  # in each run's own dir (examples/checkpoint_on_sigterm.py's argument)
 
 
 def _unix(bed, when: str) -> int:
@@ -72,7 +74,7 @@ class Run:
 
     @property
     def checkpoint(self) -> Path:
-        return self.dir / "ckpt"
+        return self.dir / CHECKPOINT_DIR
 
     def scheduler_end(self, job_id: str) -> int:
         """The running job's end as its scheduler has it (Slurm's EndTime, PBS's start + walltime)."""
@@ -82,9 +84,7 @@ class Run:
             return _unix(self.bed, fields["EndTime"])
         job = self.openpbs.job(job_id)
         assert job.get("job_state") == "R", job
-        walltime = job["Resource_List"]["walltime"]
-        seconds = sum(int(v) * 60**i for i, v in enumerate(reversed(walltime.split(":"))))
-        return _unix(self.bed, job["stime"]) + seconds
+        return _unix(self.bed, job["stime"]) + pbs_seconds(job["Resource_List"]["walltime"])
 
     def assert_ended_by_our_hand(self, job_id: str) -> None:
         """The job ended before its scheduler killed it at the walltime."""
@@ -124,7 +124,7 @@ class Run:
 
 def _job_args(run_dir: Path, steps: list[str]) -> list[str]:
     return ["--user-script", str(REPO / "examples" / "checkpoint_on_sigterm.py"),
-            "--script-args", json.dumps([str(run_dir / "ckpt"), *steps])]
+            "--script-args", json.dumps([str(run_dir / CHECKPOINT_DIR), *steps])]
 
 
 def _start_job(bed, work, api, scheduler: str, name: str, steps: list[str], extra: tuple[str, ...] = (),
